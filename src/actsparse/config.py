@@ -1,0 +1,86 @@
+"""What to sparsify and how: one plain, serialisable config object."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from actsparse.core.mitigation import get_mitigation
+from actsparse.core.patterns import parse_pattern
+from actsparse.core.scoring import get_criterion
+from actsparse.errors import ActsparseError
+from actsparse.models.discovery import ROLES
+
+_SKIP = re.compile(r"^(?P<role>[a-z_]*)(?:@(?P<layers>[0-9,\-]+))?$")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Activation sparsity for the linear layers of a causal LM.
+
+    - ``pattern``: ``"N:M"``, ``"unstructured:S"`` or ``"dense"``.
+    - ``criterion`` / ``mitigation``: names from the registries (``actsparse.CRITERIA``,
+      ``actsparse.MITIGATIONS``).
+    - ``roles``: sparsify only these roles (default: every recognised role).
+    - ``layers``: sparsify only these decoder layer indices (default: all).
+    - ``skip``: entries ``"ROLE"`` (everywhere), ``"ROLE@3,5-7"`` (those layers) or
+      ``"@0"`` (every role of layer 0).
+    - ``seed``: seeds the ``random`` criterion.
+    """
+
+    pattern: str = "2:4"
+    criterion: str = "magnitude"
+    mitigation: str = "none"
+    roles: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    skip: tuple[str, ...] = field(default_factory=tuple)
+    seed: int = 0
+
+    def __post_init__(self):
+        parse_pattern(self.pattern)
+        get_criterion(self.criterion)
+        get_mitigation(self.mitigation)
+        for role in self.roles or ():
+            check_role(role)
+        for entry in self.skip:
+            parse_skip(entry)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def selects(self, role: str | None, layer: int) -> bool:
+        """Whether the linear layer with this role in this decoder layer is sparsified."""
+        if role is None:
+            return False
+        if self.roles is not None and role not in self.roles:
+            return False
+        if self.layers is not None and layer not in self.layers:
+            return False
+        for entry in self.skip:
+            skip_role, skip_layers = parse_skip(entry)
+            if (skip_role is None or skip_role == role) and (skip_layers is None or layer in skip_layers):
+                return False
+        return True
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise ActsparseError(f"unknown role '{role}'; roles are: {', '.join(ROLES)}")
+    return role
+
+
+def parse_skip(entry: str) -> tuple[str | None, set[int] | None]:
+    """``"k"`` -> ("k", None); ``"q@19,21"`` -> ("q", {19, 21}); ``"@0-2"`` -> (None, {0, 1, 2})."""
+    match = _SKIP.match(entry.strip())
+    if not match or (not match["role"] and not match["layers"]):
+        raise ActsparseError(f"cannot parse skip entry '{entry}'; use ROLE, ROLE@LAYERS or @LAYERS, e.g. 'k', 'q@19,21', '@0-2'")
+    role = check_role(match["role"]) if match["role"] else None
+    layers = None
+    if match["layers"]:
+        layers = set()
+        for part in match["layers"].split(","):
+            start, _, stop = part.partition("-")
+            if not start.isdigit() or (stop and not stop.isdigit()):
+                raise ActsparseError(f"cannot parse layers '{match['layers']}' in skip entry '{entry}'; use e.g. 3,5-7")
+            layers.update(range(int(start), int(stop or start) + 1))
+    return role, layers

@@ -1,0 +1,109 @@
+"""Dynamic error mitigations: what to do around the pruned product (SPEC §4).
+
+A mitigation gets the layer and its input rows ``x`` ``[tokens, in]`` and returns the
+output rows. It calls ``layer.prune(x)`` (criterion -> mask -> zeroed input),
+``layer.keep(x)`` (the mask alone) and ``layer.product(x)`` (the wrapped layer's
+``x Wᵀ + b``). ``prepare(layer)`` runs once at sparsification time to precompute buffers.
+
+Adding a mitigation is one function plus one ``register_mitigation`` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from actsparse.errors import ActsparseError
+
+if TYPE_CHECKING:
+    from actsparse.core.sparse_linear import SparseLinear
+
+VAR_EPS = 1e-8
+SMOOTH_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    name: str
+    apply: Callable[["SparseLinear", torch.Tensor], torch.Tensor]
+    prepare: Callable[["SparseLinear"], None] | None = None
+    needs_calibration: bool = False
+    causal: bool = True
+    description: str = ""
+
+
+MITIGATIONS: dict[str, Mitigation] = {}
+
+
+def register_mitigation(mitigation: Mitigation) -> Mitigation:
+    MITIGATIONS[mitigation.name] = mitigation
+    return mitigation
+
+
+def get_mitigation(name: str) -> Mitigation:
+    if name not in MITIGATIONS:
+        raise ActsparseError(f"unknown mitigation '{name}'; choose one of: {', '.join(sorted(MITIGATIONS))}")
+    return MITIGATIONS[name]
+
+
+def plain(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+    """``P(x) Wᵀ + b``."""
+    return layer.product(layer.prune(x))
+
+
+def variance_scale(x: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """VAR's per-token factor ``sqrt(Var_j(x_t) / max(Var_j(P(x)_t), eps))`` (unbiased), float32."""
+    ratio = x.float().var(dim=-1, keepdim=True) / pruned.float().var(dim=-1, keepdim=True).clamp_min(VAR_EPS)
+    return ratio.sqrt()
+
+
+def var(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+    """VAR: rescale each pruned token to the variance of the dense token."""
+    pruned = layer.prune(x)
+    return layer.product((pruned.float() * variance_scale(x, pruned)).to(x.dtype))
+
+
+def prepare_row_sums(layer: "SparseLinear") -> None:
+    layer.register_buffer("weight_row_sum", layer.dense_weight().float().sum(dim=1), persistent=False)
+
+
+def dynamic_shift(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+    """D-PTS in hardware form: ``P(x - η_t) Wᵀ + η_t (W 1)ᵀ + b`` with η_t the lower median of x_t."""
+    eta = x.median(dim=-1, keepdim=True).values
+    sparse = layer.product(layer.prune(x - eta))
+    return (sparse.float() + eta.float() * layer.weight_row_sum).to(sparse.dtype)
+
+
+def smooth_scale(input_abs_max: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SmoothQuant migration ``s_j = sqrt(max_t|x_tj| / max_i|W_ij|)``."""
+    weight_max = weight.float().abs().amax(dim=0).clamp_min(SMOOTH_EPS)
+    return (input_abs_max.float() / weight_max).sqrt().clamp_min(SMOOTH_EPS)
+
+
+def smooth(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+    """``P(x/s)(W diag(s))ᵀ`` with s from this batch's tokens: select on ``x/s``, multiply ``x``."""
+    s = smooth_scale(x.float().abs().amax(dim=0), layer.dense_weight())
+    return layer.product(x * layer.keep(x.float() / s))
+
+
+def prepare_static_smooth(layer: "SparseLinear") -> None:
+    if layer.stats is None:
+        raise ActsparseError("mitigation 'smooth-static' needs calibration statistics; pass calibration data (CLI: --calib-data)")
+    scale = smooth_scale(layer.stats.abs_max, layer.dense_weight()).to(layer.dense_weight().device)
+    layer.register_buffer("smooth_scale", scale, persistent=False)
+
+
+def static_smooth(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+    """``smooth`` with s from calibration maxima (causal, usable in decode)."""
+    return layer.product(x * layer.keep(x.float() / layer.smooth_scale))
+
+
+register_mitigation(Mitigation("none", plain, description="no mitigation"))
+register_mitigation(Mitigation("var", var, description="per-token variance correction"))
+register_mitigation(Mitigation("dpts", dynamic_shift, prepare_row_sums, description="dynamic median shift + rank-1 term"))
+register_mitigation(Mitigation("smooth", smooth, causal=False, description="SmoothQuant-style migration, s from this batch"))
+register_mitigation(
+    Mitigation("smooth-static", static_smooth, prepare_static_smooth, needs_calibration=True, description="smooth with s from calibration")
+)

@@ -1,0 +1,99 @@
+"""The sparse linear layer: criterion -> mask -> mitigation -> product.
+
+``SparseLinear`` wraps an ``nn.Linear`` (or GPT-2's ``Conv1D``) and shares its weight and
+bias parameters, so the model's state dict keys and values do not change and the original
+module can be put back exactly (``original``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actsparse.calibration.stats import InputStats
+from actsparse.core.masks import keep_mask
+from actsparse.core.mitigation import Mitigation
+from actsparse.core.patterns import Dense, Pattern
+from actsparse.core.scoring import Criterion
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style ``Conv1D``: ``y = x @ W + b`` with ``W`` stored ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def io_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear or Conv1D."""
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+class SparseLinear(nn.Module):
+    """A linear layer whose input is pruned per token before the product."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        pattern: Pattern,
+        criterion: Criterion,
+        mitigation: Mitigation,
+        *,
+        name: str = "",
+        stats: InputStats | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = io_features(module)
+        pattern.check_width(self.in_features)
+        self.weight = module.weight
+        self.bias = module.bias
+        self.transposed = is_conv1d(module)
+        self.pattern, self.criterion, self.mitigation = pattern, criterion, mitigation
+        self.name, self.stats, self.seed = name, stats, seed
+        object.__setattr__(self, "original", module)  # kept out of the module tree
+        self._generator: torch.Generator | None = None
+        vector = None
+        if criterion.feature_vector is not None:
+            vector = criterion.feature_vector(self.dense_weight(), stats).to(self.weight.device)
+        self.register_buffer("feature_vector", vector, persistent=False)
+        if mitigation.prepare is not None:
+            mitigation.prepare(self)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as ``[out, in]`` whatever the storage layout."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped layer's own ``x Wᵀ + b``."""
+        if self.transposed:
+            out = x @ self.weight
+            return out if self.bias is None else out + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """The boolean keep-mask of rows ``x`` ``[tokens, in]``."""
+        scores = self.criterion.score(x, self.feature_vector, self.generator(x.device))
+        return keep_mask(scores, self.pattern)
+
+    def prune(self, x: torch.Tensor) -> torch.Tensor:
+        """``P(x)``: ``x`` with the features outside the mask set to zero."""
+        return torch.where(self.keep(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.pattern, Dense):
+            return self.product(x)
+        rows = x.reshape(-1, self.in_features)
+        return self.mitigation.apply(self, rows).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+            f"pattern={self.pattern}, criterion={self.criterion.name}, mitigation={self.mitigation.name}"
+        )

