@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up actsparse from scratch: a virtual environment in .venv with the package and its
+# test tools, plus the default model (smollm2-135m) and corpus (Brown) in the cache.
+# Safe to run again; finished steps are quick.
+#
+#   TORCH_SPEC   torch requirement to install (default: torch==2.13.0, the CPU build)
+#   PYTHON       interpreter that creates the environment (default: python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/actsparse fetch brown smollm2-135m
