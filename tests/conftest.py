@@ -74,3 +74,9 @@ def save_tiny_model_dir(path, family="llama", bos=True):
 @pytest.fixture
 def tiny_dir(tmp_path):
     return save_tiny_model_dir(tmp_path / "tiny")
+
+# Triton kernels run under the interpreter on machines without a GPU (before triton is imported).
+if not torch.cuda.is_available():
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -26,6 +26,7 @@ class SparsityConfig:
     - ``skip``: entries ``"ROLE"`` (everywhere), ``"ROLE@3,5-7"`` (those layers) or
       ``"@0"`` (every role of layer 0).
     - ``seed``: seeds the ``random`` criterion.
+    - ``backend``: ``auto`` (Triton kernels on CUDA where supported), ``torch`` or ``triton``.
     """
 
     pattern: str = "2:4"
@@ -35,8 +36,13 @@ class SparsityConfig:
     layers: tuple[int, ...] | None = None
     skip: tuple[str, ...] = field(default_factory=tuple)
     seed: int = 0
+    backend: str = "auto"
 
     def __post_init__(self):
+        from actsparse.kernels.dispatch import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ActsparseError(f"unknown backend '{self.backend}'; choose one of: {', '.join(BACKENDS)}")
         parse_pattern(self.pattern)
         get_criterion(self.criterion)
         get_mitigation(self.mitigation)

@@ -80,7 +80,8 @@ def sparsify_(
     for index, site in enumerate(chosen):
         original = model.get_submodule(site.name)
         layer = SparseLinear(
-            original, pattern, criterion, mitigation, name=site.name, stats=(stats or {}).get(site.name), seed=config.seed + index
+            original, pattern, criterion, mitigation, name=site.name, stats=(stats or {}).get(site.name), seed=config.seed + index,
+            backend=config.backend,
         )
         _set_module(model, site.name, layer)
     if isinstance(pattern, Dense):

@@ -30,6 +30,7 @@ def add_sparsity_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layers", type=_ints, default=None, help="sparsify only these decoder layers, e.g. 0,1,2 (default: all)")
     group.add_argument("--skip", type=_csv, default=(), help="skip entries ROLE, ROLE@LAYERS or @LAYERS, e.g. k,v,q@19,21")
     group.add_argument("--seed", type=int, default=0, help="seed of the random criterion (default: 0)")
+    group.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="auto: Triton kernels on CUDA where supported (default)")
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +64,7 @@ def config_from(args):
 
     return SparsityConfig(
         pattern=args.pattern, criterion=args.criterion, mitigation=args.mitigation, roles=args.roles, layers=args.layers,
-        skip=tuple(args.skip), seed=args.seed,
+        skip=tuple(args.skip), seed=args.seed, backend=args.backend,
     )  # fmt: skip
 
 

@@ -7,6 +7,10 @@ A criterion has up to two parts:
 - ``score(x, vector, generator)``: the score of every element of ``x`` ``[tokens, in]``.
 
 Adding a criterion is one function plus one ``register_criterion`` line.
+
+CLACT's score carries a factor ``1/||x_t||``; it is the same for every feature of a token,
+so it never changes an N:M or per-row mask, and it is left out: dividing could only make
+two different scores round to a tie, and then the reference and the kernels could differ.
 """
 
 from __future__ import annotations
@@ -56,15 +60,9 @@ def scaled_magnitude(x: torch.Tensor, vector: torch.Tensor | None, generator=Non
     return score if vector is None else score * vector
 
 
-def clact_score(x: torch.Tensor, vector: torch.Tensor | None, generator=None) -> torch.Tensor:
-    """``|x_tj| * c_j / ||x_t||``; the row norm does not change an N:M or per-row mask."""
-    row_norm = x.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return scaled_magnitude(x, vector) / row_norm
-
-
 def clact_batch_score(x: torch.Tensor, vector=None, generator=None) -> torch.Tensor:
     """P1's exact CLACT: ``c_j`` is the norm of feature j over the tokens of this batch (non-causal)."""
-    return clact_score(x, x.float().norm(dim=0))
+    return scaled_magnitude(x, x.float().norm(dim=0))
 
 
 def random_score(x: torch.Tensor, vector=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -130,7 +128,7 @@ register_criterion(Criterion("amber", scaled_magnitude, amber_vector, descriptio
 register_criterion(Criterion("amber-clamp", scaled_magnitude, amber_clamped_vector, description="amber with outlier weights clamped"))
 register_criterion(Criterion("var-weight", scaled_magnitude, var_weight_vector, description="|x| * Var_i(W_ij)"))
 register_criterion(
-    Criterion("clact", clact_score, calibration_norm_vector, needs_calibration=True, description="|x| * calibration ||X_:,j|| / ||x_t||")
+    Criterion("clact", scaled_magnitude, calibration_norm_vector, needs_calibration=True, description="|x| * calibration ||X_:,j|| / ||x_t||")
 )
 register_criterion(Criterion("clact-batch", clact_batch_score, causal=False, description="P1's CLACT over the batch (non-causal)"))
 register_criterion(Criterion("random", random_score, description="uniform random (control)"))

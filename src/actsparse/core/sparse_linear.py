@@ -16,6 +16,7 @@ from actsparse.core.masks import keep_mask
 from actsparse.core.mitigation import Mitigation
 from actsparse.core.patterns import Dense, Pattern
 from actsparse.core.scoring import Criterion
+from actsparse.kernels.dispatch import choose_backend, runs_here, triton_forward
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -43,6 +44,7 @@ class SparseLinear(nn.Module):
         name: str = "",
         stats: InputStats | None = None,
         seed: int = 0,
+        backend: str = "auto",
     ):
         super().__init__()
         self.in_features, self.out_features = io_features(module)
@@ -54,6 +56,9 @@ class SparseLinear(nn.Module):
         self.name, self.stats, self.seed = name, stats, seed
         object.__setattr__(self, "original", module)  # kept out of the module tree
         self._generator: torch.Generator | None = None
+        self.backend = choose_backend(backend, pattern, criterion.name, mitigation.name)
+        self.forced_backend = backend == "triton"
+        self._decode_weight = self._cslt_linear = None
         vector = None
         if criterion.feature_vector is not None:
             vector = criterion.feature_vector(self.dense_weight(), stats).to(self.weight.device)
@@ -86,14 +91,36 @@ class SparseLinear(nn.Module):
         """``P(x)``: ``x`` with the features outside the mask set to zero."""
         return torch.where(self.keep(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
+    def decode_weight(self):
+        """The transposed weight copy the decode GEMV reads (made on first use)."""
+        from actsparse.kernels.decode import DecodeWeight
+
+        weight = self.dense_weight()
+        if self._decode_weight is None or self._decode_weight.wt.device != weight.device:
+            self._decode_weight = DecodeWeight.from_linear(weight.detach(), None if self.bias is None else self.bias.detach())
+        return self._decode_weight
+
+    def cslt_linear(self):
+        """The cuSPARSELt 2:4 product of this layer's weight (made on first use)."""
+        from actsparse.kernels.cslt24 import Cslt24Linear
+
+        if self._cslt_linear is None:
+            bias = None if self.bias is None else self.bias.detach()
+            self._cslt_linear = Cslt24Linear(self.dense_weight().detach(), bias)
+        return self._cslt_linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.pattern, Dense):
             return self.product(x)
         rows = x.reshape(-1, self.in_features)
-        return self.mitigation.apply(self, rows).reshape(*x.shape[:-1], self.out_features)
+        if self.backend == "triton" and runs_here(rows, self.forced_backend):
+            out = triton_forward(self, rows)
+        else:
+            out = self.mitigation.apply(self, rows)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
-            f"pattern={self.pattern}, criterion={self.criterion.name}, mitigation={self.mitigation.name}"
+            f"pattern={self.pattern}, criterion={self.criterion.name}, mitigation={self.mitigation.name}, backend={self.backend}"
         )

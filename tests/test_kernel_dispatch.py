@@ -1,0 +1,69 @@
+"""The sparse linear layer's Triton path gives the reference's results (CPU: Triton interpreter)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from actsparse import ActsparseError, SparsityConfig, sparsify_, unsparsify_  # noqa: E402
+from actsparse.kernels.dispatch import choose_backend, unsupported_reason  # noqa: E402
+from actsparse.core.patterns import NM, Unstructured  # noqa: E402
+from conftest import VOCAB, tiny_model  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def logits(model, length):
+    ids = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(length)).to(DEVICE)
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.mark.parametrize("pattern, criterion, mitigation", [("2:4", "magnitude", "none"), ("8:16", "amber", "var"), ("4:8", "wina", "dpts")])
+@pytest.mark.parametrize("length", [5, 24])  # 5 rows: decode GEMV path; 24 rows: sparsify + dense product
+def test_triton_backend_matches_the_reference_in_a_model(pattern, criterion, mitigation, length):
+    model = tiny_model("llama").to(DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        report = sparsify_(model, SparsityConfig(pattern=pattern, criterion=criterion, mitigation=mitigation, backend=backend))
+        layers = [m for m in model.modules() if type(m).__name__ == "SparseLinear"]
+        assert {layer.backend for layer in layers} == {backend} and report.sparse
+        results[backend] = logits(model, length)
+        unsparsify_(model)
+    reference, fast = results["torch"], results["triton"]
+    assert torch.allclose(fast, reference, atol=1e-4, rtol=1e-4), (fast - reference).abs().max()
+
+
+def test_forcing_triton_on_an_unsupported_config_is_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ActsparseError, match="backend 'triton' has no kernel"):
+        sparsify_(model, SparsityConfig(pattern="unstructured:0.5", backend="triton"))
+    with pytest.raises(ActsparseError, match="unknown backend"):
+        SparsityConfig(backend="cuda")
+
+
+def test_auto_falls_back_to_the_reference_where_no_kernel_fits():
+    assert choose_backend("auto", Unstructured(0.5), "magnitude", "none") == "torch"
+    assert choose_backend("auto", NM(2, 4), "random", "none") == "torch"
+    assert choose_backend("auto", NM(2, 4), "amber", "smooth") == "torch"
+    assert choose_backend("auto", NM(16, 64), "amber", "none") == "torch"
+    assert choose_backend("auto", NM(8, 16), "clact", "var") == "triton"
+    assert unsupported_reason(NM(2, 4), "magnitude", "none") is None
+
+
+def test_auto_on_cpu_uses_the_reference_even_under_the_interpreter():
+    model = tiny_model("llama")
+    sparsify_(model, SparsityConfig(pattern="2:4", backend="auto"))
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.backend == "triton" and not layer.forced_backend
+    if DEVICE == "cpu":
+        called = []
+        import actsparse.core.sparse_linear as sl
+
+        original = sl.triton_forward
+        sl.triton_forward = lambda *a: called.append(1) or original(*a)
+        try:
+            logits(model, 4)
+        finally:
+            sl.triton_forward = original
+        assert not called
