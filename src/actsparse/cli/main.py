@@ -29,8 +29,11 @@ def add_sparsity_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--roles", type=_csv, default=None, help="sparsify only these roles, e.g. q,gate,down (default: all)")
     group.add_argument("--layers", type=_ints, default=None, help="sparsify only these decoder layers, e.g. 0,1,2 (default: all)")
     group.add_argument("--skip", type=_csv, default=(), help="skip entries ROLE, ROLE@LAYERS or @LAYERS, e.g. k,v,q@19,21")
-    group.add_argument("--seed", type=int, default=0, help="seed of the random criterion (default: 0)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random criterion, or with --prune weights of the calibration windows chosen (default: 0)")
     group.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="auto: Triton kernels on CUDA where supported (default)")
+    group.add_argument("--prune", default="activations", choices=["activations", "weights"],
+                       help="prune the inputs of the linear layers (default) or, as a baseline, their weights")
+    group.add_argument("--method", default=None, help="with --prune weights: magnitude (default), wanda or sparsegpt")
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +44,8 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=DEFAULT_MODEL, help=f"alias (smollm2-135m, gemma3-270m), local directory or hub id (default: {DEFAULT_MODEL})")
     group.add_argument("--data", default=DEFAULT_EVAL, help=f"evaluation text: brown:CATEGORY[+...], wikitext2, or a text file (default: {DEFAULT_EVAL})")
     group.add_argument("--calib-data", default=DEFAULT_CALIB, help=f"calibration text, never overlapping --data (default: {DEFAULT_CALIB})")
-    group.add_argument("--calib-windows", type=int, default=32, help="calibration windows for criteria/mitigations that need statistics (default: 32)")
+    group.add_argument("--calib-windows", type=int, default=None,
+                       help="calibration windows for criteria/mitigations that need statistics (default: 32), or for wanda/sparsegpt weight pruning (default: 128)")
     group.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default: 512)")
     group.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens' worth of windows")
     group.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
@@ -50,11 +54,17 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def calib_windows_from(args) -> int:
+    if args.calib_windows is not None:
+        return args.calib_windows
+    return 128 if getattr(args, "prune", "activations") == "weights" else 32
+
+
 def settings_from(args):
     from actsparse.eval.run import EvalSettings
 
     return EvalSettings(
-        model=args.model, data=args.data, calib_data=args.calib_data, calib_windows=args.calib_windows, seqlen=args.seqlen,
+        model=args.model, data=args.data, calib_data=args.calib_data, calib_windows=calib_windows_from(args), seqlen=args.seqlen,
         max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
     )  # fmt: skip
 
@@ -68,10 +78,58 @@ def config_from(args):
     )  # fmt: skip
 
 
+def weight_config_from(args):
+    from actsparse.baselines import WeightPruneConfig
+
+    if args.criterion != "magnitude" or args.mitigation != "none":
+        raise ActsparseError("--criterion and --mitigation choose activation sparsity; with --prune weights use --method (magnitude, wanda, sparsegpt)")
+    return WeightPruneConfig(
+        pattern=args.pattern, method=args.method or "magnitude", roles=args.roles, layers=args.layers, skip=tuple(args.skip),
+        calib_windows=calib_windows_from(args), seed=args.seed,
+    )  # fmt: skip
+
+
+def cmd_eval_weights(args) -> None:
+    from actsparse.eval.results import write_json_atomic
+    from actsparse.eval.run import Evaluator
+
+    start = time.perf_counter()
+    config = weight_config_from(args)  # validate before the slow model load
+    evaluator = Evaluator(settings_from(args), progress=not args.no_progress)
+    record = evaluator.run_weights(config)
+    record["total_seconds"] = time.perf_counter() - start
+    if args.out:
+        write_json_atomic(args.out, record)
+    if args.json:
+        print(json.dumps(record, sort_keys=True))
+        return
+    label = f"{config.pattern} weights {config.method}"
+    print(f"model      {record['model']}  ({record['model_info']['architecture']})")
+    print(f"data       {record['data']}  {record['windows']} windows x {args.seqlen} tokens, {record['tokens']} predicted")
+    if "calibration" in record:
+        print(f"calibrate  {record['calibration']['data']}  {record['calibration']['windows']} windows x {args.seqlen} tokens")
+    print(f"{'':10} {'dense':>10} {label:>30}")
+    print(f"{'perplexity':10} {record['dense_ppl']:>10.3f} {record['sparse_ppl']:>30.3f}")
+    print(
+        f"pruned weights in {record['sparse_flop_fraction']:.1%} of linear FLOPs ({record['sparse_layers']} layers pruned, "
+        f"{record['dense_layers']} dense); {record['removed_flop_fraction']:.1%} of linear FLOPs multiply a zero weight"
+    )
+    print(
+        f"time       {record['total_seconds']:.1f} s (load {record['load_seconds']:.1f} s, dense {record['dense_seconds']:.1f} s, "
+        f"prune {record['prune_seconds']:.1f} s, pruned {record['sparse_seconds'] - record['prune_seconds']:.1f} s)"
+    )
+    if args.out:
+        print(f"wrote      {args.out}")
+
+
 def cmd_eval(args) -> None:
     from actsparse.eval.results import write_json_atomic
     from actsparse.eval.run import Evaluator
 
+    if args.prune == "weights":
+        return cmd_eval_weights(args)
+    if args.method is not None:
+        raise ActsparseError("--method chooses a weight pruning method and needs --prune weights; for activations use --criterion")
     start = time.perf_counter()
     config = config_from(args)  # validate before the slow model load
     evaluator = Evaluator(settings_from(args), progress=not args.no_progress)
@@ -115,6 +173,11 @@ def cmd_methods(args) -> None:
         for name, entry in registry.items():
             flags = [flag for flag, on in (("needs calibration", entry.needs_calibration), ("non-causal", not entry.causal)) if on]
             print(f"  {name:14} {entry.description}{'  [' + ', '.join(flags) + ']' if flags else ''}")
+    from actsparse.baselines import PRUNERS
+
+    print("weight pruning methods (eval --prune weights --method NAME):")
+    for name, pruner in PRUNERS.items():
+        print(f"  {name:14} {pruner.description}{'  [needs calibration]' if pruner.needs_calibration else ''}")
 
 
 def cmd_layers(args) -> None:
@@ -143,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actsparse", description="Post-training N:M activation sparsity for Hugging Face causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ev = commands.add_parser("eval", help="dense vs sparse perplexity of a model", description="Dense vs sparse perplexity (SPEC §7).")
+    ev = commands.add_parser(
+        "eval", help="dense vs sparse perplexity of a model",
+        description="Dense vs sparse perplexity (SPEC §7); --prune weights evaluates weight pruning at the same pattern instead.",
+    )  # fmt: skip
     add_sparsity_options(ev)
     add_eval_options(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON record on stdout instead of the table")

@@ -2,7 +2,9 @@
 
 ``Evaluator`` loads the model, the evaluation windows and (when a config needs them) the
 calibration statistics once, then evaluates any number of ``SparsityConfig``s against the
-same dense baseline. Each evaluation returns one self-describing record.
+same dense baseline. Each evaluation returns one self-describing record. ``run_weights``
+evaluates a weight pruning baseline (``WeightPruneConfig``) against the same baseline and
+restores the dense weights afterwards.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class Evaluator:
         self.windows = make_windows(encode(tokenizer, self.source.text), settings.seqlen, settings.max_tokens)
         self._dense: tuple[Perplexity, float] | None = None
         self._stats = None
+        self._calib = None  # (calibration TextSource, its tokens)
+        self._weights = None  # CPU copy of the dense linear weights, taken before the first weight pruning
 
     def _perplexity(self, desc: str) -> Perplexity:
         return perplexity(
@@ -82,18 +86,38 @@ class Evaluator:
     def calibration_stats(self):
         """Input statistics on the calibration text (computed once, never on evaluation text)."""
         if self._stats is None:
-            calib = load_text(self.settings.calib_data)
-            check_disjoint(self.source, calib)
-            windows = make_windows(encode(self.tokenizer, calib.text), self.settings.seqlen)[: self.settings.calib_windows]
+            calib, tokens = self._calibration_tokens()
+            windows = make_windows(tokens, self.settings.seqlen)[: self.settings.calib_windows]
             start = time.perf_counter()
             stats = collect_input_stats(self.model, windows, bos_id=self.bos_id, progress=self.progress)
             self._stats = (stats, calib.spec, len(windows), time.perf_counter() - start)
         return self._stats
 
+    def _calibration_tokens(self):
+        """The calibration text (checked disjoint from the evaluation text) and its tokens, loaded once."""
+        if self._calib is None:
+            calib = load_text(self.settings.calib_data)
+            check_disjoint(self.source, calib)
+            self._calib = (calib, encode(self.tokenizer, calib.text))
+        return self._calib
+
+    def calibration_windows(self, count: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+        """``count`` windows of ``seqlen`` tokens of calibration text, and its spec.
+
+        The windows are a seeded random choice (kept in text order) among all the
+        non-overlapping windows of the calibration text; all of them when it has fewer.
+        """
+        calib, tokens = self._calibration_tokens()
+        windows = make_windows(tokens, self.settings.seqlen)
+        if count < len(windows):
+            chosen = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:count]
+            windows = windows[chosen.sort().values]
+        return windows, calib.spec
+
     def run(self, config: SparsityConfig, with_dense: bool = True) -> dict:
         """Evaluate one config; returns the record written to JSON."""
         criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
-        record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec}
+        record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "activations"}
         stats = None
         if criterion.needs_calibration or mitigation.needs_calibration:
             stats, calib_spec, calib_windows, calib_seconds = self.calibration_stats()
@@ -113,6 +137,52 @@ class Evaluator:
             tokens=sparse.predicted_tokens,
             windows=sparse.windows,
             causal=criterion.causal and mitigation.causal,
+            config=config.to_dict(),
+            settings=asdict(self.settings),
+            bos=self.bos_id is not None,
+            load_seconds=self.load_seconds,
+            versions=versions(),
+            **report.to_dict(),
+        )
+        return record
+
+    def run_weights(self, config, with_dense: bool = True) -> dict:
+        """Evaluate one ``WeightPruneConfig`` against the same dense baseline; the model is restored afterwards.
+
+        The record has the keys of ``run`` plus ``target: "weights"``, ``method`` and the
+        pruning details; calibration windows come from the calibration text
+        (``config.calib_windows`` windows of ``seqlen`` tokens, chosen with ``config.seed``).
+        """
+        from actsparse.baselines import get_pruner, prune_weights_, restore_weights_, snapshot_weights, verify_pattern
+
+        pruner = get_pruner(config.method)
+        record: dict = {
+            "model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "weights", "method": config.method,
+        }  # fmt: skip
+        windows = None
+        if pruner.needs_calibration:
+            start = time.perf_counter()
+            windows, calib_spec = self.calibration_windows(config.calib_windows, config.seed)
+            record["calibration"] = {"data": calib_spec, "windows": len(windows), "seconds": time.perf_counter() - start}
+        if with_dense:
+            dense, dense_seconds = self.dense()
+            record["dense_ppl"], record["dense_seconds"] = dense.ppl, dense_seconds
+        if self._weights is None:
+            self._weights = snapshot_weights(self.model)
+        start = time.perf_counter()
+        try:
+            report = prune_weights_(self.model, config, windows, bos_id=self.bos_id, progress=self.progress)
+            if report.pruned:
+                verify_pattern(self.model, config.pattern, [s.name for s in report.pruned])
+            pruned = self._perplexity(f"weights {config.pattern} {config.method}")
+        finally:
+            restore_weights_(self.model, self._weights)
+        record.update(
+            sparse_ppl=pruned.ppl,
+            sparse_seconds=time.perf_counter() - start,
+            tokens=pruned.predicted_tokens,
+            windows=pruned.windows,
+            causal=True,
             config=config.to_dict(),
             settings=asdict(self.settings),
             bos=self.bos_id is not None,

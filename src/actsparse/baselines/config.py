@@ -1,0 +1,57 @@
+"""What weight pruning to do: one plain, serialisable config object."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from actsparse.baselines.methods import PRUNERS, get_pruner  # noqa: F401  (PRUNERS re-exported)
+from actsparse.config import SparsityConfig, check_role, parse_skip
+from actsparse.core.patterns import parse_pattern
+from actsparse.errors import ActsparseError
+
+
+@dataclass(frozen=True)
+class WeightPruneConfig:
+    """Weight pruning of the linear layers of a causal LM (the baseline to activation sparsity).
+
+    - ``pattern``: ``"N:M"`` (keep N of every M consecutive input columns of each output
+      row), ``"unstructured:S"`` or ``"dense"`` — the same patterns as ``SparsityConfig``.
+    - ``method``: a name from ``PRUNERS`` (``magnitude``, ``wanda``, ``sparsegpt``).
+    - ``roles`` / ``layers`` / ``skip``: which linear layers, exactly as ``SparsityConfig``.
+    - ``calib_windows``: how many calibration windows to use (methods that need calibration).
+    - ``seed``: which calibration windows (a seeded random choice among the calibration
+      text's windows, see ``Evaluator.calibration_windows``).
+    """
+
+    pattern: str = "2:4"
+    method: str = "magnitude"
+    roles: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    skip: tuple[str, ...] = field(default_factory=tuple)
+    calib_windows: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        parse_pattern(self.pattern)
+        get_pruner(self.method)
+        for role in self.roles or ():
+            check_role(role)
+        for entry in self.skip:
+            parse_skip(entry)
+        if not isinstance(self.calib_windows, int) or self.calib_windows < 1:
+            raise ActsparseError(f"calib_windows must be a positive number of windows, got {self.calib_windows!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WeightPruneConfig:
+        data = dict(data)
+        for key in ("roles", "layers", "skip"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def selects(self, role: str | None, layer: int) -> bool:
+        """Whether the linear layer with this role in this decoder layer is pruned (same rules as SparsityConfig)."""
+        return SparsityConfig(pattern="dense", roles=self.roles, layers=self.layers, skip=self.skip).selects(role, layer)

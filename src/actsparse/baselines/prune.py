@@ -1,0 +1,366 @@
+"""``prune_weights_(model, config, calib_windows)``: sequential, layer-by-layer weight pruning.
+
+How the calibration inputs are produced (Wanda and SparseGPT; magnitude needs none):
+
+1. One normal forward of the first calibration window records, with forward pre-hooks
+   (``with_kwargs=True``), the exact extra arguments every decoder layer receives
+   (position embeddings, attention masks, cache positions ... whatever the architecture
+   passes, including Gemma-3's per-layer sliding/global masks). A second window's forward
+   checks that these arguments do not depend on the tokens (all windows have the same
+   length and no padding); the other windows stop at decoder layer 0 (an exception raised
+   from the hook), so only layer 0's inputs are computed by the model itself.
+2. For each decoder layer in order, its linear layers are pruned in sub-blocks, in the
+   order of the forward pass: attention input projections (q, k, v / fused qkv), then o,
+   then the MLP input projections (gate, up / fused gate_up), then down. Before each
+   sub-block the decoder layer is re-run on the stored inputs with hooks on that sub-block
+   only (the run stops as soon as the sub-block's inputs are seen), so the calibration
+   inputs of o, say, already come from the pruned q/k/v ("true sequential"). Layers that
+   share an input tensor (q/k/v, gate/up) share one set of statistics.
+3. The pruned decoder layer then runs on the stored inputs to give the next layer's inputs,
+   so every layer is calibrated on the outputs of the already pruned layers before it.
+
+Memory: the inputs of one decoder layer for all windows (kept on ``cache_device``, CPU by
+default) plus the statistics of one sub-block (one ``K x K`` Hessian for SparseGPT).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from actsparse.baselines.config import WeightPruneConfig
+from actsparse.baselines.methods import LayerInputs, get_pruner
+from actsparse.core.patterns import Dense, parse_pattern
+from actsparse.core.sparse_linear import is_conv1d
+from actsparse.errors import ActsparseError
+from actsparse.models.discovery import LinearSite, find_decoder_layers, find_linear_sites
+
+RECORD_ATTR = "_actsparse_weight_pruning"  # set on a model by prune_weights_ / load_pruned_
+# Order of the sub-blocks inside a decoder layer.
+STAGE = {"q": 0, "k": 0, "v": 0, "qkv": 0, "o": 1, "gate": 2, "up": 2, "gate_up": 2, "down": 3}
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass early."""
+
+
+@dataclass(frozen=True)
+class WeightPruneReport:
+    """What ``prune_weights_`` changed."""
+
+    config: WeightPruneConfig
+    pruned: tuple[LinearSite, ...]  # layers whose weights were pruned
+    dense: tuple[LinearSite, ...]  # decoder linear layers left dense
+    density: dict[str, float] = field(default_factory=dict)  # achieved density per pruned layer
+    calib_windows: int = 0
+    seconds: float = 0.0
+
+    @property
+    def pruned_flop_fraction(self) -> float:
+        """Share of the decoder's linear-layer FLOPs that run in pruned layers (lm_head excluded)."""
+        total = sum(s.flops_per_token for s in self.pruned + self.dense)
+        return sum(s.flops_per_token for s in self.pruned) / total if total else 0.0
+
+    @property
+    def removed_flop_fraction(self) -> float:
+        """Share of the decoder's linear-layer FLOPs that multiply a zeroed weight."""
+        total = sum(s.flops_per_token for s in self.pruned + self.dense)
+        removed = sum(s.flops_per_token * (1.0 - self.density[s.name]) for s in self.pruned)
+        return removed / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        """Same keys as ``SparsifyReport.to_dict`` (so records compare), plus the pruning details."""
+        return {
+            "sparse_layers": len(self.pruned),
+            "dense_layers": len(self.dense),
+            "sparse_flop_fraction": self.pruned_flop_fraction,
+            "sparse_roles": sorted({s.role for s in self.pruned}),
+            "unrecognised_layers": [s.name for s in self.dense if s.role is None],
+            "removed_flop_fraction": self.removed_flop_fraction,
+            "layer_density": dict(self.density),
+            "prune_seconds": self.seconds,
+            "calib_windows_used": self.calib_windows,
+        }
+
+
+# ---- weights as [out, in] -------------------------------------------------------------------
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, in]`` (a view) whatever the storage layout (Linear or GPT-2 Conv1D)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+@torch.no_grad()
+def set_weight_(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an ``[out, in]`` weight into the module's own parameter, in its dtype and layout."""
+    get_weight(module).copy_(weight.to(module.weight.dtype))
+
+
+# ---- capturing and replaying decoder layers -------------------------------------------------
+
+
+@dataclass
+class _LayerCall:
+    """The arguments a decoder layer receives besides its hidden states."""
+
+    args: tuple
+    kwargs: dict
+    hidden_as_kwarg: bool
+
+    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.hidden_as_kwarg:
+            out = layer(*self.args, hidden_states=hidden, **self.kwargs)
+        else:
+            out = layer(hidden, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, _LayerCall]:
+    if "hidden_states" in kwargs:
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return kwargs["hidden_states"], _LayerCall(tuple(args), rest, True)
+    return args[0], _LayerCall(tuple(args[1:]), dict(kwargs), False)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and torch.equal(a, b)
+        )  # fmt: skip
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a == b
+    return type(a) is type(b)  # opaque objects (fresh per forward): same kind is all we can check
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    bos_id: int | None = None,
+    cache_device: str | torch.device = "cpu",
+) -> tuple[list[torch.Tensor], list[_LayerCall]]:
+    """Inputs of decoder layer 0 for every window, and the extra arguments of every decoder layer."""
+    _, layers = find_decoder_layers(model)
+    device = next(model.parameters()).device
+    count = len(layers)
+    calls: list[_LayerCall | None] = [None] * count
+    inputs: list[torch.Tensor] = []
+    window_index = 0
+
+    def hook(index):
+        def fn(module, args, kwargs):
+            hidden, call = _split_call(args, kwargs)
+            if index == 0:
+                inputs.append(hidden.detach().to(cache_device))
+            if window_index == 0:
+                calls[index] = call
+            elif window_index == 1:
+                if not (_same(call.args, calls[index].args) and _same(call.kwargs, calls[index].kwargs)):
+                    raise ActsparseError(
+                        f"decoder layer {index} of {type(model).__name__} receives arguments that depend on the tokens, "
+                        "so it cannot be replayed one layer at a time; weight pruning with calibration does not support this model"
+                    )
+            if window_index >= 2 or index == count - 1:
+                raise _Stop
+
+        return fn
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for window_index, window in enumerate(windows):
+            ids = window if bos_id is None else torch.cat([window.new_tensor([bos_id]), window])
+            try:
+                model(ids.unsqueeze(0).to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(call is None for call in calls) or len(inputs) != len(windows):
+        raise ActsparseError(f"{type(model).__name__}: not every decoder layer ran during a forward pass; cannot prune it layer by layer")
+    return inputs, calls
+
+
+@torch.no_grad()
+def _collect(
+    layer: nn.Module, call: _LayerCall, inputs: list[torch.Tensor], modules: dict[str, nn.Module], need: str, device
+) -> dict[str, LayerInputs]:
+    """Statistics of the inputs of ``modules`` (one sub-block of ``layer``) over all stored inputs."""
+    stats: dict[str, LayerInputs] = {}
+    leader: dict[str, bool] = {}
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name):
+        def fn(module, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            if name not in stats:  # first forward: share statistics between layers fed the same tensor
+                twin = next((other for other, tensor in seen if tensor is x), None)
+                stats[name] = stats[twin] if twin else LayerInputs(x.shape[-1], need, device)
+                leader[name] = twin is None
+            if leader[name]:
+                stats[name].add(x)
+            seen.append((name, x))
+            if len(seen) >= len(modules):
+                raise _Stop
+
+        return fn
+
+    handles = [module.register_forward_pre_hook(hook(name), with_kwargs=True) for name, module in modules.items()]
+    try:
+        for hidden in inputs:
+            seen.clear()
+            try:
+                call.run(layer, hidden.to(device))
+            except _Stop:
+                pass
+    finally:
+        seen.clear()
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in modules if name not in stats or stats[name].tokens == 0]
+    if missing:
+        raise ActsparseError(f"linear layer {missing[0]} received no input when its decoder layer ran; cannot calibrate it")
+    return stats
+
+
+# ---- the entry point ------------------------------------------------------------------------
+
+
+def _as_windows(calib_windows) -> torch.Tensor:
+    if isinstance(calib_windows, torch.Tensor):
+        windows = calib_windows
+    else:
+        try:
+            windows = torch.stack([torch.as_tensor(w) for w in calib_windows])
+        except (RuntimeError, TypeError) as error:
+            raise ActsparseError(f"calibration windows must all have the same length ({error})") from error
+    if windows.dim() != 2 or windows.shape[0] == 0:
+        raise ActsparseError(f"calibration windows must be a [n, seqlen] tensor of token ids with n >= 1, got shape {tuple(windows.shape)}")
+    return windows.long()
+
+
+def selected_sites(model: nn.Module, config: WeightPruneConfig) -> tuple[list[LinearSite], list[LinearSite]]:
+    """``(chosen, all)`` decoder linear sites for ``config``."""
+    sites = find_linear_sites(model)
+    return [s for s in sites if config.selects(s.role, s.layer)], sites
+
+
+@torch.no_grad()
+def prune_weights_(
+    model: nn.Module,
+    config: WeightPruneConfig | None = None,
+    calib_windows: torch.Tensor | None = None,
+    *,
+    bos_id: int | None = None,
+    progress: bool = True,
+    cache_device: str | torch.device = "cpu",
+) -> WeightPruneReport:
+    """Prune the weights of the selected linear layers of ``model`` in place.
+
+    ``calib_windows``: token ids ``[n, seqlen]`` from calibration text (never the evaluation
+    text), needed by ``wanda`` and ``sparsegpt``; with ``bos_id`` each window is fed as
+    BOS + window. ``cache_device`` holds one decoder layer's inputs for all windows.
+    The original weights are not kept: copy them first to undo (``snapshot_weights``).
+    """
+    from actsparse.sparsify import sparse_layers
+
+    config = config or WeightPruneConfig()
+    start = time.perf_counter()
+    if sparse_layers(model):
+        raise ActsparseError("model has activation-sparse layers; call actsparse.unsparsify_(model) before pruning weights")
+    pattern = parse_pattern(config.pattern)
+    pruner = get_pruner(config.method)
+    chosen, sites = selected_sites(model, config)
+    for site in chosen:  # check every width before changing anything
+        pattern.check_width(site.in_features)
+    if isinstance(pattern, Dense) or not chosen:
+        return WeightPruneReport(config, (), tuple(sites), {}, 0, time.perf_counter() - start)
+
+    density: dict[str, float] = {}
+
+    def prune_site(site: LinearSite, inputs: LayerInputs | None) -> None:
+        module = model.get_submodule(site.name)
+        pruned = pruner.prune(get_weight(module).float().clone(), inputs, pattern)
+        set_weight_(module, pruned)
+        density[site.name] = get_weight(module).count_nonzero().item() / get_weight(module).numel()
+
+    used = 0
+    _, layers = find_decoder_layers(model)
+    by_layer: dict[int, list[LinearSite]] = {}
+    for site in chosen:
+        by_layer.setdefault(site.layer, []).append(site)
+    bar = tqdm(total=len(layers), desc=f"prune weights {config.method} {pattern}", unit="layer", disable=not progress)
+    if not pruner.needs_calibration:
+        for index in range(len(layers)):
+            for site in by_layer.get(index, []):
+                prune_site(site, None)
+            bar.update(1)
+    else:
+        if calib_windows is None:
+            raise ActsparseError(
+                f"weight pruning method '{config.method}' needs calibration windows: pass calib_windows=[n, seqlen] token ids "
+                "from calibration text (never the evaluation text)"
+            )
+        windows = _as_windows(calib_windows)
+        used = len(windows)
+        device = next(model.parameters()).device
+        inputs, calls = capture_layer_inputs(model, windows, bos_id=bos_id, cache_device=cache_device)
+        last = max(by_layer)
+        for index, layer in enumerate(layers):
+            if index > last:
+                break
+            for stage in sorted({STAGE.get(s.role, 99) for s in by_layer.get(index, [])}):
+                group = [s for s in by_layer[index] if STAGE.get(s.role, 99) == stage]
+                modules = {s.name: model.get_submodule(s.name) for s in group}
+                stats = _collect(layer, calls[index], inputs, modules, pruner.needs, device)
+                for site in group:
+                    prune_site(site, stats[site.name])
+                del stats
+            if index < last:
+                inputs = [calls[index].run(layer, hidden.to(device)).to(cache_device) for hidden in inputs]
+            bar.update(1)
+    bar.close()
+
+    record = getattr(model, RECORD_ATTR, None) or {"layers": {}}
+    record["layers"].update({site.name: str(pattern) for site in chosen})
+    record["config"] = config.to_dict()
+    setattr(model, RECORD_ATTR, record)
+    chosen_names = {s.name for s in chosen}
+    return WeightPruneReport(
+        config, tuple(chosen), tuple(s for s in sites if s.name not in chosen_names), density, used, time.perf_counter() - start
+    )
+
+
+# ---- undo -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def snapshot_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weight of every decoder linear layer, keyed by module name."""
+    return {s.name: model.get_submodule(s.name).weight.detach().to("cpu", copy=True) for s in find_linear_sites(model)}
+
+
+@torch.no_grad()
+def restore_weights_(model: nn.Module, snapshot: dict[str, torch.Tensor], *, check: bool = True) -> int:
+    """Copy the weights of ``snapshot`` back into the model; returns how many layers were restored."""
+    for name, weight in snapshot.items():
+        module = model.get_submodule(name)
+        if module.weight.shape != weight.shape:
+            raise ActsparseError(f"snapshot does not fit this model: {name} has shape {tuple(module.weight.shape)}, snapshot {tuple(weight.shape)}")
+        module.weight.copy_(weight)
+        if check and not torch.equal(module.weight.detach().cpu(), weight):
+            raise ActsparseError(f"restoring {name} failed: its weight differs from the snapshot")
+    if hasattr(model, RECORD_ATTR):
+        delattr(model, RECORD_ATTR)
+    return len(snapshot)
