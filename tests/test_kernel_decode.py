@@ -20,6 +20,7 @@ from actsparse.kernels import decode  # noqa: E402
 from actsparse.kernels.decode import (  # noqa: E402
     DecodeWeight,
     compact_nm,
+    gemv_config,
     nm_decode_linear,
     nm_decode_linear_reference,
     nm_gemv,
@@ -73,19 +74,61 @@ def test_matches_f_linear(n, m, tokens, bias, dtype):
     assert rel_err(out, x, weight, b) < TOL[dtype]
 
 
-@pytest.mark.parametrize("split,block_o", [(1, 16), (2, 32), (3, 64), (7, 16), (None, 256)])
-def test_split_and_tiles(split, block_o):
+@pytest.mark.parametrize("split,block_o,block_k,stages", [(1, 16, 16, 0), (2, 32, 8, 0), (3, 64, 8, 2), (7, 32, 16, 3), (None, 256, None, None)])
+def test_split_and_tiles(split, block_o, block_k, stages):
     n, m, tokens, k, o = 8, 16, 3, 224, 72
-    x, weight, b, mask = make_case(tokens, k, o, n, m, torch.float32)
+    x, weight, b, _ = make_case(tokens, k, o, n, m, torch.float32)
     dw = DecodeWeight.from_linear(weight, b)
-    idx, val = compact_nm(x, n, m, mask)
-    for _ in range(2):  # the second call checks that the split counters were reset
-        if split:
-            for part, _counter in dw._scratch.values():
-                part.fill_(float("nan"))
-        out = nm_gemv(idx, val, dw, split=split, block_o=block_o, out=poisoned(tokens, o, torch.float32))
+    cfg = gemv_config(dw, tokens, m, split=split, block_o=block_o, block_k=block_k, num_warps=1, stages=stages)
+    assert cfg.chunk % m == 0 and cfg.split == -(-k // cfg.chunk)
+    for _ in range(2):  # the second call checks that the workspace and counters were reset
+        out = nm_decode_linear(x, dw, n, m, out=poisoned(tokens, o, torch.float32), config=cfg)
         assert torch.isfinite(out).all()
         assert rel_err(out, x, weight, b) < 1e-5
+    if cfg.split > 1:
+        ws, counter = dw.scratch(tokens)
+        assert not ws.any() and not counter.any()
+
+
+@pytest.mark.parametrize("split", [1, 4])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_unpruned_chunks_are_redone_exactly(tokens, split):
+    """Only the chunks holding a group with more than N nonzeros take the exact (ranking) path; all match."""
+    n, m, k, o = 2, 4, 64, 40
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, k, generator=g)
+    pruned = torch.where(keep_mask(x.abs(), NM(n, m)), x, torch.zeros(()))
+    x = pruned.clone()
+    x[0, 20:24] = torch.tensor([1.0, -1.0, 1.0, 0.5])  # one group with 4 nonzeros and a tie
+    expect = torch.where(keep_mask(x.abs(), NM(n, m)), x, torch.zeros(()))
+    weight = torch.randn(o, k, generator=g)
+    dw = DecodeWeight.from_linear(weight.to(DEVICE))
+    cfg = gemv_config(dw, tokens, m, split=split)
+    out = nm_decode_linear(x.to(DEVICE), dw, n, m, config=cfg)
+    assert rel_err(out, expect.to(DEVICE), weight.to(DEVICE), None) < 1e-5
+
+
+def test_mask_with_too_many_features():
+    """A mask with more than N features in a group keeps its first N (the compaction rule)."""
+    n, m, tokens, k, o = 2, 4, 2, 32, 40
+    x, weight, _, mask = make_case(tokens, k, o, n, m, torch.float32, bias=False)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(tokens, k, generator=g).to(DEVICE)
+    mask = mask.clone()
+    mask[1, 4:8] = True  # 4 masked features: the first two are kept
+    kept = keep_mask(mask.float(), NM(n, m))
+    out = nm_decode_linear(x, DecodeWeight.from_linear(weight), n, m, mask)
+    assert rel_err(out, torch.where(kept & mask, x, torch.zeros((), device=DEVICE)), weight, None) < 1e-5
+
+
+def test_sixteen_tokens_and_nm_gemv():
+    n, m, tokens, k, o = 8, 16, 16, 32, 24
+    x, weight, b, mask = make_case(tokens, k, o, n, m, torch.bfloat16)
+    dw = DecodeWeight.from_linear(weight, b)
+    assert rel_err(nm_decode_linear(x, dw, n, m), x, weight, b) < 1e-2
+    idx, val = compact_nm(x, n, m, mask)
+    out = nm_gemv(idx, val, dw, out=poisoned(tokens, o, torch.bfloat16))
+    assert torch.isfinite(out).all() and rel_err(out, x, weight, b) < 1e-2
 
 
 def test_unpruned_input_is_pruned_by_magnitude():

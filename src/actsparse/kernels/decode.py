@@ -1,34 +1,35 @@
 """Decode-time N:M sparse-input linear layer: read only the weight rows of kept inputs.
 
 At decode (a handful of tokens) ``y = x Wᵀ + b`` is memory bound: its cost is reading ``W``.
-When ``x`` is pruned to an N:M pattern (exactly N of every M consecutive features kept per
+When ``x`` is pruned to an N:M pattern (at most N of every M consecutive features nonzero per
 token), only the weight columns of the kept features are needed. The weight is stored
-transposed, ``Wt = W.t()`` ``[K, O]``, so each kept feature ``j`` reads one contiguous row
+transposed, ``Wt = W.t()`` ``[K, O]``, so each kept feature ``j`` is one contiguous row
 ``Wt[j, :]``; at 50% density half the weight bytes are read.
 
-Two steps, both Triton kernels, both free of host syncs (CUDA-graph capturable):
+One fused Triton kernel, no compaction step, no host syncs (CUDA-graph capturable): a GEMV over
+``Wt`` shaped like a dense one, whose weight loads are predicated per row on "some token's input
+is nonzero here". A predicated-off load moves no bytes, so the traffic is the union of the kept
+rows over the tokens (for B = 1 exactly the kept rows). The grid is (column tiles of
+``BLOCK_O``) x (chunks of input rows); each program loads its slice of ``x`` (a few bytes),
+streams ``BLOCK_K`` weight rows per step with the next step's rows in flight, and keeps the sum
+over rows inside each thread (warps sit side by side along the columns). With a K split the
+programs add into an fp32 workspace (atomics) and the last one of each tile writes ``y``.
 
-1. :func:`compact_nm` turns ``x`` ``[B, K]`` (plus an optional bool mask) into the kept indices
-   ``idx`` ``[B, K*N/M]`` (int32, ascending) and their values ``val``. One program per token and
-   block of groups; inside a group an element's rank is the number of elements that beat it
-   (larger score, or equal score and lower index), so exactly N are kept without sorting.
-2. :func:`nm_gemv` loops over the kept rows: the grid is (output tiles of ``BLOCK_O`` columns) x
-   (split of the kept list). Each program accumulates ``val * Wt[idx, tile]`` in fp32; with a
-   split, partial sums go to an fp32 workspace and the last program of each tile (found with
-   an atomic counter) adds them in a fixed order, adds the bias and writes ``y``: one launch,
-   deterministic. Defaults (:func:`gemv_config`): 256-column tiles (a warp reads one 512-byte
-   bf16 row with 16-byte loads), 32 rows in flight per step shared among the tokens, 4 warps,
-   and a split giving about 4 programs per SM (e.g. 4096->14336: 56 tiles x 9 chunks of ~228
-   rows; 14336->4096 and 4096->4096: 16 tiles x 32-33 chunks). Not yet tuned on hardware:
-   ``benchmarks/bench_decode.py --sweep`` times the alternatives.
+Exactness: an input that is not N:M (an unpruned ``x``, or a mask with too many features in a
+group) is detected per chunk after the fast pass, and that chunk is redone with the exact N:M
+ranking of :func:`compact_nm` (largest ``|x|`` first, ties to the lower index). The result is
+then the same as compaction + GEMV. fp32 atomics make the K-split sum order vary between runs
+(last-bit differences before the final rounding).
 
-For ``B > 1`` each token walks its own list (a program handles all tokens of its tile), so up
-to ``B`` times the rows are read; rows shared by several tokens are usually served by cache.
+:func:`compact_nm` (kept indices and values) remains for callers that want the compacted form;
+:func:`nm_gemv` takes that form (compatibility; it scatters back to dense rows).
+See ``benchmarks/NOTES-decode.md`` for the measurements behind the tuning in :func:`gemv_config`.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,20 +84,18 @@ class DecodeWeight:
     def out_features(self) -> int:
         return self.wt.shape[1]
 
-    def scratch(self, split: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Split-K workspace ``[split, tokens, O]`` fp32 and per-tile counters (zero; the kernel resets them).
+    def scratch(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K-split workspace ``[tokens, O]`` fp32 and per-tile counters, both zero (the kernel re-zeroes them).
 
         Kept across calls; warm up once before CUDA-graph capture so they are not made inside it.
-        One stream at a time per weight: concurrent calls would share the counters.
+        One stream at a time per weight: concurrent calls would share them.
         """
-        key = (split, tokens)
-        if key not in self._scratch:
-            tiles = self.out_features  # enough counters for any BLOCK_O >= 1
-            self._scratch[key] = (
-                torch.empty(split, tokens, self.out_features, dtype=torch.float32, device=self.wt.device),
-                torch.zeros(tiles, dtype=torch.int32, device=self.wt.device),
+        if tokens not in self._scratch:
+            self._scratch[tokens] = (
+                torch.zeros(tokens, self.out_features, dtype=torch.float32, device=self.wt.device),
+                torch.zeros(self.out_features, dtype=torch.int32, device=self.wt.device),  # >= tiles for any BLOCK_O
             )
-        return self._scratch[key]
+        return self._scratch[tokens]
 
     def __repr__(self) -> str:
         return f"DecodeWeight(in={self.in_features}, out={self.out_features}, dtype={self.wt.dtype}, bias={self.bias is not None})"
@@ -238,49 +237,121 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
-def gemv_config(
-    dw: DecodeWeight, tokens: int, kept: int, block_o: int | None = None, split: int | None = None, rows: int = 32
-) -> tuple[int, int, int, int, int]:
-    """``(block_b, block_k, block_o, chunk, split)`` for a call.
+class GemvConfig(NamedTuple):
+    """Launch choices of the fused kernel (see :func:`gemv_config`)."""
 
-    Tiles of up to 256 output columns (16-byte loads, one warp per 512-byte row); ``rows`` kept
-    rows in flight per step, shared among the tokens (``block_k = rows / block_b``); the kept list
-    split into chunks of at least 64 rows so that there are at most (and about) 4 programs per SM. Narrower
-    tiles when even the finest split leaves fewer than 2 programs per SM (e.g. 4096 -> 1024).
+    block_b: int  # tokens, padded to a power of 2
+    block_k: int  # input rows per step
+    block_o: int  # output columns per program
+    chunk: int  # input rows per program (a multiple of M)
+    split: int  # programs per column tile (the K split); > 1 adds into an fp32 workspace
+    num_warps: int
+    stages: int  # 0: rows prefetched into registers one step ahead; >= 1: tl.range software pipelining
+    check: bool  # verify at most N kept per group (else redo the chunk with exact N:M ranking)
+
+
+def gemv_config(
+    dw: DecodeWeight, tokens: int, m: int = 16, *, block_o: int | None = None, block_k: int | None = None,
+    split: int | None = None, num_warps: int | None = None, stages: int | None = None, check: bool = True,
+) -> GemvConfig:
+    """Tile choices for ``tokens`` rows through ``dw`` (any argument given overrides the choice).
+
+    Chosen from the H100 sweeps in ``benchmarks/NOTES-decode.md``. Columns: tiles of up to 1024
+    (each kept row gives 2 KB contiguous in bf16; warps side by side along the columns, so the sum
+    over a step's rows stays inside each thread). Rows: 8 per step (4 for 8 tokens, 2 for 16:
+    registers). Latency: register prefetch one step ahead (``stages=0``; ``tl.range`` pipelining
+    with ``stages`` >= 2 measured the same within ~1%). K split: the input rows are cut into chunks
+    (multiples of M, at least ``MIN_CHUNK`` rows) for about 8 programs per SM (4 for B > 1): many
+    small programs keep the most bytes in flight (~4 resident per SM at ~112 registers).
     """
-    width = dw.out_features
+    width, k = dw.out_features, dw.in_features
     block_b = triton.next_power_of_2(tokens)
-    block_k = max(2, rows // block_b)
-    target = 4 * _sm_count(dw.wt.device)
-    max_split = max(1, kept // 64)
     if block_o is None:
-        block_o = min(256, max(16, triton.next_power_of_2(width)))
-        while block_o > 64 and triton.cdiv(width, block_o) * max_split < target // 2:
-            block_o //= 2
-    if split is None:  # all programs resident at once: no second wave
-        split = min(max(1, target // triton.cdiv(width, block_o)), max_split)
-    split = max(1, min(split, kept))
-    chunk = triton.cdiv(kept, split)  # balanced chunks, not rounded to block_k
-    split = triton.cdiv(kept, chunk)  # no empty chunks
-    return block_b, block_k, block_o, chunk, split
+        block_o = min(1024, max(16, triton.next_power_of_2(width)))
+    if num_warps is None:
+        num_warps = max(1, min(8, block_o // 256))
+    if block_k is None:
+        block_k = {8: 4}.get(block_b, 8 if block_b <= 4 else 2)  # registers: B accumulators, B x rows
+    if stages is None:
+        stages = 0
+    auto = split is None
+    if auto:
+        target = (8 if block_b == 1 else 4) * _sm_count(dw.wt.device)  # programs: several waves' worth
+        split = max(1, round(target / triton.cdiv(width, block_o)))
+    chunk = triton.cdiv(triton.cdiv(k, max(1, split)), m) * m  # whole groups per program
+    if auto:
+        chunk = max(chunk, triton.cdiv(min(MIN_CHUNK, k), m) * m)
+    split = triton.cdiv(k, chunk)  # no empty chunks
+    return GemvConfig(block_b, block_k, block_o, chunk, split, num_warps, stages, check)
+
+
+MIN_CHUNK = 32  # rows per program at least (4 steps of 8): below that the ramp-up dominates
+
+
+def _launch(x, mask, dw: DecodeWeight, n: int, m: int, cfg: GemvConfig, out: torch.Tensor | None) -> torch.Tensor:
+    tokens, k = x.shape
+    width = dw.out_features
+    if out is None:
+        out = torch.empty(tokens, width, dtype=x.dtype, device=x.device)
+    elif out.shape != (tokens, width) or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape ({tokens}, {width}) on {x.device}")
+    if cfg.chunk % m or cfg.split != triton.cdiv(k, cfg.chunk):
+        raise ValueError(f"bad config {cfg}: chunk must be a multiple of M={m} and split = ceil(K / chunk)")
+    ws, counter = dw.scratch(tokens) if cfg.split > 1 else (out, out)
+    m_p2 = triton.next_power_of_2(m)
+    grid = (triton.cdiv(width, cfg.block_o), cfg.split)
+    _nm_decode_kernel[grid](
+        x, x if mask is None else mask.contiguous().view(torch.uint8), dw.wt, out if dw.bias is None else dw.bias,
+        out, ws, counter, tokens, k, width,
+        CHUNK=cfg.chunk, N_SPLIT=cfg.split, N=n, M=m, M_P2=m_p2, CHECK_G=max(1, 1024 // m_p2), HAS_BIAS=dw.bias is not None, HAS_MASK=mask is not None,
+        CHECK=cfg.check, BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_O=cfg.block_o, STAGES=cfg.stages,
+        FENCE=not _interpreting(),
+        num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def nm_decode_linear(
+    x_pruned: torch.Tensor, dw: DecodeWeight, n: int, m: int, mask: torch.Tensor | None = None,
+    *, out: torch.Tensor | None = None, config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """``F.linear(x_pruned, W, b)`` reading only the weight rows of the kept inputs: ``[B, O]``.
+
+    ``x_pruned`` ``[B, K]`` (1 <= B <= 16) pruned to N:M; one fused kernel (no compaction step):
+    each program loads its slice of ``x`` and reads the weight rows whose input is nonzero for
+    some token. The kept set is the one :func:`compact_nm` defines: a group holding more than N
+    nonzeros (an unpruned ``x``) or more than N masked features is pruned exactly by ranking.
+    ``out``: optional result buffer; ``config``: a :func:`gemv_config` result to override the tuning.
+    Zero inputs are skipped rather than multiplied, so an inf/NaN weight row of a zero input does
+    not propagate as it would through ``F.linear``.
+    """
+    _require_triton()
+    _check_input(x_pruned, n, m, mask)
+    if x_pruned.shape[1] != dw.in_features:
+        raise ValueError(f"x has {x_pruned.shape[1]} features but the weight expects {dw.in_features}")
+    if x_pruned.dtype != dw.wt.dtype or x_pruned.device != dw.wt.device:
+        raise ValueError(f"x is {x_pruned.dtype} on {x_pruned.device} but the weight is {dw.wt.dtype} on {dw.wt.device}")
+    if config is None:
+        config = gemv_config(dw, x_pruned.shape[0], m)
+    return _launch(x_pruned.contiguous(), mask, dw, n, m, config, out)
 
 
 def nm_gemv(
-    idx: torch.Tensor, val: torch.Tensor, dw: DecodeWeight, *, block_o: int | None = None,
-    split: int | None = None, rows: int = 32, num_warps: int = 4, out: torch.Tensor | None = None,
+    idx: torch.Tensor, val: torch.Tensor, dw: DecodeWeight, *, out: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """``y[b] = sum_i val[b, i] * Wt[idx[b, i]] (+ bias)`` from a compacted input: ``[B, O]`` in val's dtype.
 
-    ``idx`` int32 ``[B, kept]`` must hold valid row numbers of ``Wt`` (as from :func:`compact_nm`).
-    ``block_o``, ``split``, ``rows`` and ``num_warps`` override the tuning (see :func:`gemv_config`);
-    ``out`` is an optional contiguous ``[B, O]`` result buffer.
+    Compatibility path for compacted inputs (as from :func:`compact_nm`): scatters ``val`` into a
+    dense ``[B, K]`` row (rows of one token must be distinct) and runs the fused kernel without the
+    N:M check. New code should call :func:`nm_decode_linear` on the pruned rows directly.
     """
     _require_triton()
     if idx.dim() != 2 or idx.shape != val.shape:
         raise ValueError(f"idx and val must both be [tokens, kept]; got {tuple(idx.shape)} and {tuple(val.shape)}")
     if idx.dtype != torch.int32:
         raise ValueError(f"idx must be int32, got {idx.dtype}")
-    tokens, kept = idx.shape
+    tokens = idx.shape[0]
     if not 1 <= tokens <= MAX_TOKENS:
         raise ValueError(f"decode kernel takes 1 to {MAX_TOKENS} tokens, got B={tokens}")
     if val.dtype != dw.wt.dtype:
@@ -289,96 +360,173 @@ def nm_gemv(
         raise ValueError(f"inputs are on {val.device} but the weight is on {dw.wt.device}")
     if not (val.is_cuda or _interpreting()):
         raise ValueError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {val.device}")
-    block_b, block_k, block_o, chunk, split = gemv_config(dw, tokens, kept, block_o, split, rows)
-    # The last program of a tile sums the partials in rounds of RED splits (one load each).
-    red = min(triton.next_power_of_2(split), max(1, 4096 // (block_b * block_o)))
-    width = dw.out_features
-    if out is None:
-        out = torch.empty(tokens, width, dtype=val.dtype, device=val.device)
-    elif out.shape != (tokens, width) or out.dtype != val.dtype or out.device != val.device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {val.dtype} tensor of shape ({tokens}, {width}) on {val.device}")
-    partial, counter = dw.scratch(split, tokens) if split > 1 else (out, out)
-    bias = dw.bias if dw.bias is not None else out
-    grid = (triton.cdiv(width, block_o), split)
-    _nm_gemv_kernel[grid](
-        idx.contiguous(), val.contiguous(), dw.wt, bias, out, partial, counter,
-        tokens, kept, width,
-        CHUNK=chunk, N_SPLIT=split, RED=red, HAS_BIAS=dw.bias is not None,
-        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_O=block_o, num_warps=num_warps,
-    )
-    return out
-
-
-def nm_decode_linear(
-    x_pruned: torch.Tensor, dw: DecodeWeight, n: int, m: int, mask: torch.Tensor | None = None,
-    *, out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``F.linear(x_pruned, W, b)`` reading only the weight rows of the kept inputs: ``[B, O]``.
-
-    ``x_pruned`` ``[B, K]`` (1 <= B <= 16) is pruned to N:M (or ``mask`` says which features are
-    kept; see :func:`compact_nm` for how the kept set is chosen). ``out``: optional result buffer.
-    """
-    _require_triton()
-    _check_input(x_pruned, n, m, mask)
-    if x_pruned.shape[1] != dw.in_features:
-        raise ValueError(f"x has {x_pruned.shape[1]} features but the weight expects {dw.in_features}")
-    if x_pruned.dtype != dw.wt.dtype or x_pruned.device != dw.wt.device:
-        raise ValueError(f"x is {x_pruned.dtype} on {x_pruned.device} but the weight is {dw.wt.dtype} on {dw.wt.device}")
-    idx, val = compact_nm(x_pruned, n, m, mask)
-    return nm_gemv(idx, val, dw, out=out)
+    x = torch.zeros(tokens, dw.in_features, dtype=val.dtype, device=val.device).scatter_(1, idx.long(), val)
+    cfg = config if config is not None else gemv_config(dw, tokens, 1, check=False)
+    return _launch(x, None, dw, 1, 1, cfg._replace(check=False), out)
 
 
 if triton is not None:
 
     @triton.jit
-    def _nm_gemv_kernel(
-        idx_ptr, val_ptr, wt_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
-        B, KEPT, O,
-        CHUNK: tl.constexpr, N_SPLIT: tl.constexpr, RED: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+    def _slow_keep(x_ptr, mask_ptr, b, ks, kin, B, K, N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr,
+                   HAS_MASK: tl.constexpr):
+        """Exact N:M keep flags of token ``b`` at rows ``ks`` (the rule of :func:`compact_nm`), by ranking."""
+        lanes = tl.arange(0, M_P2)
+        mates = (ks // M * M)[:, None] + lanes[None, :]
+        ok = kin & (b < B)
+        mates_ok = ok[:, None] & (lanes < M)[None, :]
+        if HAS_MASK:
+            mine = tl.load(mask_ptr + b * K + ks, mask=ok, other=0).to(tl.float32)
+            other = tl.load(mask_ptr + b * K + mates, mask=mates_ok, other=0).to(tl.float32)
+        else:
+            mine = tl.abs(tl.load(x_ptr + b * K + ks, mask=ok, other=0.0).to(tl.float32))
+            other = tl.abs(tl.load(x_ptr + b * K + mates, mask=mates_ok, other=0.0).to(tl.float32))
+            mine = tl.where(mine != mine, float("inf"), mine)  # NaN counts as largest, like torch.sort
+            other = tl.where(other != other, float("inf"), other)
+        other = tl.where(mates_ok, other, -1.0)
+        beats = (other > mine[:, None]) | ((other == mine[:, None]) & (mates < ks[:, None]))
+        keep = (tl.sum(beats.to(tl.int32), axis=1) < N) & ok
+        if HAS_MASK:
+            keep = keep & (mine != 0)  # rows filled in for a short group carry the value 0
+        return keep
+
+    @triton.jit
+    def _rows(x_ptr, mask_ptr, ks, kin, B, K, N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr,
+              HAS_MASK: tl.constexpr, SLOW: tl.constexpr, BLOCK_B: tl.constexpr):
+        """Which of the rows ``ks`` some token needs (a nonzero kept input)."""
+        row = ks < 0
+        for b in tl.static_range(BLOCK_B):
+            if SLOW:
+                keep = _slow_keep(x_ptr, mask_ptr, b, ks, kin, B, K, N, M, M_P2, HAS_MASK)
+                keep = keep & (tl.load(x_ptr + b * K + ks, mask=kin & (b < B), other=0.0) != 0)
+            else:
+                keep = tl.load(x_ptr + b * K + ks, mask=kin & (b < B), other=0.0) != 0
+                if HAS_MASK:
+                    keep = keep & (tl.load(mask_ptr + b * K + ks, mask=kin & (b < B), other=0) != 0)
+            row = row | keep
+        return row
+
+    @triton.jit
+    def _accumulate(acc, w, x_ptr, mask_ptr, ks, kin, toks, B, K, N: tl.constexpr, M: tl.constexpr,
+                    M_P2: tl.constexpr, HAS_MASK: tl.constexpr, SLOW: tl.constexpr, BLOCK_B: tl.constexpr):
+        """``acc[b] += x[b, ks] @ w`` for every token (the sum over rows stays inside each thread)."""
+        wf = w.to(tl.float32)
+        toks_2d = toks[:, None]
+        for b in tl.static_range(BLOCK_B):
+            xb = tl.load(x_ptr + b * K + ks, mask=kin & (b < B), other=0.0)
+            if SLOW:
+                xb = tl.where(_slow_keep(x_ptr, mask_ptr, b, ks, kin, B, K, N, M, M_P2, HAS_MASK), xb, 0.0)
+            elif HAS_MASK:
+                xb = tl.where(tl.load(mask_ptr + b * K + ks, mask=kin & (b < B), other=0) != 0, xb, 0.0)
+            part = tl.sum(xb.to(tl.float32)[:, None] * wf, axis=0)
+            if BLOCK_B == 1:
+                acc += part[None, :]
+            else:
+                acc += tl.where(toks_2d == b, part[None, :], 0.0)
+        return acc
+
+    @triton.jit
+    def _chunk(acc, x_ptr, mask_ptr, wt_ptr, lo, hi, CHUNK: tl.constexpr, cols, col_ok, toks, B, K, O,
+               N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, HAS_MASK: tl.constexpr, SLOW: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        """Accumulate the rows ``lo <= k < hi`` into ``acc``; weight rows of unneeded inputs are never read."""
+        if STAGES == 0 and not SLOW:
+            # Registers, one step ahead: this step's weight rows are in flight while the previous
+            # step's are summed, and each step's row flags come from x loaded a step earlier still.
+            ks = lo + tl.arange(0, BLOCK_K)
+            w_ptrs = wt_ptr + ks.to(tl.int64)[:, None] * O + cols[None, :]
+            row = _rows(x_ptr, mask_ptr, ks, ks < hi, B, K, N, M, M_P2, HAS_MASK, False, BLOCK_B)
+            w = tl.load(w_ptrs, mask=row[:, None] & col_ok[None, :], other=0.0)
+            ks1 = ks + BLOCK_K
+            row1 = _rows(x_ptr, mask_ptr, ks1, ks1 < hi, B, K, N, M, M_P2, HAS_MASK, False, BLOCK_B)
+            for _ in range(0, CHUNK, BLOCK_K):
+                ks2 = ks1 + BLOCK_K
+                row2 = _rows(x_ptr, mask_ptr, ks2, ks2 < hi, B, K, N, M, M_P2, HAS_MASK, False, BLOCK_B)
+                w_ptrs += BLOCK_K * O
+                w1 = tl.load(w_ptrs, mask=row1[:, None] & col_ok[None, :], other=0.0)
+                acc = _accumulate(acc, w, x_ptr, mask_ptr, ks, ks < hi, toks, B, K, N, M, M_P2, HAS_MASK, False, BLOCK_B)
+                ks, ks1, row1, w = ks1, ks2, row2, w1
+        else:
+            for k0 in tl.range(0, CHUNK, BLOCK_K, num_stages=1 if SLOW else STAGES):
+                ks = lo + k0 + tl.arange(0, BLOCK_K)
+                kin = ks < hi
+                row = _rows(x_ptr, mask_ptr, ks, kin, B, K, N, M, M_P2, HAS_MASK, SLOW, BLOCK_B)
+                w = tl.load(wt_ptr + ks.to(tl.int64)[:, None] * O + cols[None, :], mask=row[:, None] & col_ok[None, :],
+                            other=0.0)
+                acc = _accumulate(acc, w, x_ptr, mask_ptr, ks, kin, toks, B, K, N, M, M_P2, HAS_MASK, SLOW, BLOCK_B)
+        return acc
+
+    @triton.jit
+    def _over_n(x_ptr, mask_ptr, lo, hi, CHUNK: tl.constexpr, B, K, N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr,
+                CHECK_G: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr):
+        """Whether some group of M in ``lo <= k < hi`` has more than N nonzeros (or masked features) for some token."""
+        groups = tl.arange(0, CHECK_G)
+        lanes = tl.arange(0, M_P2)
+        worst = tl.zeros((CHECK_G,), dtype=tl.int32)
+        for g0 in range(0, CHUNK, CHECK_G * M):
+            at = lo + g0 + groups[:, None] * M + lanes[None, :]
+            ok = (at < hi) & (lanes < M)[None, :]
+            for b in tl.static_range(BLOCK_B):
+                if HAS_MASK:
+                    flag = tl.load(mask_ptr + b * K + at, mask=ok & (b < B), other=0) != 0
+                else:
+                    flag = tl.load(x_ptr + b * K + at, mask=ok & (b < B), other=0.0) != 0
+                worst = tl.maximum(worst, tl.sum(flag.to(tl.int32), axis=1))
+        return tl.max(worst, axis=0) > N
+
+    @triton.jit
+    def _fence_gpu(dep):
+        """``fence.acq_rel.gpu`` in every thread (``dep``: any scalar, to give the asm an operand)."""
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [dep], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+    @triton.jit
+    def _nm_decode_kernel(
+        x_ptr, mask_ptr, wt_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
+        B, K, O,
+        CHUNK: tl.constexpr, N_SPLIT: tl.constexpr, N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, CHECK_G: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CHECK: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr,
+        FENCE: tl.constexpr,
     ):
         pid_o = tl.program_id(0)
         pid_s = tl.program_id(1)
         toks = tl.arange(0, BLOCK_B)
         cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-        tok_ok = toks < B
         col_ok = cols < O
-        start = pid_s * CHUNK
-        stop = start + CHUNK  # this program's rows are start <= i < min(stop, KEPT)
-        ks = start + tl.arange(0, BLOCK_K)
-        ok = tok_ok[:, None] & ((ks < KEPT) & (ks < stop))[None, :]
-        rows = tl.load(idx_ptr + toks[:, None] * KEPT + ks[None, :], mask=ok, other=0)
-        acc = tl.zeros((BLOCK_B, BLOCK_K, BLOCK_O), dtype=tl.float32)
-        for _ in range(0, CHUNK, BLOCK_K):
-            # The next step's row numbers are requested before this step's weight rows, so the
-            # dependent idx -> Wt load chain is not paid in full every step.
-            ks_next = ks + BLOCK_K
-            ok_next = tok_ok[:, None] & ((ks_next < KEPT) & (ks_next < stop))[None, :]
-            rows_next = tl.load(idx_ptr + toks[:, None] * KEPT + ks_next[None, :], mask=ok_next, other=0)
-            vals = tl.load(val_ptr + toks[:, None] * KEPT + ks[None, :], mask=ok, other=0.0).to(tl.float32)
-            w_ptrs = wt_ptr + rows.to(tl.int64)[:, :, None] * O + cols[None, None, :]
-            w = tl.load(w_ptrs, mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
-            acc += vals[:, :, None] * w.to(tl.float32)
-            ks, ok, rows = ks_next, ok_next, rows_next
-        y = tl.sum(acc, axis=1)  # [BLOCK_B, BLOCK_O]
+        lo = pid_s * CHUNK
+        hi = tl.minimum(lo + CHUNK, K)
+        acc = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
+        acc = _chunk(acc, x_ptr, mask_ptr, wt_ptr, lo, hi, CHUNK, cols, col_ok, toks, B, K, O,
+                     N, M, M_P2, HAS_MASK, False, BLOCK_B, BLOCK_K, STAGES)
+        if CHECK:
+            # x was not N:M here (unpruned input, or a mask with too many features): redo exactly.
+            if _over_n(x_ptr, mask_ptr, lo, hi, CHUNK, B, K, N, M, M_P2, CHECK_G, HAS_MASK, BLOCK_B):
+                acc = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
+                acc = _chunk(acc, x_ptr, mask_ptr, wt_ptr, lo, hi, CHUNK, cols, col_ok, toks, B, K, O,
+                             N, M, M_P2, HAS_MASK, True, BLOCK_B, 2, STAGES)  # few rows a step: few registers
         out_at = toks[:, None] * O + cols[None, :]
-        out_ok = tok_ok[:, None] & col_ok[None, :]
-        if N_SPLIT > 1:
-            tl.store(part_ptr + pid_s * B * O + out_at, y, mask=out_ok)
-            tl.debug_barrier()  # every thread's partial is written before the release below
+        out_ok = (toks < B)[:, None] & col_ok[None, :]
+        if N_SPLIT == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + out_at, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        else:
+            # K split: add into the fp32 workspace; the last program of the tile writes y and
+            # zeroes the workspace and its counter for the next call.
+            old = tl.atomic_add(ws_ptr + out_at, acc, mask=out_ok, sem="relaxed")
+            if FENCE:
+                # Every add has come back from L2 (the fence takes a value that depends on all of
+                # them), then a GPU-scope fence: all of them are performed before the counter moves.
+                _fence_gpu(tl.max(tl.where(out_ok, old, 0.0).to(tl.int32, bitcast=True)))
+            tl.debug_barrier()
             done = tl.atomic_add(count_ptr + pid_o, 1, sem="acq_rel", scope="gpu")
-            if done == N_SPLIT - 1:  # last program of this tile: add the partials in a fixed order
-                y = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
-                for first in tl.static_range(0, N_SPLIT, RED):
-                    splits = first + tl.arange(0, RED)
-                    ptrs = part_ptr + splits[:, None, None] * B * O + out_at[None, :, :]
-                    part_ok = (splits < N_SPLIT)[:, None, None] & out_ok[None, :, :]
-                    y += tl.sum(tl.load(ptrs, mask=part_ok, other=0.0, cache_modifier=".cg"), axis=0)
+            if done == N_SPLIT - 1:
+                if FENCE:
+                    _fence_gpu(pid_o)
+                y = tl.load(ws_ptr + out_at, mask=out_ok, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr + out_at, y.to(y_ptr.dtype.element_ty), mask=out_ok)
-                tl.atomic_xchg(count_ptr + pid_o, 0)  # ready for the next call
-        else:
-            if HAS_BIAS:
-                y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + out_at, y.to(y_ptr.dtype.element_ty), mask=out_ok)
+                tl.store(ws_ptr + out_at, tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32), mask=out_ok)
+                tl.atomic_xchg(count_ptr + pid_o, 0)
