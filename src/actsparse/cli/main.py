@@ -89,27 +89,41 @@ def weight_config_from(args):
     )  # fmt: skip
 
 
-def cmd_eval_weights(args) -> None:
+def _evaluate(args, config, run) -> dict | None:
+    """Load, evaluate one config with ``run(evaluator, config)``, write/print the record.
+
+    Returns the record when the caller should print the human-readable table, else None.
+    """
     from actsparse.eval.results import write_json_atomic
     from actsparse.eval.run import Evaluator
 
     start = time.perf_counter()
-    config = weight_config_from(args)  # validate before the slow model load
     evaluator = Evaluator(settings_from(args), progress=not args.no_progress)
-    record = evaluator.run_weights(config)
+    record = run(evaluator, config)
     record["total_seconds"] = time.perf_counter() - start
     if args.out:
         write_json_atomic(args.out, record)
     if args.json:
         print(json.dumps(record, sort_keys=True))
-        return
-    label = f"{config.pattern} weights {config.method}"
+        return None
+    return record
+
+
+def _print_table(args, record: dict, label: str) -> None:
     print(f"model      {record['model']}  ({record['model_info']['architecture']})")
     print(f"data       {record['data']}  {record['windows']} windows x {args.seqlen} tokens, {record['tokens']} predicted")
     if "calibration" in record:
         print(f"calibrate  {record['calibration']['data']}  {record['calibration']['windows']} windows x {args.seqlen} tokens")
     print(f"{'':10} {'dense':>10} {label:>30}")
     print(f"{'perplexity':10} {record['dense_ppl']:>10.3f} {record['sparse_ppl']:>30.3f}")
+
+
+def cmd_eval_weights(args) -> None:
+    config = weight_config_from(args)  # validate before the slow model load
+    record = _evaluate(args, config, lambda evaluator, c: evaluator.run_weights(c))
+    if record is None:
+        return
+    _print_table(args, record, f"{config.pattern} weights {config.method}")
     print(
         f"pruned weights in {record['sparse_flop_fraction']:.1%} of linear FLOPs ({record['sparse_layers']} layers pruned, "
         f"{record['dense_layers']} dense); {record['removed_flop_fraction']:.1%} of linear FLOPs multiply a zero weight"
@@ -123,28 +137,15 @@ def cmd_eval_weights(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from actsparse.eval.results import write_json_atomic
-    from actsparse.eval.run import Evaluator
-
     if args.prune == "weights":
         return cmd_eval_weights(args)
     if args.method is not None:
         raise ActsparseError("--method chooses a weight pruning method and needs --prune weights; for activations use --criterion")
-    start = time.perf_counter()
     config = config_from(args)  # validate before the slow model load
-    evaluator = Evaluator(settings_from(args), progress=not args.no_progress)
-    record = evaluator.run(config)
-    record["total_seconds"] = time.perf_counter() - start
-    if args.out:
-        write_json_atomic(args.out, record)
-    if args.json:
-        print(json.dumps(record, sort_keys=True))
+    record = _evaluate(args, config, lambda evaluator, c: evaluator.run(c))
+    if record is None:
         return
-    label = f"{config.pattern} {config.criterion} + {config.mitigation}"
-    print(f"model      {record['model']}  ({record['model_info']['architecture']})")
-    print(f"data       {record['data']}  {record['windows']} windows x {args.seqlen} tokens, {record['tokens']} predicted")
-    print(f"{'':10} {'dense':>10} {label:>30}")
-    print(f"{'perplexity':10} {record['dense_ppl']:>10.3f} {record['sparse_ppl']:>30.3f}")
+    _print_table(args, record, f"{config.pattern} {config.criterion} + {config.mitigation}")
     print(f"sparse linear FLOPs {record['sparse_flop_fraction']:.1%} ({record['sparse_layers']} layers sparse, {record['dense_layers']} dense)")
     if not record["causal"]:
         print("note: this criterion/mitigation looks at every token of the batch (non-causal)")

@@ -131,20 +131,7 @@ class Evaluator:
             sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation}")
         finally:
             unsparsify_(self.model)
-        record.update(
-            sparse_ppl=sparse.ppl,
-            sparse_seconds=time.perf_counter() - start,
-            tokens=sparse.predicted_tokens,
-            windows=sparse.windows,
-            causal=criterion.causal and mitigation.causal,
-            config=config.to_dict(),
-            settings=asdict(self.settings),
-            bos=self.bos_id is not None,
-            load_seconds=self.load_seconds,
-            versions=versions(),
-            **report.to_dict(),
-        )
-        return record
+        return self._complete(record, sparse, start, criterion.causal and mitigation.causal, config, report)
 
     def run_weights(self, config, with_dense: bool = True) -> dict:
         """Evaluate one ``WeightPruneConfig`` against the same dense baseline; the model is restored afterwards.
@@ -177,12 +164,16 @@ class Evaluator:
             pruned = self._perplexity(f"weights {config.pattern} {config.method}")
         finally:
             restore_weights_(self.model, self._weights)
+        return self._complete(record, pruned, start, True, config, report)
+
+    def _complete(self, record: dict, result: Perplexity, start: float, causal: bool, config, report) -> dict:
+        """Add the measured perplexity, the config, the settings and the versions to a record."""
         record.update(
-            sparse_ppl=pruned.ppl,
+            sparse_ppl=result.ppl,
             sparse_seconds=time.perf_counter() - start,
-            tokens=pruned.predicted_tokens,
-            windows=pruned.windows,
-            causal=True,
+            tokens=result.predicted_tokens,
+            windows=result.windows,
+            causal=causal,
             config=config.to_dict(),
             settings=asdict(self.settings),
             bos=self.bos_id is not None,
