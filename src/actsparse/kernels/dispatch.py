@@ -9,8 +9,10 @@ Backends (``SparsityConfig.backend``):
 
 The Triton path, per call with rows ``x [T, K]``:
 
-- ``T <= DECODE_MAX_ROWS`` (decode): fused N:M sparsify, then a GEMV that reads only the
-  weight rows of kept inputs (``kernels.decode``; keeps a transposed weight copy).
+- ``T <= DECODE_MAX_ROWS`` (decode) and ``ACTSPARSE_DECODE_GEMV=1``: fused N:M sparsify, then
+  a GEMV that reads only the weight rows of kept inputs (``kernels.decode``; keeps a transposed
+  weight copy). Opt-in for now: its race-free split finish has passed the interpreter tests
+  and compiles for sm_90 but has not yet run on an H100 (see BENCHMARKS.md).
 - 2:4 without mitigation, on CUDA, where measured faster for this shape: one pass emits
   the cuSPARSELt compressed input, then ``torch._cslt_sparse_mm`` (``kernels.cslt24``).
 - otherwise: fused N:M sparsify (``kernels.sparsify``), then the dense product.
@@ -34,6 +36,11 @@ BACKENDS = ("auto", "torch", "triton")
 VECTOR_CRITERIA = {"magnitude", "wina", "amber", "amber-clamp", "var-weight", "clact"}
 KERNEL_MITIGATIONS = {"none", "var", "dpts"}
 DECODE_MAX_ROWS = 16
+
+
+def decode_gemv_enabled() -> bool:
+    """The decode GEMV path is opt-in: ``ACTSPARSE_DECODE_GEMV=1``."""
+    return os.environ.get("ACTSPARSE_DECODE_GEMV") == "1"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -115,7 +122,7 @@ def triton_forward(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
     eta = x.median(dim=-1).values.float() if mitigation == "dpts" else None
     var = mitigation == "var"
     rows = x.shape[0]
-    if rows <= DECODE_MAX_ROWS:
+    if rows <= DECODE_MAX_ROWS and decode_gemv_enabled():
         pruned = nm_sparsify(x, n, m, vector=vector, var=var, shift=eta)
         y = nm_decode_linear(pruned, layer.decode_weight(), n, m)
     elif (n, m) == (2, 4) and mitigation == "none" and x.is_cuda and x.dtype != torch.float32:
