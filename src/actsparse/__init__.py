@@ -20,6 +20,7 @@ from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import find_linear_sites
 from actsparse.sparsify import SparsifyReport, sparsify_, unsparsify_
+from actsparse.amber import amber_preset, budget_skip, measure_sensitivity, random_skip  # registers w8a8 mitigations
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
@@ -34,4 +35,5 @@ __all__ = [
     "SparseLinear", "SparsifyReport", "SparsityConfig", "Unstructured", "collect_input_stats", "find_linear_sites",
     "load_model", "parse_pattern", "register_criterion", "register_mitigation", "sparsify_", "unsparsify_",
     "WeightPruneConfig", "WeightPruneReport", "load_pruned_", "prune_weights_", "save_pruned", "verify_pattern",
+    "amber_preset", "budget_skip", "measure_sensitivity", "random_skip",
 ]  # fmt: skip

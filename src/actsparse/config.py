@@ -27,6 +27,8 @@ class SparsityConfig:
       ``"@0"`` (every role of layer 0).
     - ``seed``: seeds the ``random`` criterion.
     - ``backend``: ``auto`` (Triton kernels on CUDA where supported), ``torch`` or ``triton``.
+    - ``prefill_only``: sparsify prompt tokens only; single-token decode steps (KV cache) run
+      dense (P2). Perplexity (teacher forcing) is all prefill, so it is unaffected.
     """
 
     pattern: str = "2:4"
@@ -37,6 +39,7 @@ class SparsityConfig:
     skip: tuple[str, ...] = field(default_factory=tuple)
     seed: int = 0
     backend: str = "auto"
+    prefill_only: bool = False
 
     def __post_init__(self):
         from actsparse.kernels.dispatch import BACKENDS

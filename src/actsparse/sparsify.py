@@ -81,7 +81,7 @@ def sparsify_(
         original = model.get_submodule(site.name)
         layer = SparseLinear(
             original, pattern, criterion, mitigation, name=site.name, stats=(stats or {}).get(site.name), seed=config.seed + index,
-            backend=config.backend,
+            backend=config.backend, prefill_only=config.prefill_only,
         )
         _set_module(model, site.name, layer)
     if isinstance(pattern, Dense):

@@ -34,6 +34,7 @@ def add_sparsity_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prune", default="activations", choices=["activations", "weights"],
                        help="prune the inputs of the linear layers (default) or, as a baseline, their weights")
     group.add_argument("--method", default=None, help="with --prune weights: magnitude (default), wanda or sparsegpt")
+    group.add_argument("--prefill-only", action="store_true", help="single-token decode steps run dense (perplexity is all prefill)")
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +75,7 @@ def config_from(args):
 
     return SparsityConfig(
         pattern=args.pattern, criterion=args.criterion, mitigation=args.mitigation, roles=args.roles, layers=args.layers,
-        skip=tuple(args.skip), seed=args.seed, backend=args.backend,
+        skip=tuple(args.skip), seed=args.seed, backend=args.backend, prefill_only=getattr(args, "prefill_only", False),
     )  # fmt: skip
 
 
@@ -203,6 +204,62 @@ def cmd_fetch(args) -> None:
             raise ActsparseError(f"unknown asset '{name}'; fetch one of: brown, {', '.join(ALIASES)}")
 
 
+def cmd_sensitivity(args) -> None:
+    """P2's layer sensitivity e_q on calibration text: text heat map, JSON (and PNG with matplotlib)."""
+    from pathlib import Path
+
+    from actsparse.amber import budget_skip, measure_sensitivity
+    from actsparse.calibration.collect import collect_input_stats
+    from actsparse.core.mitigation import get_mitigation
+    from actsparse.core.patterns import parse_pattern
+    from actsparse.core.scoring import get_criterion
+    from actsparse.data.sources import load_text
+    from actsparse.eval.perplexity import encode, make_windows
+    from actsparse.eval.results import versions, write_json_atomic
+    from actsparse.eval.run import EvalSettings
+    from actsparse.models.loading import load_model, tokenizer_adds_bos
+
+    parse_pattern(args.pattern)  # validate before the slow model load
+    criterion, mitigation = get_criterion(args.criterion), get_mitigation(args.mitigation)
+    if args.target_fraction is not None and not 0.0 <= args.target_fraction <= 1.0:
+        raise ActsparseError(f"--target-fraction must be in [0, 1], got {args.target_fraction}")
+    start = time.perf_counter()
+    device = EvalSettings(device=args.device).resolved_device()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    calib = load_text(args.calib_data)
+    windows = make_windows(encode(tokenizer, calib.text), args.seqlen)[: args.calib_windows]
+    stats = None
+    if criterion.needs_calibration or mitigation.needs_calibration:
+        stats = collect_input_stats(model, windows, bos_id=bos_id, progress=not args.no_progress)
+    result = measure_sensitivity(
+        model, windows, args.pattern, args.criterion, args.mitigation, stats=stats, bos_id=bos_id, progress=not args.no_progress
+    )
+    record = {
+        "model": args.model, "calibration": {"data": calib.spec, "windows": len(windows), "seqlen": args.seqlen},
+        "config": {"pattern": args.pattern, "criterion": args.criterion, "mitigation": args.mitigation, "dtype": args.dtype,
+                   "device": device, "eps": result.settings["eps"]},
+        "versions": versions(), **result.to_dict(),
+    }  # fmt: skip
+    print(f"model      {args.model}")
+    print(f"calibrate  {calib.spec}  {len(windows)} windows x {args.seqlen} tokens")
+    print(f"e_q = ||Y - Y'|| / (||Y|| + eps), {args.pattern} {args.criterion} + {args.mitigation}, one layer sparse at a time")
+    print(result.heatmap_text())
+    if args.target_fraction is not None:
+        choice = budget_skip(result.sites, result.scores, args.target_fraction, order=args.order)
+        record["budget"] = choice.to_dict()
+        status = "met" if choice.met else "nearest achievable"
+        print(f"budget     target {args.target_fraction:.1%} of linear FLOPs sparse, reached {choice.fraction:.2%} ({status}), order {args.order}")
+        print(f"skip       {','.join(choice.skip) or '(none)'}")
+    record["total_seconds"] = time.perf_counter() - start
+    out = Path(args.out)
+    write_json_atomic(out, record)
+    print(f"wrote      {out}")
+    png = Path(args.png) if args.png else out.with_suffix(".png")
+    note = result.save_png(png)
+    print(f"note       {note}" if note else f"wrote      {png}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actsparse", description="Post-training N:M activation sparsity for Hugging Face causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -216,6 +273,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON record on stdout instead of the table")
     ev.add_argument("--out", default=None, help="also write the JSON record to this file (atomically)")
     ev.set_defaults(func=cmd_eval)
+
+    se = commands.add_parser(
+        "sensitivity", help="per-layer sensitivity to activation sparsity (P2)",
+        description="e_q = ||Y - Y'|| / (||Y|| + eps) of every decoder linear layer with only its own input sparsified, "
+        "on calibration text; prints a roles x layers heat map, writes JSON (and PNG when matplotlib is installed).",
+    )  # fmt: skip
+    from actsparse.data.sources import DEFAULT_CALIB
+    from actsparse.eval.run import DEFAULT_MODEL
+
+    se.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, local directory or hub id (default: {DEFAULT_MODEL})")
+    se.add_argument("--pattern", default="8:16", help="N:M or unstructured:S (default: 8:16)")
+    se.add_argument("--criterion", default="amber", help="which features survive (default: amber)")
+    se.add_argument("--mitigation", default="none", help="error mitigation (default: none)")
+    se.add_argument("--calib-data", default=DEFAULT_CALIB, help=f"calibration text (default: {DEFAULT_CALIB})")
+    se.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default: 8)")
+    se.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default: 512)")
+    se.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
+    se.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    se.add_argument("--target-fraction", type=float, default=None, help="also choose layers to keep dense so this share of linear FLOPs runs sparse, e.g. 0.55")
+    se.add_argument("--order", default="score", choices=["score", "score-per-flop"], help="greedy order of the budget (default: score)")
+    se.add_argument("--out", default="sensitivity.json", help="JSON record, written atomically (default: sensitivity.json)")
+    se.add_argument("--png", default=None, help="heat map PNG (default: beside --out; needs matplotlib)")
+    se.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    se.set_defaults(func=cmd_sensitivity)
 
     pa = commands.add_parser("patterns", help="density and metadata cost of patterns", description="Density and metadata bits of N:M patterns.")
     pa.add_argument("patterns", nargs="*", help="patterns to list (default: the common ones)")

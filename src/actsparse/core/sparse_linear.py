@@ -32,7 +32,17 @@ def io_features(module: nn.Module) -> tuple[int, int]:
 
 
 class SparseLinear(nn.Module):
-    """A linear layer whose input is pruned per token before the product."""
+    """A linear layer whose input is pruned per token before the product.
+
+    ``prefill_only``: a call with a single token position (``x`` 3-D with ``x.shape[-2] == 1``,
+    i.e. a decode step with a KV cache) runs dense; prompt (prefill) calls are sparsified.
+    Under teacher forcing (perplexity) every call is a prefill call. A mitigation's
+    ``prepare`` may set ``dense_apply(layer, rows)``: the layer's form without sparsity
+    (e.g. W8A8 fake quantisation), used for dense calls instead of the plain product.
+    """
+
+    prefill_only: bool = False
+    dense_apply = None
 
     def __init__(
         self,
@@ -45,8 +55,10 @@ class SparseLinear(nn.Module):
         stats: InputStats | None = None,
         seed: int = 0,
         backend: str = "auto",
+        prefill_only: bool = False,
     ):
         super().__init__()
+        self.prefill_only = prefill_only
         self.in_features, self.out_features = io_features(module)
         pattern.check_width(self.in_features)
         self.weight = module.weight
@@ -109,9 +121,16 @@ class SparseLinear(nn.Module):
             self._cslt_linear = Cslt24Linear(self.dense_weight().detach(), bias)
         return self._cslt_linear
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.pattern, Dense):
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer without sparsity: the wrapped product, or the mitigation's ``dense_apply``."""
+        if self.dense_apply is None:
             return self.product(x)
+        out = self.dense_apply(x.reshape(-1, self.in_features))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.pattern, Dense) or (self.prefill_only and x.dim() == 3 and x.shape[-2] == 1):
+            return self.dense_forward(x)
         rows = x.reshape(-1, self.in_features)
         if self.backend == "triton" and runs_here(rows, self.forced_backend):
             out = triton_forward(self, rows)
@@ -123,4 +142,5 @@ class SparseLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
             f"pattern={self.pattern}, criterion={self.criterion.name}, mitigation={self.mitigation.name}, backend={self.backend}"
+            + (", prefill_only=True" if self.prefill_only else "")
         )

@@ -1,0 +1,28 @@
+"""Amber Pruner in full (P2): layer sensitivity, budgeted skipping, presets, prefill-only, W8A8 + sparsity.
+
+- ``measure_sensitivity`` -> ``Sensitivity`` (``e_q`` per layer, text/PNG heat map, JSON dict)
+- ``budget_skip`` / ``random_skip`` -> ``BudgetChoice`` (skip entries for ``SparsityConfig.skip``)
+- ``amber_preset("llama3.1-8b")``: P2's published skip rule
+- mitigations ``w8a8``, ``w8a8-smoothquant``, ``outstanding-sparse`` (registered on import)
+- prefill-only mode: ``SparsityConfig(prefill_only=True)``
+"""
+
+from actsparse.amber import quant  # noqa: F401  (registers the W8A8 mitigations)
+from actsparse.amber.budget import (
+    AMBER_PRESETS,
+    BudgetChoice,
+    amber_preset,
+    amber_skip,
+    budget_skip,
+    flop_fraction,
+    random_skip,
+    skip_entries,
+)
+from actsparse.amber.quant import QUANT_MITIGATIONS, fake_quant, quantize_rest_, outstanding_scale, quantize_activations, quantize_weight, smoothquant_scale
+from actsparse.amber.sensitivity import Sensitivity, measure_sensitivity, relative_error
+
+__all__ = [
+    "AMBER_PRESETS", "QUANT_MITIGATIONS", "quantize_rest_", "BudgetChoice", "Sensitivity", "amber_preset", "amber_skip", "budget_skip", "fake_quant", "flop_fraction",
+    "measure_sensitivity", "outstanding_scale", "quantize_activations", "quantize_weight", "random_skip", "relative_error",
+    "skip_entries", "smoothquant_scale",
+]  # fmt: skip
