@@ -21,6 +21,9 @@ from actsparse.errors import ActsparseError
 from actsparse.models.discovery import find_linear_sites
 from actsparse.sparsify import SparsifyReport, sparsify_, unsparsify_
 from actsparse.amber import amber_preset, budget_skip, measure_sensitivity, random_skip  # registers w8a8 mitigations
+from actsparse.calibration.mitigations import CovarianceStats, ensure_mitigation  # registers the calibrated mitigations
+from actsparse.calibration.layerwise import CalibrationOptions, CalibrationReport, calibrate_, collect_covariance_stats
+from actsparse.calibration.state import load_state_, save_state
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
@@ -36,4 +39,5 @@ __all__ = [
     "load_model", "parse_pattern", "register_criterion", "register_mitigation", "sparsify_", "unsparsify_",
     "WeightPruneConfig", "WeightPruneReport", "load_pruned_", "prune_weights_", "save_pruned", "verify_pattern",
     "amber_preset", "budget_skip", "measure_sensitivity", "random_skip",
+    "CalibrationOptions", "CalibrationReport", "CovarianceStats", "calibrate_", "collect_covariance_stats", "ensure_mitigation", "load_state_", "save_state",
 ]  # fmt: skip

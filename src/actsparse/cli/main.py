@@ -137,9 +137,89 @@ def cmd_eval_weights(args) -> None:
         print(f"wrote      {args.out}")
 
 
+def _state_expect(args):
+    """With ``eval --state``: the sparsity options given that differ from their defaults must match the state."""
+    defaults = {"pattern": "8:16", "criterion": "magnitude", "mitigation": "none"}  # as in add_sparsity_options
+    given = {key: getattr(args, key) for key in defaults if getattr(args, key) != defaults[key]}
+    if not given:
+        return None
+    from actsparse.calibration.state import read_state_meta, state_config
+
+    state = state_config(read_state_meta(args.state))
+    for key, value in given.items():
+        if getattr(state, key) != value:
+            raise ActsparseError(
+                f"--{key} {value} given, but the state in {args.state} was calibrated for {key} {getattr(state, key)!r}; "
+                f"drop --{key} (eval --state uses the state's own config) or calibrate a state for it"
+            )
+    return state
+
+
+def cmd_eval_state(args) -> None:
+    if args.prune == "weights" or args.method is not None:
+        raise ActsparseError("--state evaluates a calibrated activation-sparsity state; it cannot be combined with --prune weights / --method")
+    from actsparse.calibration.state import read_state_meta, state_config
+
+    config = state_config(read_state_meta(args.state))  # validate before the slow model load
+    expect = _state_expect(args)
+    record = _evaluate(args, config, lambda evaluator, c: evaluator.run_state(args.state, expect=expect))
+    if record is None:
+        return
+    _print_table(args, record, f"{config.pattern} {config.criterion} + {config.mitigation}")
+    print(f"state      {args.state}")
+    print(f"time       {record['total_seconds']:.1f} s (load {record['load_seconds']:.1f} s, dense {record['dense_seconds']:.1f} s, sparse {record['sparse_seconds']:.1f} s)")
+    if args.out:
+        print(f"wrote      {args.out}")
+
+
+def cmd_calibrate(args) -> None:
+    """Calibrate a mitigation layer by layer on calibration text and write the state directory."""
+    import torch
+
+    from actsparse.calibration.layerwise import CalibrationOptions, calibrate_
+    from actsparse.calibration.mitigations import ensure_mitigation
+    from actsparse.calibration.state import save_state
+    from actsparse.data.sources import check_disjoint, load_text
+    from actsparse.eval.perplexity import encode, make_windows
+    from actsparse.eval.run import EvalSettings
+    from actsparse.models.loading import load_model, tokenizer_adds_bos
+
+    ensure_mitigation(args.mitigation)
+    config = config_from(args)  # validate before the slow model load
+    options = CalibrationOptions(lr=args.lr, steps=args.steps, seed=args.seed)
+    if args.steps is not None and args.steps < 1:
+        raise ActsparseError(f"--steps must be >= 1, got {args.steps}")
+    calib, evaluation = load_text(args.calib_data), load_text(args.data)
+    check_disjoint(evaluation, calib)  # calibration text never overlaps the evaluation text
+    start = time.perf_counter()
+    device = EvalSettings(device=args.device).resolved_device()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    windows = make_windows(encode(tokenizer, calib.text), args.seqlen)
+    if len(windows) == 0:
+        raise ActsparseError(f"calibration text {calib.spec} has fewer than {args.seqlen} tokens; lower --seqlen")
+    if args.calib_windows < len(windows):
+        chosen = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))[: args.calib_windows]
+        windows = windows[chosen.sort().values]
+    report = calibrate_(model, config, windows, options=options, bos_id=bos_id, progress=not args.no_progress)
+    out = save_state(model, args.out, calibration={"data": calib.spec, "data_parts": sorted(calib.parts), "model": args.model,
+                                                  "excluded_eval_data": evaluation.spec, "dtype": args.dtype, "device": device})  # fmt: skip
+    print(f"model      {args.model}")
+    print(f"calibrate  {calib.spec}  {len(windows)} windows x {args.seqlen} tokens, {config.pattern} {config.criterion} + {config.mitigation}")
+    for index, info in sorted(report.layers.items()):
+        print(f"layer {index:3}  mse {info['mse']:.4e}" + (f"  loss {info['first_loss']:.4e} -> {info['last_loss']:.4e}" if "first_loss" in info else ""))
+    print(f"time       {time.perf_counter() - start:.1f} s (calibration {report.seconds:.1f} s)")
+    print(f"wrote      {out}")
+
+
 def cmd_eval(args) -> None:
+    if getattr(args, "state", None):
+        return cmd_eval_state(args)
     if args.prune == "weights":
         return cmd_eval_weights(args)
+    from actsparse.calibration.mitigations import ensure_mitigation
+
+    ensure_mitigation(args.mitigation)
     if args.method is not None:
         raise ActsparseError("--method chooses a weight pruning method and needs --prune weights; for activations use --criterion")
     config = config_from(args)  # validate before the slow model load
@@ -272,7 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_options(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON record on stdout instead of the table")
     ev.add_argument("--out", default=None, help="also write the JSON record to this file (atomically)")
+    ev.add_argument("--state", default=None, metavar="DIR", help="evaluate a calibrated state written by `actsparse calibrate` (its own config)")
     ev.set_defaults(func=cmd_eval)
+
+    ca = commands.add_parser(
+        "calibrate", help="calibrate a mitigation layer by layer and save the state",
+        description="Sparsify a model and calibrate its mitigation (spts, scap, rotation, lowrank, lpts, oshift, oscale, ...) "
+        "decoder layer by decoder layer on calibration text; writes a state directory for `eval --state`.",
+    )  # fmt: skip
+    add_sparsity_options(ca)
+    add_eval_options(ca)
+    ca.set_defaults(calib_windows=32)
+    ca.add_argument("--out", required=True, metavar="DIR", help="state directory (written atomically)")
+    ca.add_argument("--steps", type=int, default=None, help="training steps per decoder layer (default: one pass over --calib-windows)")
+    ca.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of learned mitigations (default: 1e-4)")
+    ca.set_defaults(func=cmd_calibrate)
 
     se = commands.add_parser(
         "sensitivity", help="per-layer sensitivity to activation sparsity (P2)",

@@ -115,7 +115,15 @@ class Evaluator:
         return windows, calib.spec
 
     def run(self, config: SparsityConfig, with_dense: bool = True) -> dict:
-        """Evaluate one config; returns the record written to JSON."""
+        """Evaluate one config; returns the record written to JSON.
+
+        A mitigation calibrated layer by layer (spts, scap, rotation, lpts, oshift, ...) is
+        calibrated first on the calibration text (``run_calibrated``).
+        """
+        from actsparse.calibration.mitigations import is_calibrated
+
+        if is_calibrated(config.mitigation):
+            return self.run_calibrated(config, with_dense=with_dense)
         criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
         record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "activations"}
         stats = None
@@ -132,6 +140,71 @@ class Evaluator:
         finally:
             unsparsify_(self.model)
         return self._complete(record, sparse, start, criterion.causal and mitigation.causal, config, report)
+
+    def run_calibrated(self, config: SparsityConfig, options=None, with_dense: bool = True, save: str | None = None) -> dict:
+        """Calibrate ``config`` layer by layer on ``calib_windows`` windows of calibration text, then evaluate.
+
+        ``options``: ``CalibrationOptions`` (default: P1's recipe); ``save``: also write the
+        calibrated state to this directory. The model is dense again afterwards.
+        """
+        from actsparse.calibration.layerwise import CalibrationOptions, calibrate_
+        from actsparse.calibration.state import save_state
+
+        options = options or CalibrationOptions()
+        windows, calib_spec = self.calibration_windows(self.settings.calib_windows, options.seed)
+        record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "activations"}
+        if with_dense:
+            dense, dense_seconds = self.dense()
+            record["dense_ppl"], record["dense_seconds"] = dense.ppl, dense_seconds
+        from actsparse.models.discovery import find_linear_sites
+        from actsparse.sparsify import SparsifyReport, sparse_layers
+
+        sites = find_linear_sites(self.model)  # before the swap: discovery sees the dense linear layers
+        start = time.perf_counter()
+        calibration = calibrate_(self.model, config, windows, options=options, bos_id=self.bos_id, progress=self.progress)
+        try:
+            record["calibration"] = {"data": calib_spec, "data_parts": sorted(self._calibration_tokens()[0].parts), **calibration.to_dict()}
+            if save:
+                record["state"] = str(save_state(self.model, save, calibration={"data": calib_spec, "data_parts": record["calibration"]["data_parts"]}))
+            names = set(sparse_layers(self.model))
+            report = SparsifyReport(tuple(s for s in sites if s.name in names), tuple(s for s in sites if s.name not in names))
+            sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation}")
+        finally:
+            unsparsify_(self.model)
+        causal = get_criterion(config.criterion).causal and get_mitigation(config.mitigation).causal
+        return self._complete(record, sparse, start, causal, config, report)
+
+    def run_state(self, directory, expect: SparsityConfig | None = None, with_dense: bool = True) -> dict:
+        """Evaluate a calibrated state saved by ``actsparse calibrate`` / ``save_state`` (its own config).
+
+        Refused when the state's calibration text overlaps the evaluation text.
+        """
+        from actsparse.calibration.state import load_state_, read_state_meta
+        from actsparse.data.sources import TextSource
+        from actsparse.models.discovery import find_linear_sites
+        from actsparse.sparsify import SparsifyReport, sparse_layers
+
+        meta = read_state_meta(directory)
+        calib = meta.get("calibration", {})
+        if calib.get("data_parts"):
+            check_disjoint(self.source, TextSource(calib.get("data", "?"), "", frozenset(calib["data_parts"])))
+        record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "activations"}
+        record["calibration"] = {k: calib.get(k) for k in ("data", "windows", "seqlen", "seconds", "options")}
+        record["state"] = str(directory)
+        if with_dense:
+            dense, dense_seconds = self.dense()
+            record["dense_ppl"], record["dense_seconds"] = dense.ppl, dense_seconds
+        sites = find_linear_sites(self.model)  # before the swap
+        start = time.perf_counter()
+        config = load_state_(self.model, directory, expect=expect)
+        try:
+            names = set(sparse_layers(self.model))
+            report = SparsifyReport(tuple(s for s in sites if s.name in names), tuple(s for s in sites if s.name not in names))
+            sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation} (state)")
+        finally:
+            unsparsify_(self.model)
+        causal = get_criterion(config.criterion).causal and get_mitigation(config.mitigation).causal
+        return self._complete(record, sparse, start, causal, config, report)
 
     def run_weights(self, config, with_dense: bool = True) -> dict:
         """Evaluate one ``WeightPruneConfig`` against the same dense baseline; the model is restored afterwards.

@@ -1,0 +1,280 @@
+"""``calibrate_(model, config, windows)``: sparsify a model and calibrate its mitigation layer by layer (P1).
+
+For each decoder layer in order:
+
+1. its inputs are the outputs of the already calibrated sparse layers before it (layer 0's
+   inputs and every layer's extra arguments are captured once, as in weight pruning);
+2. the dense decoder layer runs on them: its outputs are the targets, and (for the
+   statistics-only mitigations) hooks on its linear layers collect ``CovarianceStats``;
+3. its selected linear layers become ``SparseLinear`` (same seeds as ``sparsify_``), the
+   statistics-only mitigations compute their tensors from the statistics;
+4. learned mitigations train their parameters only (everything else frozen): MSE between
+   the sparse and the dense decoder-layer outputs, AdamW (lr 1e-4, betas 0.9/0.95, no weight
+   decay), 3% linear warm-up then linear decay to 0, batch 1 window, gradient clipping 1.0,
+   ``steps`` steps (default: one pass over the windows);
+5. the calibrated sparse layer produces the next layer's inputs.
+
+Calibration inputs and targets are kept on ``cache_device`` (CPU by default); one window's
+activations of one decoder layer are on the compute device at a time. The model's own weights
+stay where they were loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from actsparse.baselines.prune import _as_windows, capture_layer_inputs
+from actsparse.calibration.mitigations import NEEDS, CovarianceStats, ensure_mitigation, is_calibrated, is_learned
+from actsparse.config import SparsityConfig
+from actsparse.core.mitigation import get_mitigation
+from actsparse.core.patterns import Dense, parse_pattern
+from actsparse.core.scoring import get_criterion
+from actsparse.core.sparse_linear import SparseLinear, io_features
+from actsparse.errors import ActsparseError
+from actsparse.models.discovery import find_decoder_layers, find_linear_sites
+
+CALIBRATION_ATTR = "_actsparse_calibration"  # set on a model by calibrate_ / load_state_
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How learned mitigations are trained (P1's recipe); ``steps=None``: one pass over the windows."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup: float = 0.03
+    clip: float = 1.0
+    steps: int | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CalibrationReport:
+    config: SparsityConfig
+    options: CalibrationOptions
+    windows: int
+    seqlen: int
+    seconds: float = 0.0
+    layers: dict = field(default_factory=dict)  # decoder index -> {"mse": ..., "first_loss": ..., "last_loss": ...}
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(), "options": self.options.to_dict(), "windows": self.windows, "seqlen": self.seqlen,
+            "seconds": self.seconds, "layers": {str(k): v for k, v in self.layers.items()},
+        }  # fmt: skip
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over ``ceil(warmup·total)`` steps, then linear decay to 0 at ``total``."""
+    warm = max(1, math.ceil(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
+def trainable_parameters(layer: nn.Module) -> list[nn.Parameter]:
+    """The mitigation parameters of the SparseLinear layers inside ``layer``."""
+    found = []
+    for module in layer.modules():
+        if isinstance(module, SparseLinear):
+            for name in getattr(module, "state_names", ()):
+                value = getattr(module, name)
+                if isinstance(value, nn.Parameter):
+                    found.append(value)
+    return found
+
+
+def train_layer(layer, call, inputs, targets, options: CalibrationOptions, device, *, progress=True, desc="") -> dict:
+    """Train the mitigation parameters of one decoder layer; everything else frozen."""
+    params = trainable_parameters(layer)
+    if not params:
+        return {}
+    flags = {p: p.requires_grad for p in layer.parameters()}
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    steps = options.steps if options.steps is not None else len(inputs)
+    optimizer = torch.optim.AdamW(params, lr=options.lr, betas=options.betas, weight_decay=options.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, options.warmup))
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(options.seed)).tolist()
+    losses = []
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False)
+    try:
+        with torch.enable_grad():
+            for step in bar:
+                index = order[step % len(order)]
+                out = call.run(layer, inputs[index].to(device))
+                loss = torch.nn.functional.mse_loss(out.float(), targets[index].to(device).float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, options.clip)
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{loss.item():.3e}")
+    finally:
+        bar.close()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for p in params:
+            p.requires_grad_(False)
+    return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+@torch.no_grad()
+def _dense_pass(layer, call, inputs, modules: dict, needs: set, device, cache_device):
+    """Dense outputs of ``layer`` on ``inputs`` (targets), and CovarianceStats of ``modules``' inputs."""
+    stats = {
+        name: CovarianceStats(io_features(m)[0], covariance="covariance" in needs, keep_rows="rows" in needs) for name, m in modules.items()
+    }
+    handles = []
+    if needs:
+        handles = [
+            module.register_forward_pre_hook(lambda mod, args, kwargs, name=name: stats[name].update(args[0] if args else kwargs["input"]), with_kwargs=True)
+            for name, module in modules.items()
+        ]  # fmt: skip
+    try:
+        targets = [call.run(layer, hidden.to(device)).to(cache_device) for hidden in inputs]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return targets, stats
+
+
+def calibrate_(
+    model: nn.Module,
+    config: SparsityConfig,
+    calib_windows: torch.Tensor,
+    *,
+    options: CalibrationOptions | None = None,
+    bos_id: int | None = None,
+    progress: bool = True,
+    cache_device: str | torch.device = "cpu",
+) -> CalibrationReport:
+    """Sparsify ``model`` with ``config`` and calibrate its mitigation layer by layer, in place.
+
+    ``calib_windows``: ``[n, seqlen]`` token ids from calibration text (never the evaluation
+    text). Afterwards the model is sparsified as by ``sparsify_`` (undo with ``unsparsify_``)
+    and ``save_state`` can write the calibrated tensors.
+    """
+    from actsparse.sparsify import sparse_layers, unsparsify_
+
+    options = options or CalibrationOptions()
+    start = time.perf_counter()
+    if sparse_layers(model):
+        raise ActsparseError("model is already sparsified; call actsparse.unsparsify_(model) first")
+    ensure_mitigation(config.mitigation)
+    pattern = parse_pattern(config.pattern)
+    criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
+    if criterion.needs_calibration or (mitigation.needs_calibration and not is_calibrated(mitigation.name)):
+        raise ActsparseError(
+            f"criterion '{criterion.name}' / mitigation '{mitigation.name}' use whole-model input statistics; "
+            "layer-by-layer calibration supports criteria and mitigations without them"
+        )
+    windows = _as_windows(calib_windows)
+    sites = find_linear_sites(model)
+    chosen = [s for s in sites if config.selects(s.role, s.layer)]
+    for site in chosen:
+        pattern.check_width(site.in_features)
+    report = CalibrationReport(config, options, len(windows), windows.shape[1])
+    if isinstance(pattern, Dense) or not chosen:
+        return report
+    seeds = {site.name: config.seed + index for index, site in enumerate(chosen)}  # as sparsify_
+    by_layer: dict[int, list] = {}
+    for site in chosen:
+        by_layer.setdefault(site.layer, []).append(site)
+    needs = NEEDS.get(mitigation.name, set())
+    learned = is_learned(mitigation.name)
+    device = next(model.parameters()).device
+    _, layers = find_decoder_layers(model)
+    last = max(by_layer)
+    try:
+        inputs, calls = capture_layer_inputs(model, windows, bos_id=bos_id, cache_device=cache_device)
+        bar = tqdm(total=last + 1, desc=f"calibrate {pattern} {criterion.name} {mitigation.name}", unit="layer", disable=not progress)
+        for index, layer in enumerate(layers):
+            if index > last:
+                break
+            group = by_layer.get(index, [])
+            if not group:
+                if index < last:
+                    with torch.no_grad():
+                        inputs = [calls[index].run(layer, h.to(device)).to(cache_device) for h in inputs]
+                bar.update(1)
+                continue
+            modules = {s.name: model.get_submodule(s.name) for s in group}
+            targets, stats = _dense_pass(layer, calls[index], inputs, modules, needs, device, cache_device)
+            for site in group:
+                sparse = SparseLinear(
+                    modules[site.name], pattern, criterion, mitigation, name=site.name, stats=stats[site.name],
+                    seed=seeds[site.name], backend=config.backend, prefill_only=config.prefill_only,
+                )  # fmt: skip
+                sparse.stats = None  # the statistics are folded into the mitigation's tensors
+                _set_module(model, site.name, sparse)
+            del stats
+            info = {}
+            if learned:
+                for site in group:  # trained from the no-op initialisation
+                    model.get_submodule(site.name).calibrated = True
+                info = train_layer(layer, calls[index], inputs, targets, options, device, progress=progress, desc=f"layer {index}")
+            with torch.no_grad():
+                outputs, total = [], 0.0
+                for hidden, target in zip(inputs, targets):
+                    out = calls[index].run(layer, hidden.to(device))
+                    total += torch.nn.functional.mse_loss(out.float(), target.to(device).float()).item()
+                    outputs.append(out.to(cache_device))
+            info["mse"] = total / len(inputs)
+            report.layers[index] = info
+            bar.set_postfix(mse=f"{info['mse']:.3e}")
+            bar.update(1)
+            inputs = outputs if index < last else None
+            del targets
+        bar.close()
+    except BaseException:
+        unsparsify_(model)
+        raise
+    report.seconds = time.perf_counter() - start
+    setattr(model, CALIBRATION_ATTR, report)
+    return report
+
+
+@torch.no_grad()
+def collect_covariance_stats(
+    model: nn.Module, windows: torch.Tensor, mitigation: str, *, bos_id: int | None = None, progress: bool = True
+) -> dict[str, CovarianceStats]:
+    """``CovarianceStats`` of every decoder linear layer's inputs in the *dense* model, for ``sparsify_(..., stats=...)``.
+
+    What is collected follows ``mitigation`` (covariance for rotation, token rows for scap).
+    ``calibrate_`` is the P1 procedure (statistics from the sparse upstream layers); this is
+    the one-pass alternative for the statistics-only mitigations.
+    """
+    needs = NEEDS.get(ensure_mitigation(mitigation), set())
+    sites = find_linear_sites(model)
+    stats = {s.name: CovarianceStats(s.in_features, covariance="covariance" in needs, keep_rows="rows" in needs) for s in sites}
+    hooks = [
+        model.get_submodule(s.name).register_forward_pre_hook(lambda mod, args, name=s.name: stats[name].update(args[0])) for s in sites
+    ]
+    device = next(model.parameters()).device
+    try:
+        for window in tqdm(_as_windows(windows), desc="calibration stats", unit="window", disable=not progress):
+            ids = window if bos_id is None else torch.cat([window.new_tensor([bos_id]), window])
+            model(ids.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats

@@ -1,0 +1,251 @@
+"""Save a calibrated sparse model's mitigation state, and apply it to a fresh copy of the model.
+
+A state directory holds ``calibrated_state.safetensors`` (every tensor a mitigation owns,
+keyed ``<module name>.<tensor name>``, float32 or the model's dtype) and
+``actsparse_state.json``: the format marker, the ``SparsityConfig``, the calibration
+(text, windows, options, per-layer MSE), the model's identity (architecture, model type,
+parameter count, embedding fingerprint), every tensor's shape and dtype, the package versions
+and the sha256 and size of the safetensors file. The directory is written whole into a
+temporary directory beside the target and renamed into place.
+
+``load_state_(model, dir)`` checks the JSON, the checksum, the model identity, then runs
+``sparsify_`` with the saved config and copies the tensors in (refusing any missing name or
+shape mismatch, leaving the model dense on failure).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from actsparse.config import SparsityConfig
+from actsparse.errors import ActsparseError
+
+TENSORS_FILE = "calibrated_state.safetensors"
+META_FILE = "actsparse_state.json"
+FORMAT = "actsparse-calibrated-state"
+FORMAT_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _owned(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<module>.<name>": tensor}`` of every mitigation-owned tensor of every SparseLinear."""
+    from actsparse.sparsify import sparse_layers
+
+    owned = {}
+    for name, layer in sparse_layers(model).items():
+        for attr in getattr(layer, "state_names", ()):
+            owned[f"{name}.{attr}"] = getattr(layer, attr)
+    return owned
+
+
+def model_identity(model: nn.Module) -> dict:
+    """Architecture, model type, parameter count (mitigation parameters excluded) and an embedding fingerprint."""
+    embed = model.get_input_embeddings().weight.detach().double()
+    extra = sum(t.numel() for t in _owned(model).values() if isinstance(t, nn.Parameter))
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "num_params": sum(p.numel() for p in model.parameters()) - extra,
+        "embedding_shape": list(embed.shape),
+        "embedding_mean": embed.mean().item(),
+        "embedding_abs_mean": embed.abs().mean().item(),
+        "embedding_sq_mean": embed.square().mean().item(),
+    }
+
+
+def _close(a, b) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-6)
+
+
+@torch.no_grad()
+def save_state(model: nn.Module, directory: str | Path, *, calibration: dict | None = None) -> Path:
+    """Write the calibrated mitigation state of a sparsified ``model`` into ``directory`` (atomically).
+
+    ``calibration``: extra description (e.g. the calibration text); the report of
+    ``calibrate_`` is added when the model was calibrated by it.
+    """
+    from safetensors.torch import save_file
+
+    from actsparse.calibration.layerwise import CALIBRATION_ATTR
+    from actsparse.eval.results import versions
+    from actsparse.sparsify import sparse_layers
+
+    layers = sparse_layers(model)
+    if not layers:
+        raise ActsparseError("model is not sparsified; calibrate it with actsparse.calibrate_ (or sparsify_) first")
+    uncalibrated = [name for name, layer in layers.items() if getattr(layer, "state_names", ()) and not getattr(layer, "calibrated", True)]
+    if uncalibrated:
+        raise ActsparseError(f"{len(uncalibrated)} sparse layers are not calibrated (e.g. {uncalibrated[0]}); run actsparse.calibrate_ first")
+    report = getattr(model, CALIBRATION_ATTR, None)
+    first = next(iter(layers.values()))
+    if report is not None:
+        config = report.config
+    else:
+        raise ActsparseError("model was not calibrated by actsparse.calibrate_ (or loaded by load_state_); its config is unknown")
+    if first.mitigation.name != config.mitigation:
+        raise ActsparseError("the model's sparse layers do not match the config it was calibrated with; calibrate it again")
+    tensors = {key: t.detach().cpu().contiguous() for key, t in _owned(model).items()}
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        path = tmp / TENSORS_FILE
+        save_file(tensors, str(path), metadata={"format": FORMAT})
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "calibration": {**(report.to_dict() if report is not None else {}), **(calibration or {})},
+            "model": model_identity(model),
+            "tensors": {key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for key, t in tensors.items()},
+            "layers": sorted(layers),
+            "sha256": _sha256(path),
+            "bytes": path.stat().st_size,
+            "versions": versions(),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for name in (TENSORS_FILE, META_FILE):
+            os.chmod(tmp / name, 0o666 & ~umask)
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_state_meta(directory: str | Path) -> dict:
+    """The JSON description of a state directory (format checked; tensors not read)."""
+    directory = Path(directory)
+    meta_path, tensors_path = directory / META_FILE, directory / TENSORS_FILE
+    if not meta_path.is_file() or not tensors_path.is_file():
+        raise ActsparseError(f"{directory} is not a calibrated-state directory written by actsparse calibrate (needs {META_FILE} and {TENSORS_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ActsparseError(f"{meta_path} is not valid JSON ({error}); write the state again") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ActsparseError(f"{meta_path} is not an actsparse calibrated-state description (format is not '{FORMAT}')")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ActsparseError(f"{meta_path} has format version {meta.get('format_version')}; this actsparse reads version {FORMAT_VERSION}")
+    return meta
+
+
+def state_config(meta: dict) -> SparsityConfig:
+    from actsparse.calibration.mitigations import ensure_mitigation
+
+    raw = dict(meta["config"])
+    ensure_mitigation(raw.get("mitigation", "none"))
+    for key in ("roles", "layers", "skip"):
+        if raw.get(key) is not None:
+            raw[key] = tuple(raw[key])
+    return SparsityConfig(**raw)
+
+
+@torch.no_grad()
+def load_state_(model: nn.Module, directory: str | Path, *, expect: SparsityConfig | None = None, check_model: bool = True) -> SparsityConfig:
+    """Sparsify ``model`` with a saved state's config and load its calibrated tensors, in place.
+
+    Refuses, before changing anything, a directory that is not a state, a file whose sha256
+    differs from the recorded one (truncated or altered), a model of another architecture or
+    checkpoint (``check_model=False`` skips the checkpoint check), and with ``expect`` a
+    state whose pattern, criterion or mitigation differs; then any missing tensor or shape
+    mismatch (the model is left dense). Returns the state's config.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from actsparse.calibration.layerwise import CALIBRATION_ATTR, CalibrationOptions, CalibrationReport
+    from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
+
+    directory = Path(directory)
+    meta = read_state_meta(directory)
+    config = state_config(meta)
+    if expect is not None:
+        for key in ("pattern", "criterion", "mitigation"):
+            if getattr(expect, key) != getattr(config, key):
+                raise ActsparseError(
+                    f"state in {directory} was calibrated for {key} {getattr(config, key)!r}, not {getattr(expect, key)!r}; "
+                    "calibrate a state for this config (actsparse calibrate)"
+                )
+    if sparse_layers(model):
+        raise ActsparseError("model is already sparsified; call actsparse.unsparsify_(model) first")
+    tensors_path = directory / TENSORS_FILE
+    if tensors_path.stat().st_size != meta.get("bytes") or _sha256(tensors_path) != meta.get("sha256"):
+        raise ActsparseError(f"{tensors_path} does not match the checksum recorded in {META_FILE} (truncated or altered); calibrate again")
+    saved, here = meta["model"], model_identity(model)
+    for key in ("architecture", "model_type"):
+        if saved.get(key) != here[key]:
+            raise ActsparseError(f"state in {directory} is for a different model: {key} is {saved.get(key)!r} there, {here[key]!r} here")
+    same = (
+        saved.get("num_params") == here["num_params"] and saved.get("embedding_shape") == here["embedding_shape"]
+        and all(_close(saved.get(k), here[k]) for k in ("embedding_mean", "embedding_abs_mean", "embedding_sq_mean"))
+    )  # fmt: skip
+    if check_model and not same:
+        raise ActsparseError(
+            f"state in {directory} comes from a different checkpoint of {here['architecture']} (its parameter count or input "
+            "embeddings differ); load it into the model it was calibrated on, or pass check_model=False"
+        )
+    try:
+        tensors = load_file(tensors_path)
+    except (SafetensorError, OSError) as error:
+        raise ActsparseError(f"cannot read {tensors_path} ({error}); calibrate again") from error
+    if set(tensors) != set(meta["tensors"]):
+        raise ActsparseError(f"{tensors_path} and {META_FILE} do not list the same tensors; the directory is damaged")
+    from actsparse.calibration.mitigations import CovarianceStats
+    from actsparse.models.discovery import find_linear_sites
+
+    # empty statistics: the mitigations build placeholders of the right shapes, filled below
+    placeholders = {s.name: CovarianceStats(s.in_features) for s in find_linear_sites(model) if config.selects(s.role, s.layer)}
+    sparsify_(model, config, stats=placeholders)
+    try:
+        owned = _owned(model)
+        if set(owned) != set(tensors):
+            missing = sorted(set(owned) ^ set(tensors))
+            raise ActsparseError(f"state in {directory} does not fit this model's sparse layers (e.g. {missing[0]}); shapes or layers differ")
+        for key, target in owned.items():
+            if tuple(target.shape) != tuple(tensors[key].shape):
+                raise ActsparseError(
+                    f"tensor {key} has shape {tuple(tensors[key].shape)} in {directory} but {tuple(target.shape)} in this model; "
+                    "the state is for another model shape"
+                )
+        for key, target in owned.items():
+            target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+        for layer in sparse_layers(model).values():
+            if getattr(layer, "state_names", ()):
+                layer.calibrated = True
+                if "feature_vector" in layer.state_names:
+                    layer.feature_vector = getattr(layer, "feature_vector")
+    except BaseException:
+        unsparsify_(model)
+        raise
+    calib = meta.get("calibration", {})
+    options = CalibrationOptions(**{k: tuple(v) if k == "betas" else v for k, v in calib.get("options", {}).items()}) if calib.get("options") else CalibrationOptions()
+    report = CalibrationReport(config, options, calib.get("windows", 0), calib.get("seqlen", 0), calib.get("seconds", 0.0))
+    report.layers = {int(k): v for k, v in calib.get("layers", {}).items()}
+    setattr(model, CALIBRATION_ATTR, report)
+    return config
