@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from actsparse.calibration.collect import run_windows
 from actsparse.calibration.stats import InputStats
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import Dense, parse_pattern
@@ -150,11 +150,8 @@ def measure_sensitivity(
         sums[name][1] += y.square().sum().item()
 
     handles = [model.get_submodule(s.name).register_forward_hook(lambda m, a, o, name=s.name: hook(m, a, o, name)) for s in chosen]
-    device = next(model.parameters()).device
     try:
-        for window in tqdm(windows, desc="sensitivity", unit="window", disable=not progress):
-            ids = window if bos_id is None else torch.cat([window.new_tensor([bos_id]), window])
-            model(ids.unsqueeze(0).to(device), use_cache=False)
+        run_windows(model, windows, bos_id=bos_id, desc="sensitivity", progress=progress)
     finally:
         for handle in handles:
             handle.remove()

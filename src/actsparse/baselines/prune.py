@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from actsparse.baselines.config import WeightPruneConfig
 from actsparse.baselines.methods import LayerInputs, get_pruner
+from actsparse.calibration.collect import forward_window
 from actsparse.core.patterns import Dense, parse_pattern
 from actsparse.core.sparse_linear import is_conv1d
 from actsparse.errors import ActsparseError
@@ -152,7 +153,6 @@ def capture_layer_inputs(
 ) -> tuple[list[torch.Tensor], list[_LayerCall]]:
     """Inputs of decoder layer 0 for every window, and the extra arguments of every decoder layer."""
     _, layers = find_decoder_layers(model)
-    device = next(model.parameters()).device
     count = len(layers)
     calls: list[_LayerCall | None] = [None] * count
     inputs: list[torch.Tensor] = []
@@ -179,9 +179,8 @@ def capture_layer_inputs(
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         for window_index, window in enumerate(windows):
-            ids = window if bos_id is None else torch.cat([window.new_tensor([bos_id]), window])
             try:
-                model(ids.unsqueeze(0).to(device), use_cache=False)
+                forward_window(model, window, bos_id)
             except _Stop:
                 pass
     finally:

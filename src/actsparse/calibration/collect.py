@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from actsparse.calibration.stats import InputStats
-from actsparse.models.discovery import find_linear_sites
+from actsparse.models.discovery import LinearSite, find_linear_sites
+
+
+def forward_window(model: nn.Module, window: torch.Tensor, bos_id: int | None = None):
+    """Run one window of token ids through ``model`` (BOS first when ``bos_id`` is given), no KV cache."""
+    ids = window if bos_id is None else torch.cat([window.new_tensor([bos_id]), window])
+    return model(ids.unsqueeze(0).to(next(model.parameters()).device), use_cache=False)
+
+
+@torch.no_grad()
+def run_windows(model: nn.Module, windows, *, bos_id: int | None = None, desc: str = "windows", progress: bool = True) -> None:
+    """Run every window through ``model`` for the hooks it carries, with a progress bar."""
+    for window in tqdm(windows, desc=desc, unit="window", disable=not progress):
+        forward_window(model, window, bos_id)
 
 
 @torch.no_grad()
@@ -18,22 +33,23 @@ def collect_input_stats(
     *,
     bos_id: int | None = None,
     progress: bool = True,
+    make: Callable[[LinearSite], InputStats] | None = None,
 ) -> dict[str, InputStats]:
     """Input statistics of every decoder linear layer (or of ``names``) over ``windows`` ``[n, seqlen]``.
 
     The model runs dense here; the statistics describe the dense model's activations.
+    ``make(site)`` builds each layer's statistics object (default: ``InputStats``); it needs
+    an ``update(x)`` method.
     """
+    make = make or (lambda site: InputStats(site.in_features))
     sites = [s for s in find_linear_sites(model) if names is None or s.name in names]
-    stats = {s.name: InputStats(s.in_features) for s in sites}
+    stats = {s.name: make(s) for s in sites}
     hooks = [
         model.get_submodule(s.name).register_forward_pre_hook(lambda mod, args, name=s.name: stats[name].update(args[0]))
         for s in sites
     ]
-    device = next(model.parameters()).device
     try:
-        for window in tqdm(windows, desc="calibration stats", unit="window", disable=not progress):
-            ids = window if bos_id is None else torch.cat([window.new_tensor([bos_id]), window])
-            model(ids.unsqueeze(0).to(device), use_cache=False)
+        run_windows(model, windows, bos_id=bos_id, desc="calibration stats", progress=progress)
     finally:
         for hook in hooks:
             hook.remove()

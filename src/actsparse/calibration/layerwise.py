@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from actsparse.baselines.prune import _as_windows, capture_layer_inputs
+from actsparse.calibration.collect import collect_input_stats
 from actsparse.calibration.mitigations import NEEDS, CovarianceStats, ensure_mitigation, is_calibrated, is_learned
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import get_mitigation
@@ -264,17 +265,8 @@ def collect_covariance_stats(
     the one-pass alternative for the statistics-only mitigations.
     """
     needs = NEEDS.get(ensure_mitigation(mitigation), set())
-    sites = find_linear_sites(model)
-    stats = {s.name: CovarianceStats(s.in_features, covariance="covariance" in needs, keep_rows="rows" in needs) for s in sites}
-    hooks = [
-        model.get_submodule(s.name).register_forward_pre_hook(lambda mod, args, name=s.name: stats[name].update(args[0])) for s in sites
-    ]
-    device = next(model.parameters()).device
-    try:
-        for window in tqdm(_as_windows(windows), desc="calibration stats", unit="window", disable=not progress):
-            ids = window if bos_id is None else torch.cat([window.new_tensor([bos_id]), window])
-            model(ids.unsqueeze(0).to(device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return stats
+
+    def make(site):
+        return CovarianceStats(site.in_features, covariance="covariance" in needs, keep_rows="rows" in needs)
+
+    return collect_input_stats(model, _as_windows(windows), bos_id=bos_id, progress=progress, make=make)
