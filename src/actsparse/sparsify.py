@@ -29,6 +29,12 @@ class SparsifyReport:
         total = sum(s.flops_per_token for s in self.sparse + self.dense)
         return sum(s.flops_per_token for s in self.sparse) / total if total else 0.0
 
+    @classmethod
+    def of(cls, model: nn.Module, sites: list[LinearSite]) -> "SparsifyReport":
+        """The report of a model as it is now swapped: ``sites`` found before the swap."""
+        names = set(sparse_layers(model))
+        return cls(tuple(s for s in sites if s.name in names), tuple(s for s in sites if s.name not in names))
+
     def to_dict(self) -> dict:
         return {
             "sparse_layers": len(self.sparse),

@@ -157,7 +157,7 @@ class Evaluator:
             dense, dense_seconds = self.dense()
             record["dense_ppl"], record["dense_seconds"] = dense.ppl, dense_seconds
         from actsparse.models.discovery import find_linear_sites
-        from actsparse.sparsify import SparsifyReport, sparse_layers
+        from actsparse.sparsify import SparsifyReport
 
         sites = find_linear_sites(self.model)  # before the swap: discovery sees the dense linear layers
         start = time.perf_counter()
@@ -166,8 +166,7 @@ class Evaluator:
             record["calibration"] = {"data": calib_spec, "data_parts": sorted(self._calibration_tokens()[0].parts), **calibration.to_dict()}
             if save:
                 record["state"] = str(save_state(self.model, save, calibration={"data": calib_spec, "data_parts": record["calibration"]["data_parts"]}))
-            names = set(sparse_layers(self.model))
-            report = SparsifyReport(tuple(s for s in sites if s.name in names), tuple(s for s in sites if s.name not in names))
+            report = SparsifyReport.of(self.model, sites)
             sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation}")
         finally:
             unsparsify_(self.model)
@@ -182,7 +181,7 @@ class Evaluator:
         from actsparse.calibration.state import load_state_, read_state_meta
         from actsparse.data.sources import TextSource
         from actsparse.models.discovery import find_linear_sites
-        from actsparse.sparsify import SparsifyReport, sparse_layers
+        from actsparse.sparsify import SparsifyReport
 
         meta = read_state_meta(directory)
         calib = meta.get("calibration", {})
@@ -198,8 +197,7 @@ class Evaluator:
         start = time.perf_counter()
         config = load_state_(self.model, directory, expect=expect)
         try:
-            names = set(sparse_layers(self.model))
-            report = SparsifyReport(tuple(s for s in sites if s.name in names), tuple(s for s in sites if s.name not in names))
+            report = SparsifyReport.of(self.model, sites)
             sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation} (state)")
         finally:
             unsparsify_(self.model)
