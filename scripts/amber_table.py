@@ -31,9 +31,10 @@ from pathlib import Path
 import actsparse.eval.run as eval_run
 
 from actsparse.amber import QUANT_MITIGATIONS, amber_preset, budget_skip, measure_sensitivity, quantize_rest_, random_skip
+from actsparse.cli.main import add_eval_options, settings_from
 from actsparse.config import SparsityConfig
 from actsparse.eval.results import append_jsonl_atomic, read_jsonl, versions
-from actsparse.eval.run import EvalSettings, Evaluator
+from actsparse.eval.run import Evaluator
 from actsparse.models.discovery import find_linear_sites
 
 PATTERNS = ["2:4", "8:16"]
@@ -116,29 +117,19 @@ def table(records: list[dict], patterns: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="brown:news")
-    parser.add_argument("--calib-data", default="brown:learned+belles_lettres")
-    parser.add_argument("--calib-windows", type=int, default=32, help="windows for calibration statistics (smoothing)")
+    add_eval_options(parser)  # --model --data --calib-data --calib-windows --seqlen --max-tokens ...
+    parser.set_defaults(max_tokens=32768, calib_windows=32)
     parser.add_argument("--sens-windows", type=int, default=8, help="calibration windows for the sensitivity (default 8)")
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=32768)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--target-fraction", type=float, default=0.55)
     parser.add_argument("--order", default="score", choices=["score", "score-per-flop"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the random skip control")
-    parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", required=True, help="JSONL results store (resumed if it exists)")
     args = parser.parse_args()
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
 
     store = Path(args.out)
-    settings = EvalSettings(
-        model=args.model, data=args.data, calib_data=args.calib_data, calib_windows=args.calib_windows, seqlen=args.seqlen,
-        max_tokens=args.max_tokens, dtype=args.dtype, device=args.device,
-    )  # fmt: skip
+    settings = settings_from(args)
     evaluator = None
 
     def get_evaluator() -> Evaluator:

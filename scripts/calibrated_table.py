@@ -18,9 +18,10 @@ from pathlib import Path
 
 from actsparse.calibration.layerwise import CalibrationOptions
 from actsparse.calibration.mitigations import ensure_mitigation, is_calibrated
+from actsparse.cli.main import add_eval_options, settings_from
 from actsparse.config import SparsityConfig
 from actsparse.eval.results import append_jsonl_atomic, read_jsonl
-from actsparse.eval.run import EvalSettings, Evaluator
+from actsparse.eval.run import Evaluator
 
 PATTERNS = ["2:4", "8:16"]
 CRITERIA = ["magnitude", "amber"]
@@ -68,21 +69,14 @@ def table(records: list[dict], mitigations=MITIGATIONS, patterns=PATTERNS, crite
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="brown:news")
-    parser.add_argument("--calib-data", default="brown:learned+belles_lettres")
-    parser.add_argument("--calib-windows", type=int, default=256, help="calibration windows (P1: 256)")
+    add_eval_options(parser)  # --model --data --calib-data --calib-windows --seqlen --max-tokens ...
+    parser.set_defaults(max_tokens=32768, calib_windows=256)
     parser.add_argument("--steps", type=int, default=None, help="training steps per decoder layer (default: one pass over the windows)")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=32768)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--criteria", default=",".join(CRITERIA))
     parser.add_argument("--mitigations", default=",".join(MITIGATIONS))
     parser.add_argument("--save-states", default=None, metavar="DIR", help="also write each calibrated state under DIR")
-    parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", required=True, help="JSONL results store (resumed if it exists)")
     args = parser.parse_args()
     patterns, criteria, mitigations = (args.patterns.split(","), args.criteria.split(","), args.mitigations.split(","))
@@ -91,10 +85,7 @@ def main() -> None:
 
     store = Path(args.out)
     done = {key(r) for r in read_jsonl(store)}
-    settings = EvalSettings(
-        model=args.model, data=args.data, calib_data=args.calib_data, calib_windows=args.calib_windows, seqlen=args.seqlen,
-        max_tokens=args.max_tokens, dtype=args.dtype, device=args.device,
-    )  # fmt: skip
+    settings = settings_from(args)
     options = CalibrationOptions(lr=args.lr, steps=args.steps)
     configs = [SparsityConfig(pattern=p, criterion=c, mitigation=m) for p in patterns for c in criteria for m in mitigations]
     todo = [c for c in configs if key(c.to_dict()) not in done]

@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from actsparse.cli.main import add_eval_options, settings_from
 from actsparse.config import SparsityConfig
 from actsparse.eval.results import append_jsonl_atomic, read_jsonl
-from actsparse.eval.run import EvalSettings, Evaluator
+from actsparse.eval.run import Evaluator
 
 PATTERNS = ["2:4", "4:8", "8:16", "16:32", "unstructured:0.5", "unstructured:0.7"]
 CRITERIA = ["magnitude", "amber"]
@@ -53,17 +54,14 @@ def table(records: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="brown:news")
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=32768)
-    parser.add_argument("--dtype", default="float32")
+    add_eval_options(parser)  # --model --data --calib-data --calib-windows --seqlen --max-tokens ...
+    parser.set_defaults(max_tokens=32768)
     parser.add_argument("--out", required=True, help="JSONL results store (resumed if it exists)")
     args = parser.parse_args()
 
     store = Path(args.out)
     done = {key(r) for r in read_jsonl(store)}
-    settings = EvalSettings(model=args.model, data=args.data, seqlen=args.seqlen, max_tokens=args.max_tokens, dtype=args.dtype)
+    settings = settings_from(args)
     configs = [SparsityConfig(pattern=p, criterion=c, mitigation=m) for p in PATTERNS for c in CRITERIA for m in MITIGATIONS]
     todo = [c for c in configs if key(c.to_dict()) not in done]
     print(f"{len(configs) - len(todo)} of {len(configs)} runs already in {store}; {len(todo)} to go")

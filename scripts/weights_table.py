@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 
 from actsparse.baselines import WeightPruneConfig
+from actsparse.cli.main import add_eval_options, settings_from
 from actsparse.config import SparsityConfig
 from actsparse.core.patterns import parse_pattern
-from actsparse.data.sources import DEFAULT_CALIB
 from actsparse.eval.results import append_jsonl_atomic, read_jsonl
-from actsparse.eval.run import EvalSettings, Evaluator
+from actsparse.eval.run import Evaluator
 
 PATTERNS = ["2:4", "4:8", "8:16", "unstructured:0.5"]
 WEIGHT_METHODS = ["magnitude", "wanda", "sparsegpt"]
@@ -95,27 +95,16 @@ def table(records: list[dict], patterns: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="brown:news")
-    parser.add_argument("--calib-data", default=DEFAULT_CALIB)
-    parser.add_argument("--calib-windows", type=int, default=128)
+    add_eval_options(parser)  # --model --data --calib-data --calib-windows --seqlen --max-tokens ...
+    parser.set_defaults(max_tokens=32768, calib_windows=128)
     parser.add_argument("--seed", type=int, default=0, help="which calibration windows (default: 0)")
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=32768)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--patterns", default=",".join(PATTERNS), help=f"comma-separated (default: {','.join(PATTERNS)})")
-    parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", required=True, help="JSONL results store (resumed if it exists)")
     args = parser.parse_args()
 
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
     store = Path(args.out)
-    settings = EvalSettings(
-        model=args.model, data=args.data, calib_data=args.calib_data, calib_windows=args.calib_windows, seqlen=args.seqlen,
-        max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-    )  # fmt: skip
+    settings = settings_from(args)
     existing = read_jsonl(store)
     for record in existing:  # never mix protocols in one table
         wrong = [f for f in PROTOCOL if record["settings"][f] != getattr(settings, f)]
