@@ -296,3 +296,23 @@ def test_cli_bad_weight_options_exit_2(capsys, argv, message):
     assert main(["eval", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("actsparse: error:") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "gpt2", "opt"])
+def test_batched_layer_replay_equals_one_window_at_a_time(family):
+    """Decoder layers replayed several windows per call give each window's own output."""
+    from actsparse.baselines.prune import capture_layer_inputs
+    from actsparse.models.discovery import find_decoder_layers
+
+    model = tiny_model(family)
+    windows = torch.randint(0, VOCAB, (5, 12), generator=torch.Generator().manual_seed(3))
+    inputs, calls = capture_layer_inputs(model, windows)
+    _, layers = find_decoder_layers(model)
+    with torch.no_grad():
+        one_by_one = [calls[0].run(layers[0], h) for h in inputs]
+        batched = calls[0].run_all(layers[0], inputs, "cpu", "cpu", batch=2)
+    assert len(batched) == len(one_by_one) == 5
+    for a, b in zip(batched, one_by_one):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1])  # windows differ, so would a mix-up

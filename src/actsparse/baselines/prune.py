@@ -105,6 +105,9 @@ def set_weight_(module: nn.Module, weight: torch.Tensor) -> None:
 # ---- capturing and replaying decoder layers -------------------------------------------------
 
 
+REPLAY_BATCH = 16  # windows per replayed decoder-layer call; one window's call is launch-bound on a GPU
+
+
 @dataclass
 class _LayerCall:
     """The arguments a decoder layer receives besides its hidden states."""
@@ -119,6 +122,16 @@ class _LayerCall:
         else:
             out = layer(hidden, *self.args, **self.kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+    def run_all(self, layer: nn.Module, inputs: list[torch.Tensor], device, cache_device, batch: int = REPLAY_BATCH) -> list[torch.Tensor]:
+        """``run`` over every stored input, ``batch`` windows per call (the layer's extra arguments
+        are those of one window and broadcast over the batch); outputs back on ``cache_device``."""
+        outputs = []
+        for start in range(0, len(inputs), batch):
+            chunk = inputs[start : start + batch]
+            out = self.run(layer, torch.cat([h.to(device) for h in chunk]))
+            outputs.extend(o.unsqueeze(0).to(cache_device) for o in out)
+        return outputs
 
 
 def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, _LayerCall]:
@@ -217,10 +230,10 @@ def _collect(
 
     handles = [module.register_forward_pre_hook(hook(name), with_kwargs=True) for name, module in modules.items()]
     try:
-        for hidden in inputs:
+        for start in range(0, len(inputs), REPLAY_BATCH):
             seen.clear()
             try:
-                call.run(layer, hidden.to(device))
+                call.run(layer, torch.cat([h.to(device) for h in inputs[start : start + REPLAY_BATCH]]))
             except _Stop:
                 pass
     finally:
@@ -327,7 +340,7 @@ def prune_weights_(
                     prune_site(site, stats[site.name])
                 del stats
             if index < last:
-                inputs = [calls[index].run(layer, hidden.to(device)).to(cache_device) for hidden in inputs]
+                inputs = calls[index].run_all(layer, inputs, device, cache_device)
             bar.update(1)
     bar.close()
 

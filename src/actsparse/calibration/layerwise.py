@@ -151,7 +151,7 @@ def _dense_pass(layer, call, inputs, modules: dict, needs: set, device, cache_de
             for name, module in modules.items()
         ]  # fmt: skip
     try:
-        targets = [call.run(layer, hidden.to(device)).to(cache_device) for hidden in inputs]
+        targets = call.run_all(layer, inputs, device, cache_device)
     finally:
         for handle in handles:
             handle.remove()
@@ -215,7 +215,7 @@ def calibrate_(
             if not group:
                 if index < last:
                     with torch.no_grad():
-                        inputs = [calls[index].run(layer, h.to(device)).to(cache_device) for h in inputs]
+                        inputs = calls[index].run_all(layer, inputs, device, cache_device)
                 bar.update(1)
                 continue
             modules = {s.name: model.get_submodule(s.name) for s in group}
@@ -234,12 +234,9 @@ def calibrate_(
                     model.get_submodule(site.name).calibrated = True
                 info = train_layer(layer, calls[index], inputs, targets, options, device, progress=progress, desc=f"layer {index}")
             with torch.no_grad():
-                outputs, total = [], 0.0
-                for hidden, target in zip(inputs, targets):
-                    out = calls[index].run(layer, hidden.to(device))
-                    total += torch.nn.functional.mse_loss(out.float(), target.to(device).float()).item()
-                    outputs.append(out.to(cache_device))
-            info["mse"] = total / len(inputs)
+                outputs = calls[index].run_all(layer, inputs, device, cache_device)
+                errors = [torch.nn.functional.mse_loss(out.float(), target.float()) for out, target in zip(outputs, targets)]
+            info["mse"] = torch.stack(errors).mean().item()
             report.layers[index] = info
             bar.set_postfix(mse=f"{info['mse']:.3e}")
             bar.update(1)

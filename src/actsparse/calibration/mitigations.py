@@ -58,7 +58,7 @@ class CovarianceStats(InputStats):
 
     - ``feature_sum``: ``Σ_t x_t`` (float64); ``outer_sum``: ``Σ_t x_t x_tᵀ`` (float64, only
       with ``covariance=True``);
-    - ``token_median_sum``: ``Σ_t lowermedian(x_t)``;
+    - ``token_median_sum``: ``Σ_t lowermedian(x_t)`` (a float64 scalar tensor);
     - ``rows``: up to ``max_rows`` calibration tokens (float32, CPU), for medians.
     """
 
@@ -67,7 +67,7 @@ class CovarianceStats(InputStats):
     max_rows: int = MAX_MEDIAN_ROWS
     feature_sum: torch.Tensor = None
     outer_sum: torch.Tensor = None
-    token_median_sum: float = 0.0
+    token_median_sum: torch.Tensor = None
     rows: list = None
 
     def __post_init__(self):
@@ -76,6 +76,8 @@ class CovarianceStats(InputStats):
             self.feature_sum = torch.zeros(self.width, dtype=torch.float64)
         if self.covariance and self.outer_sum is None:
             self.outer_sum = torch.zeros(self.width, self.width, dtype=torch.float64)
+        if self.token_median_sum is None:
+            self.token_median_sum = torch.zeros((), dtype=torch.float64)
         if self.rows is None:
             self.rows = []
 
@@ -83,12 +85,10 @@ class CovarianceStats(InputStats):
         rows = x.detach().reshape(-1, self.width)
         super().update(rows)
         wide = rows.double()
-        self.feature_sum += wide.sum(0).cpu()
-        if self.covariance:  # accumulated where the activations are (K x K float64)
-            if self.outer_sum.device != wide.device:
-                self.outer_sum = self.outer_sum.to(wide.device)
+        self.feature_sum += wide.sum(0)
+        if self.covariance:  # K x K float64
             self.outer_sum += wide.T @ wide
-        self.token_median_sum += rows.float().median(dim=-1).values.double().sum().item()
+        self.token_median_sum += rows.float().median(dim=-1).values.double().sum()
         if self.keep_rows:
             have = sum(r.shape[0] for r in self.rows)
             if have < self.max_rows:
@@ -160,7 +160,7 @@ def prepare_spts(layer) -> None:
     stats = _stats(layer)
     eta = torch.zeros((), dtype=torch.float32)
     if stats is not None:
-        eta = torch.tensor(stats.token_median_sum / stats.tokens, dtype=torch.float32)
+        eta = (stats.token_median_sum / stats.tokens).float().cpu()
         layer.calibrated = True
     _own(layer, "eta", eta.to(_device(layer)))
     _own(layer, "weight_row_sum", layer.dense_weight().detach().float().sum(dim=1))

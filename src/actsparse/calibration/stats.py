@@ -9,7 +9,11 @@ import torch
 
 @dataclass
 class InputStats:
-    """Running sums over the tokens seen so far, one entry per input feature (float64)."""
+    """Running sums over the tokens seen so far, one entry per input feature (float64).
+
+    The sums live where the activations are (moved there on the first update), so that
+    collecting statistics on a GPU costs no host copies or synchronisation.
+    """
 
     width: int
     tokens: int = 0
@@ -22,8 +26,15 @@ class InputStats:
         if self.abs_max is None:
             self.abs_max = torch.zeros(self.width, dtype=torch.float64)
 
+    def _follow(self, device: torch.device) -> None:
+        """Move every tensor sum to ``device`` (the activations' device)."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor) and value.device != device:
+                setattr(self, name, value.to(device))
+
     def update(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, self.width).double().cpu()
+        rows = x.detach().reshape(-1, self.width).double()
+        self._follow(rows.device)
         self.tokens += rows.shape[0]
         self.square_sum += rows.square().sum(0)
         self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0))
