@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up actsparse from scratch: a virtual environment in .venv with the package and its
-# test tools, plus the default model (smollm2-135m) and corpus (Brown) in the cache.
+# Set up actsparse from scratch: a virtual environment in .venv with the package, its
+# test tools and its evaluation extras (lm-eval, matplotlib), plus the default model
+# (smollm2-135m) and corpus (Brown) in the cache.
 # Safe to run again; finished steps are quick.
 #
 #   TORCH_SPEC   torch requirement to install (default: torch==2.13.0, the CPU build)
@@ -11,5 +12,5 @@ if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,eval]"
 .venv/bin/actsparse fetch brown smollm2-135m

@@ -80,3 +80,15 @@ if not torch.cuda.is_available():
     import os
 
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def vocab_text(documents=6, sentences=12, seed=0) -> str:
+    """Random sentences over the tiny tokenizer's words, documents separated by blank lines (no <unk>)."""
+    import random
+
+    words = sorted(set(TEXT.split()) - {"."})
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(documents):
+        docs.append(" ".join(" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))) + " ." for _ in range(sentences)))
+    return "\n\n".join(docs) + "\n"

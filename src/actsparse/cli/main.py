@@ -55,6 +55,40 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def add_task_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("zero-shot tasks and generation (lm-evaluation-harness: pip install 'actsparse[eval]')")
+    group.add_argument("--tasks", type=_csv, default=(),
+                       help="lm-eval tasks, e.g. arc_easy,piqa, or the offline proxies actsparse_lastword,actsparse_continuation "
+                            "(built from --data); dense and sparse scores side by side")
+    group.add_argument("--task-dir", default=None, metavar="DIR", help="where the proxy tasks are written / local task YAMLs are found (default: in the cache)")
+    group.add_argument("--task-batch-size", type=int, default=1, help="lm-eval batch size (results depend on it; recorded) (default: 1)")
+    group.add_argument("--task-limit", type=int, default=None, help="only the first N documents of each task (default: all)")
+    group.add_argument("--proxy-count", type=int, default=1000, help="items per proxy task (default: 1000)")
+    group.add_argument("--proxy-seed", type=int, default=0, help="seed of the proxy tasks (default: 0)")
+    group.add_argument("--generate", type=int, default=None, metavar="N", help="also greedy-continue the fixed prompts by N tokens, dense and sparse")
+
+
+def task_settings_from(args):
+    from actsparse.eval.lmeval import TaskSettings
+
+    return TaskSettings(
+        tasks=tuple(getattr(args, "tasks", ()) or ()), task_dir=getattr(args, "task_dir", None), batch_size=getattr(args, "task_batch_size", 1),
+        limit=getattr(args, "task_limit", None), proxy_seed=getattr(args, "proxy_seed", 0), proxy_count=getattr(args, "proxy_count", 1000),
+    )  # fmt: skip
+
+
+def _extra_from(args, evaluator):
+    """The ``extra`` measurement of ``eval``: lm-eval tasks and the generation check, or None."""
+    from actsparse.eval.generate import GenerateSettings
+    from actsparse.eval.lmeval import prepare_tasks
+    from actsparse.eval.measure import measure
+
+    tasks = task_settings_from(args)
+    generate = GenerateSettings(max_new_tokens=args.generate) if getattr(args, "generate", None) else None
+    prepared = prepare_tasks(tasks, evaluator.source) if tasks.tasks else None
+    return measure(prepared, generate)
+
+
 def calib_windows_from(args) -> int:
     if args.calib_windows is not None:
         return args.calib_windows
@@ -99,8 +133,17 @@ def _evaluate(args, config, run) -> dict | None:
     from actsparse.eval.run import Evaluator
 
     start = time.perf_counter()
+    task_settings_from(args)  # validate before the slow model load
+    if getattr(args, "tasks", None):
+        from actsparse.eval.lmeval import require_lm_eval
+
+        require_lm_eval()
     evaluator = Evaluator(settings_from(args), progress=not args.no_progress)
-    record = run(evaluator, config)
+    extra = _extra_from(args, evaluator)
+    dense = evaluator.run_dense(extra) if extra is not None else None  # tasks and generation on the dense model first
+    record = run(evaluator, config, extra)
+    if dense is not None:
+        record["dense"] = {key: dense[key] for key in ("tasks", "generation", "lm_eval") if key in dense}
     record["total_seconds"] = time.perf_counter() - start
     if args.out:
         write_json_atomic(args.out, record)
@@ -117,11 +160,28 @@ def _print_table(args, record: dict, label: str) -> None:
         print(f"calibrate  {record['calibration']['data']}  {record['calibration']['windows']} windows x {args.seqlen} tokens")
     print(f"{'':10} {'dense':>10} {label:>30}")
     print(f"{'perplexity':10} {record['dense_ppl']:>10.3f} {record['sparse_ppl']:>30.3f}")
+    dense = record.get("dense", {})
+    for name, scores in record.get("tasks", {}).items():
+        for metric in ("acc", "acc_norm"):
+            if metric in scores:
+                before = dense.get("tasks", {}).get(name, {}).get(metric, float("nan"))
+                proxy = " (actsparse proxy)" if "proxy" in scores else ""
+                print(f"{name}{proxy} {metric}")
+                print(f"{'':10} {before:>10.4f} {scores[metric]:>30.4f}")
+    if record.get("lm_eval"):
+        info = record["lm_eval"]
+        print(f"lm-eval    {info['version']}, 0-shot, batch size {info['batch_size']}" + (f", first {info['limit']} documents" if info["limit"] else ""))
+    sparse_outputs = record.get("generation", {}).get("outputs", [])
+    dense_outputs = {o["prompt"]: o["continuation"] for o in dense.get("generation", {}).get("outputs", [])}
+    for output in sparse_outputs:
+        print(f"prompt     {output['prompt']!r}")
+        print(f"  dense    {dense_outputs.get(output['prompt'], '')!r}")
+        print(f"  sparse   {output['continuation']!r}")
 
 
 def cmd_eval_weights(args) -> None:
     config = weight_config_from(args)  # validate before the slow model load
-    record = _evaluate(args, config, lambda evaluator, c: evaluator.run_weights(c))
+    record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run_weights(c, extra=extra))
     if record is None:
         return
     _print_table(args, record, f"{config.pattern} weights {config.method}")
@@ -162,7 +222,7 @@ def cmd_eval_state(args) -> None:
 
     config = state_config(read_state_meta(args.state))  # validate before the slow model load
     expect = _state_expect(args)
-    record = _evaluate(args, config, lambda evaluator, c: evaluator.run_state(args.state, expect=expect))
+    record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run_state(args.state, expect=expect, extra=extra))
     if record is None:
         return
     _print_table(args, record, f"{config.pattern} {config.criterion} + {config.mitigation}")
@@ -223,7 +283,7 @@ def cmd_eval(args) -> None:
     if args.method is not None:
         raise ActsparseError("--method chooses a weight pruning method and needs --prune weights; for activations use --criterion")
     config = config_from(args)  # validate before the slow model load
-    record = _evaluate(args, config, lambda evaluator, c: evaluator.run(c))
+    record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run(c, extra=extra))
     if record is None:
         return
     _print_table(args, record, f"{config.pattern} {config.criterion} + {config.mitigation}")
@@ -340,6 +400,52 @@ def cmd_sensitivity(args) -> None:
     print(f"note       {note}" if note else f"wrote      {png}")
 
 
+def cmd_tasks(args) -> None:
+    """Write the offline proxy tasks of an evaluation text (lm-eval task YAML + JSONL)."""
+    from actsparse.data.sources import load_text
+    from actsparse.eval.proxy_tasks import write_proxy_tasks
+
+    written = write_proxy_tasks(load_text(args.data), args.out, seed=args.seed, count=args.count)
+    for name, entry in written.manifest["tasks"].items():
+        print(f"{name:45} {entry['items']:5} items  sha256 {entry['sha256'][:16]}")
+    print(f"wrote      {written.directory}  (lm_eval --include_path {written.directory} --tasks {','.join(written.names.values())})")
+
+
+def cmd_sweep(args) -> None:
+    """Run a sweep file, appending each finished run to the store; finished runs are skipped on restart."""
+    from actsparse.sweep import Store, load_sweep, run_sweep
+
+    spec = load_sweep(args.file)
+    if args.tasks is not None:
+        spec = spec.with_tasks(() if args.tasks in ((), ("none",)) else args.tasks)
+    if args.device:
+        spec = spec.with_device(args.device)
+    out = args.out or spec.store
+    if not out:
+        raise ActsparseError(f"no results store: give --out FILE.jsonl (or `store:` in {args.file})")
+    if args.dry_run:
+        done = Store(out).keys()
+        for run in spec.runs:
+            print(f"{'done' if run.key in done else 'todo'}  {run.key}  {run.label()}" + (f"  tasks {','.join(run.tasks.tasks)}" if run.tasks.tasks else ""))
+        print(f"{sum(r.key in done for r in spec.runs)} of {len(spec.runs)} runs in {out}")
+        return
+    summary = run_sweep(spec, out, progress=not args.no_progress, keep_going=args.keep_going)
+    print(f"{len(summary.done)} runs done now, {summary.skipped} were already in {out}" + (f", {len(summary.failed)} FAILED" if summary.failed else ""))
+    for label, error in summary.failed:
+        print(f"failed     {label}: {error}")
+    if summary.failed:
+        raise ActsparseError(f"{len(summary.failed)} run(s) failed (see above); run the same command again to retry them")
+
+
+def cmd_report(args) -> None:
+    """Markdown (and PNG plots) from one or more results stores."""
+    from actsparse.report import write_report
+
+    command = "actsparse report " + " ".join(args.stores) + f" --out {args.out}" + (" --no-plots" if args.no_plots else "")
+    path = write_report(args.stores, args.out, plots=not args.no_plots, command=command)
+    print(f"wrote      {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actsparse", description="Post-training N:M activation sparsity for Hugging Face causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -353,7 +459,45 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON record on stdout instead of the table")
     ev.add_argument("--out", default=None, help="also write the JSON record to this file (atomically)")
     ev.add_argument("--state", default=None, metavar="DIR", help="evaluate a calibrated state written by `actsparse calibrate` (its own config)")
+    add_task_options(ev)
     ev.set_defaults(func=cmd_eval)
+
+    sw = commands.add_parser(
+        "sweep", help="run a sweep file into a results store (resumable)",
+        description="Expand a sweep file (models x patterns x criteria x mitigations x targets, see sweeps/) into runs and "
+        "evaluate each run not yet in the store; each finished run is appended atomically, so a killed sweep resumes where it stopped.",
+    )  # fmt: skip
+    sw.add_argument("file", help="sweep YAML, e.g. sweeps/papers.yaml")
+    sw.add_argument("--out", default=None, metavar="FILE.jsonl", help="results store (default: the file's `store:`)")
+    sw.add_argument("--tasks", type=_csv, default=None, help="override the file's lm-eval tasks; 'none' runs perplexity (and generation) only")
+    sw.add_argument("--device", default=None, help="override the file's device (cpu, cuda, ...); not part of the run keys")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs, which are done and which to do; run nothing")
+    sw.add_argument("--keep-going", action="store_true", help="a failing run is reported and skipped instead of stopping the sweep")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar; one line per finished run")
+    sw.set_defaults(func=cmd_sweep)
+
+    re_ = commands.add_parser(
+        "report", help="Markdown report (and PNG plots) from results stores",
+        description="Turn results stores (sweep stores, table-script stores) into report.md with perplexity and task scores per "
+        "pattern and method, the headline ratio to 2:4, activation vs weight pruning and the generation check.",
+    )  # fmt: skip
+    re_.add_argument("stores", nargs="+", help="JSONL results stores")
+    re_.add_argument("--out", required=True, metavar="DIR", help="directory for report.md and the PNGs")
+    re_.add_argument("--no-plots", action="store_true", help="Markdown only (no matplotlib needed)")
+    re_.set_defaults(func=cmd_report)
+
+    ta = commands.add_parser(
+        "tasks", help="write the offline proxy zero-shot tasks of a text",
+        description="Write actsparse's proxy tasks (LAMBADA-style last word, HellaSwag-style continuation) built from an "
+        "evaluation text, as lm-eval task YAML + JSONL.",
+    )  # fmt: skip
+    from actsparse.data.sources import DEFAULT_EVAL
+
+    ta.add_argument("--data", default=DEFAULT_EVAL, help=f"evaluation text (default: {DEFAULT_EVAL})")
+    ta.add_argument("--out", required=True, metavar="DIR", help="task directory (an lm-eval include path)")
+    ta.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    ta.add_argument("--count", type=int, default=1000, help="items per task at most (default: 1000)")
+    ta.set_defaults(func=cmd_tasks)
 
     ca = commands.add_parser(
         "calibrate", help="calibrate a mitigation layer by layer and save the state",

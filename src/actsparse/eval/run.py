@@ -5,11 +5,17 @@ calibration statistics once, then evaluates any number of ``SparsityConfig``s ag
 same dense baseline. Each evaluation returns one self-describing record. ``run_weights``
 evaluates a weight pruning baseline (``WeightPruneConfig``) against the same baseline and
 restores the dense weights afterwards.
+
+Every ``run*`` takes ``extra``: a function ``(model, tokenizer) -> dict`` called while the model
+is still sparse (or pruned, or calibrated), whose result is added to the record — how the
+zero-shot tasks and the generation check measure the very model the perplexity was taken on.
+``run_dense`` gives the dense model's record in the same form.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,6 +31,7 @@ from actsparse.eval.results import versions
 from actsparse.sparsify import sparsify_, unsparsify_
 
 DEFAULT_MODEL = "smollm2-135m"
+Extra = Callable[..., dict] | None  # (model, tokenizer) -> fields added to the record
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,7 @@ class Evaluator:
             windows = windows[chosen.sort().values]
         return windows, calib.spec
 
-    def run(self, config: SparsityConfig, with_dense: bool = True) -> dict:
+    def run(self, config: SparsityConfig, with_dense: bool = True, extra: Extra = None) -> dict:
         """Evaluate one config; returns the record written to JSON.
 
         A mitigation calibrated layer by layer (spts, scap, rotation, lpts, oshift, ...) is
@@ -123,7 +130,7 @@ class Evaluator:
         from actsparse.calibration.mitigations import is_calibrated
 
         if is_calibrated(config.mitigation):
-            return self.run_calibrated(config, with_dense=with_dense)
+            return self.run_calibrated(config, with_dense=with_dense, extra=extra)
         criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
         record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "activations"}
         stats = None
@@ -137,21 +144,26 @@ class Evaluator:
         report = sparsify_(self.model, config, stats=stats)
         try:
             sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation}")
+            measured = self._extra(extra)
         finally:
             unsparsify_(self.model)
-        return self._complete(record, sparse, start, criterion.causal and mitigation.causal, config, report)
+        return self._complete(record, sparse, start, criterion.causal and mitigation.causal, config, report, measured)
 
-    def run_calibrated(self, config: SparsityConfig, options=None, with_dense: bool = True, save: str | None = None) -> dict:
+    def run_calibrated(
+        self, config: SparsityConfig, options=None, with_dense: bool = True, save: str | None = None, extra: Extra = None,
+        calib_windows: int | None = None,
+    ) -> dict:
         """Calibrate ``config`` layer by layer on ``calib_windows`` windows of calibration text, then evaluate.
 
         ``options``: ``CalibrationOptions`` (default: P1's recipe); ``save``: also write the
-        calibrated state to this directory. The model is dense again afterwards.
+        calibrated state to this directory; ``calib_windows``: how many windows (default: the
+        settings'). The model is dense again afterwards.
         """
         from actsparse.calibration.layerwise import CalibrationOptions, calibrate_
         from actsparse.calibration.state import save_state
 
         options = options or CalibrationOptions()
-        windows, calib_spec = self.calibration_windows(self.settings.calib_windows, options.seed)
+        windows, calib_spec = self.calibration_windows(calib_windows or self.settings.calib_windows, options.seed)
         record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "activations"}
         if with_dense:
             dense, dense_seconds = self.dense()
@@ -168,12 +180,13 @@ class Evaluator:
                 record["state"] = str(save_state(self.model, save, calibration={"data": calib_spec, "data_parts": record["calibration"]["data_parts"]}))
             report = SparsifyReport.of(self.model, sites)
             sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation}")
+            measured = self._extra(extra)
         finally:
             unsparsify_(self.model)
         causal = get_criterion(config.criterion).causal and get_mitigation(config.mitigation).causal
-        return self._complete(record, sparse, start, causal, config, report)
+        return self._complete(record, sparse, start, causal, config, report, measured)
 
-    def run_state(self, directory, expect: SparsityConfig | None = None, with_dense: bool = True) -> dict:
+    def run_state(self, directory, expect: SparsityConfig | None = None, with_dense: bool = True, extra: Extra = None) -> dict:
         """Evaluate a calibrated state saved by ``actsparse calibrate`` / ``save_state`` (its own config).
 
         Refused when the state's calibration text overlaps the evaluation text.
@@ -199,12 +212,13 @@ class Evaluator:
         try:
             report = SparsifyReport.of(self.model, sites)
             sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation} (state)")
+            measured = self._extra(extra)
         finally:
             unsparsify_(self.model)
         causal = get_criterion(config.criterion).causal and get_mitigation(config.mitigation).causal
-        return self._complete(record, sparse, start, causal, config, report)
+        return self._complete(record, sparse, start, causal, config, report, measured)
 
-    def run_weights(self, config, with_dense: bool = True) -> dict:
+    def run_weights(self, config, with_dense: bool = True, extra: Extra = None) -> dict:
         """Evaluate one ``WeightPruneConfig`` against the same dense baseline; the model is restored afterwards.
 
         The record has the keys of ``run`` plus ``target: "weights"``, ``method`` and the
@@ -233,15 +247,39 @@ class Evaluator:
             if report.pruned:
                 verify_pattern(self.model, config.pattern, [s.name for s in report.pruned])
             pruned = self._perplexity(f"weights {config.pattern} {config.method}")
+            measured = self._extra(extra)
         finally:
             restore_weights_(self.model, self._weights)
-        return self._complete(record, pruned, start, True, config, report)
+        return self._complete(record, pruned, start, True, config, report, measured)
 
-    def _complete(self, record: dict, result: Perplexity, start: float, causal: bool, config, report) -> dict:
-        """Add the measured perplexity, the config, the settings and the versions to a record."""
+    def run_dense(self, extra: Extra = None) -> dict:
+        """The dense model's record, in the form of the others: ``sparse_ppl`` is the dense perplexity, config ``dense``."""
+        dense, dense_seconds = self.dense()
+        record: dict = {
+            "model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "dense",
+            "dense_ppl": dense.ppl, "dense_seconds": dense_seconds,
+        }  # fmt: skip
+        measured = self._extra(extra)
+        record.update(
+            sparse_ppl=dense.ppl, sparse_seconds=dense_seconds, tokens=dense.predicted_tokens, windows=dense.windows,
+            causal=True, config=SparsityConfig(pattern="dense").to_dict(), settings=asdict(self.settings), bos=self.bos_id is not None,
+            load_seconds=self.load_seconds, versions=versions(), **measured,
+        )  # fmt: skip
+        return record
+
+    def _extra(self, extra: Extra) -> dict:
+        """``extra``'s fields and ``extra_seconds``, the time it took (not counted in ``sparse_seconds``)."""
+        if extra is None:
+            return {}
+        start = time.perf_counter()
+        fields = dict(extra(self.model, self.tokenizer))
+        return {**fields, "extra_seconds": time.perf_counter() - start}
+
+    def _complete(self, record: dict, result: Perplexity, start: float, causal: bool, config, report, measured=None) -> dict:
+        """Add the measured perplexity, the config, the settings, the versions and ``extra``'s fields to a record."""
         record.update(
             sparse_ppl=result.ppl,
-            sparse_seconds=time.perf_counter() - start,
+            sparse_seconds=time.perf_counter() - start - (measured or {}).get("extra_seconds", 0.0),
             tokens=result.predicted_tokens,
             windows=result.windows,
             causal=causal,
@@ -252,4 +290,5 @@ class Evaluator:
             versions=versions(),
             **report.to_dict(),
         )
+        record.update(measured or {})
         return record

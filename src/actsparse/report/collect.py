@@ -1,0 +1,135 @@
+"""From result records to studies: one model under one protocol, its points by pattern and method.
+
+Works on any Evaluator record — sweep stores, the table scripts' stores, ``eval --out`` files —
+because it reads only the fields every record has (model, data, settings, target, config,
+perplexities) plus ``tasks`` and ``generation`` where present. Records of the same point
+(same model, protocol, target and config) are merged: the last perplexity written wins, task
+scores and generations are gathered from all of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from actsparse.core.patterns import NM, Dense, Unstructured, parse_pattern
+
+PROTOCOL = ("data", "calib_data", "seqlen", "max_tokens", "dtype")  # what must match to compare numbers
+_DEFAULTS = {"roles": None, "layers": None, "skip": [], "prefill_only": False}
+
+
+def pattern_order(name: str) -> tuple:
+    """Dense first, then by sparsity; N:M before unstructured at equal sparsity, smaller M first."""
+    pattern = parse_pattern(name)
+    if isinstance(pattern, Dense):
+        return (0, 0.0, 0, 0)
+    if isinstance(pattern, NM):
+        return (1, round(1 - pattern.density, 6), 0, pattern.m)
+    assert isinstance(pattern, Unstructured)
+    return (1, round(pattern.sparsity, 6), 1, 0)
+
+
+def method_label(target: str, config: dict) -> str:
+    """``amber + var``; ``weights sparsegpt``; options that differ from the defaults in brackets."""
+    if target == "dense":
+        return "dense"
+    base = f"weights {config.get('method')}" if target == "weights" else f"{config.get('criterion')} + {config.get('mitigation')}"
+    extras = []
+    for key, default in _DEFAULTS.items():
+        value = config.get(key, default)
+        if value not in (default, None, [], ()) and value != default:
+            shown = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+            extras.append("prefill only" if key == "prefill_only" else f"{key} {shown}")
+    if target == "activations" and config.get("criterion") == "random" and config.get("seed"):
+        extras.append(f"seed {config['seed']}")
+    return base + (f" [{'; '.join(extras)}]" if extras else "")
+
+
+@dataclass
+class Point:
+    """One (target, pattern, method) of a study, merged over its records."""
+
+    target: str
+    pattern: str
+    method: str
+    ppl: float
+    dense_ppl: float
+    causal: bool = True
+    tasks: dict = field(default_factory=dict)  # task name -> {"acc": ..., "acc_norm": ..., ...}
+    generation: list = field(default_factory=list)  # [{"prompt", "continuation"}]
+    records: int = 0
+
+
+@dataclass
+class Study:
+    """One model under one protocol."""
+
+    model: str
+    protocol: dict
+    points: dict = field(default_factory=dict)  # (target, pattern, method) -> Point
+    first: dict = field(default_factory=dict)  # a record, for the protocol line (windows, tokens, versions)
+    lm_eval: dict = field(default_factory=dict)  # lm-eval settings seen (version, batch size, limit)
+    proxies: dict = field(default_factory=dict)  # proxy task name -> how it was built
+
+    @property
+    def title(self) -> str:
+        return f"{self.model} — {self.protocol['data']}"
+
+    def dense(self) -> Point | None:
+        found = [p for p in self.points.values() if p.target == "dense"]
+        if found:
+            return found[0]
+        any_point = next(iter(self.points.values()), None)
+        if any_point is None:
+            return None
+        return Point("dense", "dense", "dense", any_point.dense_ppl, any_point.dense_ppl)
+
+    def patterns(self, target: str | None = None) -> list[str]:
+        names = {p.pattern for p in self.points.values() if p.target != "dense" and (target is None or p.target == target)}
+        return sorted(names, key=pattern_order)
+
+    def methods(self, target: str) -> list[str]:
+        """Methods of a target in the order first seen."""
+        return list(dict.fromkeys(p.method for p in self.points.values() if p.target == target))
+
+    def get(self, target: str, pattern: str, method: str) -> Point | None:
+        return self.points.get((target, pattern, method))
+
+    def task_names(self) -> list[str]:
+        return list(dict.fromkeys(name for p in self.points.values() for name in p.tasks))
+
+
+def _protocol(record: dict) -> dict:
+    settings = record.get("settings", {})
+    return {key: settings.get(key, record.get(key)) for key in PROTOCOL} | {"data": record.get("data", settings.get("data"))}
+
+
+def studies(records: list[dict]) -> list[Study]:
+    """Group records into studies (in the order first seen) and merge each point's records."""
+    out: dict[str, Study] = {}
+    for record in records:
+        if "sparse_ppl" not in record or "config" not in record:
+            continue
+        protocol = _protocol(record)
+        model = record.get("model", "?")
+        sid = json.dumps([model, protocol], sort_keys=True, default=str)
+        study = out.setdefault(sid, Study(model, protocol, first=record))
+        target = record.get("target", "activations")
+        config = record["config"]
+        pattern = "dense" if target == "dense" else str(parse_pattern(config["pattern"]))
+        method = method_label(target, config)
+        point = study.points.get((target, pattern, method))
+        if point is None:
+            point = study.points[(target, pattern, method)] = Point(target, pattern, method, record["sparse_ppl"], record["dense_ppl"])
+        point.ppl, point.dense_ppl = record["sparse_ppl"], record["dense_ppl"]
+        point.causal = bool(record.get("causal", True))
+        point.records += 1
+        for name, scores in (record.get("tasks") or {}).items():
+            point.tasks[name] = scores
+            if "proxy" in scores:
+                study.proxies[name] = scores["proxy"]
+        if record.get("lm_eval"):
+            study.lm_eval = record["lm_eval"]
+        if record.get("generation"):
+            point.generation = record["generation"].get("outputs", [])
+    return list(out.values())

@@ -1,0 +1,113 @@
+"""Run a sweep: each run not yet in the store is evaluated and appended to it as soon as it finishes.
+
+Models are loaded once per sweep (runs are grouped by model, one ``Evaluator`` each, which
+also shares the dense baseline, the calibration statistics and the weight snapshot among its
+runs). A killed sweep loses only the run in progress; running it again skips every key the
+store already holds.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+from actsparse.eval.measure import measure
+from actsparse.sweep.spec import Run, SweepSpec
+from actsparse.sweep.store import Store
+
+
+@dataclass
+class SweepSummary:
+    total: int
+    skipped: int  # already in the store
+    done: list = field(default_factory=list)  # keys run now
+    failed: list = field(default_factory=list)  # (label, error text) with keep_going
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.skipped - len(self.done)
+
+
+def execute(evaluator, run: Run, prepared=None) -> dict:
+    """Evaluate one run with an ``Evaluator`` of its model; returns the record (with the run's key and identity)."""
+    from actsparse.calibration.layerwise import CalibrationOptions
+    from actsparse.calibration.mitigations import is_calibrated
+
+    extra = measure(prepared, run.generate)
+    if run.target == "dense":
+        record = evaluator.run_dense(extra=extra)
+    elif run.target == "weights":
+        record = evaluator.run_weights(run.config, extra=extra)
+    elif is_calibrated(run.config.mitigation):
+        options = {k: v for k, v in (run.calibration or {}).items() if k != "windows"}
+        windows = (run.calibration or {}).get("windows")
+        record = evaluator.run_calibrated(run.config, CalibrationOptions(**options), extra=extra, calib_windows=windows)
+    else:
+        record = evaluator.run(run.config, extra=extra)
+    record.update(key=run.key, run=run.identity())
+    return record
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_sweep(spec: SweepSpec, store_path, progress: bool = True, keep_going: bool = False, log=None) -> SweepSummary:
+    """Run every run of ``spec`` not yet in the store at ``store_path``; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    from actsparse.eval.lmeval import prepare_tasks, require_lm_eval
+    from actsparse.eval.run import Evaluator
+
+    store = Store(store_path)
+    done = store.keys()
+    todo = [run for run in spec.runs if run.key not in done]
+    summary = SweepSummary(total=len(spec.runs), skipped=len(spec.runs) - len(todo))
+    if any(run.tasks.tasks for run in todo):
+        require_lm_eval()  # before the first model loads
+    bar = tqdm(total=summary.total, initial=summary.skipped, unit="run", disable=not progress, dynamic_ncols=True)
+    write = log or (bar.write if progress else print)
+    write(f"{summary.skipped} of {summary.total} runs already in {store.path}; {len(todo)} to go")
+    try:
+        for model in dict.fromkeys(run.model for run in todo):  # models in sweep order, each loaded once
+            runs = [run for run in todo if run.model == model]
+            bar.set_description(f"{model}: loading")
+            evaluator = Evaluator(runs[0].settings, progress=False)
+            prepared = {}
+            for run in runs:
+                bar.set_description(run.label())
+                if run.tasks.tasks and run.tasks not in prepared:
+                    prepared[run.tasks] = prepare_tasks(run.tasks, evaluator.source)
+                start = time.perf_counter()
+                try:
+                    record = execute(evaluator, run, prepared.get(run.tasks))
+                except Exception as error:  # noqa: BLE001 - reported, and re-raised unless keep_going
+                    if not keep_going:
+                        raise
+                    summary.failed.append((run.label(), f"{type(error).__name__}: {error}"))
+                    write(f"FAILED {run.label()}: {type(error).__name__}: {error}")
+                    bar.update(1)
+                    continue
+                record["run_seconds"] = time.perf_counter() - start
+                record["sweep"] = spec.name
+                store.append(record)
+                summary.done.append(run.key)
+                bar.update(1)
+                write(_line(run, record))
+            evaluator = prepared = None  # this model is done: free it before the next one loads
+            _release_memory()
+    finally:
+        bar.close()
+    return summary
+
+
+def _line(run: Run, record: dict) -> str:
+    text = f"{run.label():60} ppl {record['sparse_ppl']:10.3f} (dense {record['dense_ppl']:.3f})"
+    for name, scores in record.get("tasks", {}).items():
+        text += f"  {name} acc {scores.get('acc', float('nan')):.3f}"
+    return text + f"  {record['run_seconds']:.1f} s"

@@ -1,0 +1,225 @@
+"""Sweeps: expansion into runs, stable keys, the JSONL store, and kill-and-resume of a real sweep process."""
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from actsparse.errors import ActsparseError
+from actsparse.sweep import Store, load_sweep, parse_sweep, read_records, run_sweep
+
+from conftest import save_tiny_model_dir, vocab_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _spec(**over):
+    data = {
+        "models": ["m"],
+        "settings": {"data": "brown:news", "seqlen": 16},
+        "grids": [
+            {"target": "activations", "patterns": ["2:4", "8:16"], "criteria": ["magnitude", "amber"], "mitigations": ["none", "var"]},
+            {"target": "weights", "patterns": ["2:4"], "methods": ["magnitude", "wanda"], "calib_windows": 4},
+        ],
+    }
+    data.update(over)
+    return data
+
+
+def test_expansion_order_and_counts():
+    spec = parse_sweep(_spec(models=["a", "b"]))
+    assert len(spec.runs) == 2 * (1 + 2 * 2 * 2 + 2)
+    first = spec.runs[: 1 + 8 + 2]
+    assert [r.target for r in first] == ["dense"] + ["activations"] * 8 + ["weights"] * 2
+    assert {r.model for r in first} == {"a"} and {r.model for r in spec.runs[11:]} == {"b"}
+    assert [r.config.pattern for r in first[1:5]] == ["2:4"] * 4  # patterns outermost, then criteria, then mitigations
+    assert first[-1].config.method == "wanda" and first[-1].config.calib_windows == 4
+
+
+def test_keys_are_stable_unique_and_follow_what_changes_numbers():
+    a, b = parse_sweep(_spec()), parse_sweep(_spec())
+    keys = [r.key for r in a.runs]
+    assert keys == [r.key for r in b.runs] and len(set(keys)) == len(keys)
+    assert [r.key for r in a.with_device("cuda:3").runs] == keys  # the device is not part of a run's identity
+    longer = parse_sweep(_spec(settings={"data": "brown:news", "seqlen": 32}))
+    assert not set(keys) & {r.key for r in longer.runs}
+    with_tasks = a.with_tasks(("actsparse_lastword",))
+    assert not set(keys) & {r.key for r in with_tasks.runs}
+    assert [r.key for r in with_tasks.with_tasks(()).runs] == keys
+    # the same run listed twice (two grids overlap) is run once
+    twice = _spec()
+    twice["grids"].append({"target": "activations", "patterns": ["2:4"], "criteria": ["amber"], "mitigations": ["var"]})
+    assert len(parse_sweep(twice).runs) == len(a.runs)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"grids": [{"target": "activations", "patterns": ["2:4"], "criteria": ["bogus"], "mitigations": ["none"]}]}, "unknown criterion"),
+        ({"grids": [{"target": "activations", "patterns": ["5:4"], "criteria": ["amber"], "mitigations": ["none"]}]}, "1 <= N < M"),
+        ({"grids": [{"target": "weights", "patterns": ["2:4"], "methods": ["obs"]}]}, "unknown weight pruning method"),
+        ({"grids": [{"target": "weights", "patterns": ["2:4"], "methods": ["wanda"], "criteria": ["amber"]}]}, "unknown key(s) criteria"),
+        ({"grids": [{"target": "neurons", "patterns": ["2:4"]}]}, "target must be one of"),
+        ({"settings": {"seq_len": 16}}, "unknown key(s) seq_len"),
+        ({"modles": ["x"]}, "unknown key(s) modles"),
+    ],
+)
+def test_bad_sweep_files_are_refused_before_any_model_loads(change, message):
+    with pytest.raises(ActsparseError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_sweep(_spec(**change))
+
+
+def test_papers_sweep_file_is_the_study():
+    from actsparse.calibration.mitigations import CALIBRATED
+
+    spec = load_sweep(REPO / "sweeps" / "papers.yaml")
+    assert spec.models == ("smollm2-135m", "gemma3-270m")
+    per_model = collections.Counter(r.model for r in spec.runs)
+    assert per_model == {"smollm2-135m": 1 + 72 + 18 + 288, "gemma3-270m": 1 + 72 + 18 + 288}
+    runs = [r for r in spec.runs if r.model == "smollm2-135m"]
+    patterns = {r.config.pattern for r in runs if r.target != "dense"}
+    assert patterns == {"2:4", "4:8", "8:16", "16:32", "unstructured:0.5", "unstructured:0.7"}
+    activations = [r.config for r in runs if r.target == "activations"]
+    assert {c.criterion for c in activations} == {"magnitude", "amber", "clact", "wina"}
+    assert {"none", "var", "dpts"} | CALIBRATED <= {c.mitigation for c in activations}
+    assert {r.config.method for r in runs if r.target == "weights"} == {"magnitude", "wanda", "sparsegpt"}
+    assert all(r.calibration["windows"] == 256 for r in runs if r.calibration)
+    assert set(runs[0].tasks.tasks) == {"actsparse_lastword", "actsparse_continuation"} and runs[0].generate is not None
+    assert load_sweep(REPO / "sweeps" / "example.yaml").runs  # the small example parses too
+
+
+def test_store_skips_a_partial_line_and_appends_after_it(tmp_path, capsys):
+    store = Store(tmp_path / "s.jsonl")
+    store.append({"key": "a", "x": 1})
+    with open(store.path, "a") as handle:
+        handle.write('{"key": "b", "x"')  # what a non-atomic writer killed midway would leave
+    assert [r["key"] for r in store.records()] == ["a"]
+    assert "skipped 1 line" in capsys.readouterr().err
+    store.append({"key": "c", "x": 3})
+    assert [r["key"] for r in store.records()] == ["a", "c"] and store.keys() == {"a", "c"}
+    with pytest.raises(ValueError):
+        store.append({"x": 4})
+
+
+def _write_sweep(tmp_path, model_dir, runs_text: str, extra: dict | None = None) -> Path:
+    (tmp_path / "eval.txt").write_text(vocab_text(documents=40, sentences=60, seed=1))
+    (tmp_path / "calib.txt").write_text(vocab_text(documents=4, sentences=30, seed=2))
+    data = {
+        "name": "tiny",
+        "models": [str(model_dir)],
+        "settings": {"data": str(tmp_path / "eval.txt"), "calib_data": str(tmp_path / "calib.txt"), "seqlen": 64,
+                     "max_tokens": 16384, "calib_windows": 2, "device": "cpu"},
+        "grids": yaml.safe_load(runs_text),
+        **(extra or {}),
+    }  # fmt: skip
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+KILL_GRIDS = """
+- {target: activations, patterns: ["2:4", "8:16"], criteria: [magnitude, amber], mitigations: [none, var]}
+- {target: activations, patterns: ["2:4"], criteria: [amber], mitigations: [oshift], calibration: {windows: 2, steps: 2}}
+- {target: weights, patterns: ["2:4"], methods: [wanda], calib_windows: 2}
+"""
+
+
+def test_sweep_killed_midway_resumes_without_losing_or_repeating_a_run(tmp_path):
+    model_dir = save_tiny_model_dir(tmp_path / "tiny")
+    path = _write_sweep(tmp_path, model_dir, KILL_GRIDS)
+    store = tmp_path / "store.jsonl"
+    expected = [r.key for r in load_sweep(path).runs]
+    assert len(expected) == 1 + 8 + 1 + 1
+    command = [sys.executable, "-m", "actsparse.cli.main", "sweep", str(path), "--out", str(store), "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not (store.exists() and store.read_text().count("\n") >= 1):
+        assert process.poll() is None, process.stdout.read().decode()
+        assert time.monotonic() < deadline, "no record within 120 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed = read_records(store)
+    assert 1 <= len(killed) < len(expected), "the sweep should have been killed midway"
+    assert all(r["key"] in expected for r in killed)
+
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(killed)} of {len(expected)} runs already in" in result.stdout
+    records = read_records(store)
+    counts = collections.Counter(r["key"] for r in records)
+    assert set(counts) == set(expected) and set(counts.values()) == {1}
+    assert [r["key"] for r in records[: len(killed)]] == [r["key"] for r in killed]  # finished runs untouched
+
+    by_target = collections.Counter(r["target"] for r in records)
+    assert by_target == {"dense": 1, "activations": 9, "weights": 1}
+    for record in records:
+        assert record["versions"]["torch"] and record["settings"]["seqlen"] == 64 and record["config"]
+        assert record["run"]["target"] == record["target"] and record["sweep"] == "tiny"
+        assert record["dense_ppl"] == pytest.approx(records[0]["dense_ppl"])
+    calibrated = next(r for r in records if r["config"].get("mitigation") == "oshift")
+    assert calibrated["calibration"]["windows"] == 2
+    # nothing is left to do: the sweep would skip every run
+    assert Store(store).keys() == set(expected)
+
+
+def test_models_load_once_per_sweep_and_lm_eval_is_not_needed_without_tasks(tmp_path, monkeypatch):
+    import actsparse.models.loading as loading
+
+    first = save_tiny_model_dir(tmp_path / "llama")
+    second = save_tiny_model_dir(tmp_path / "qwen2", family="qwen2")
+    path = _write_sweep(tmp_path, first, "[{target: activations, patterns: ['2:4', '8:16'], criteria: [amber], mitigations: [none, var]}]")
+    data = yaml.safe_load(path.read_text())
+    data["models"] = [str(first), str(second)]
+    data["settings"]["max_tokens"] = 1024
+    data["generate"] = {"max_new_tokens": 3, "prompts": ["the cat sat on", "a bird"]}
+    spec = parse_sweep(data)
+    loads = []
+    real = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda name, **kw: loads.append(name) or real(name, **kw))
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as on a machine without lm-eval
+    summary = run_sweep(spec, tmp_path / "store.jsonl", progress=False, log=lambda text: None)
+    assert loads == [str(first), str(second)]
+    assert len(summary.done) == len(spec.runs) == 2 * 5
+    records = read_records(tmp_path / "store.jsonl")
+    dense = next(r for r in records if r["target"] == "dense" and r["model"] == str(first))
+    sparse = next(r for r in records if r["model"] == str(first) and r["config"]["pattern"] == "2:4" and r["config"]["mitigation"] == "none")
+    assert [o["prompt"] for o in dense["generation"]["outputs"]] == ["the cat sat on", "a bird"]
+    assert all(len(o["ids"]) == 3 for o in sparse["generation"]["outputs"])
+    assert "tasks" not in dense and dense["versions"]["lm_eval"] in ("not installed", dense["versions"]["lm_eval"])
+    # asking for tasks without lm-eval fails before any model loads, and says how to fix it
+    loads.clear()
+    with pytest.raises(ActsparseError, match=r"actsparse\[eval\]"):
+        run_sweep(spec.with_tasks(("actsparse_lastword",)), tmp_path / "other.jsonl", progress=False, log=lambda text: None)
+    assert loads == []
+
+
+def test_sweep_cli_dry_run_lists_done_and_todo(tmp_path, capsys):
+    from actsparse.cli.main import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_spec()))
+    spec = load_sweep(path)
+    Store(tmp_path / "st.jsonl").append({"key": spec.runs[1].key})
+    assert main(["sweep", str(path), "--out", str(tmp_path / "st.jsonl"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("done") and lines[0].startswith("todo") and lines[-1] == f"1 of {len(spec.runs)} runs in {tmp_path / 'st.jsonl'}"
+    assert main(["sweep", str(path)]) == 2  # no store given anywhere
+    assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["sweep", "report", "tasks"])
+def test_new_commands_have_help(command, capsys):
+    from actsparse.cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0 and f"usage: actsparse {command}" in capsys.readouterr().out
