@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from actsparse.eval.results import append_jsonl_atomic
+from actsparse.eval.results import append_jsonl_atomic, write_json_atomic
 from actsparse.report import studies, write_report
 from actsparse.report.collect import method_label, pattern_order
 from actsparse.report.headline import PPL, Metric, fmt_ratio, ratios, times_smaller
@@ -98,9 +98,10 @@ def test_report_cli_writes_pngs(tmp_path, capsys):
     from actsparse.cli.main import main
 
     store = tmp_path / "store.jsonl"
-    for r in RECORDS:
+    for r in RECORDS[:-1]:
         append_jsonl_atomic(store, r)
-    assert main(["report", str(store), "--out", str(tmp_path / "out")]) == 0
+    write_json_atomic(tmp_path / "one.json", RECORDS[-1])  # a single record, as `eval --out` writes it
+    assert main(["report", str(store), str(tmp_path / "one.json"), "--out", str(tmp_path / "out")]) == 0
     assert "report.md" in capsys.readouterr().out
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert pngs == ["01-m-actsparse-continuation-brown-news-acc-norm.png", "01-m-actsparse-continuation-brown-news-acc.png",
@@ -108,4 +109,5 @@ def test_report_cli_writes_pngs(tmp_path, capsys):
     assert all((tmp_path / "out" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     text = (tmp_path / "out" / "report.md").read_text()
     assert "![headline: times smaller drop than 2:4](01-m-headline.png)" in text and "](01-m-ppl.png)" in text
+    assert "| weights sparsegpt | 30.00 | 20.00 |" in text  # the .json record joined its study
     assert main(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")]) == 2

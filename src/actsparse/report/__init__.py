@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from actsparse.errors import ActsparseError
@@ -23,7 +24,10 @@ def write_report(stores, out_dir, plots: bool = True, command: str | None = None
     for store in stores:
         if not Path(store).is_file():
             raise ActsparseError(f"no results store {store!r}; give the JSONL written by `actsparse sweep` (or a table script)")
-        records += read_records(store)
+        if store.endswith(".json"):  # one record, as `actsparse eval --out` writes it
+            records.append(json.loads(Path(store).read_text(encoding="utf-8")))
+        else:
+            records += read_records(store)
     found = studies(records)
     if not found:
         raise ActsparseError(f"no result records in {', '.join(stores)}")
