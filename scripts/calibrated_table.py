@@ -3,7 +3,7 @@
     .venv/bin/python scripts/calibrated_table.py --model smollm2-135m --max-tokens 32768 --out results/calibrated-smollm2-135m.jsonl
 
 Patterns 2:4 and 8:16 x criteria magnitude and amber x mitigations none, var, dpts, spts, scap,
-rotation, lowrank, lpts, oshift, oscale, oscale-shift, var-oscale. Mitigations calibrated layer by
+rotation, rotation-spread, lowrank, lpts, oshift, oscale, oscale-shift, var-oscale. Mitigations calibrated layer by
 layer (``actsparse.calibrate_``) use ``--calib-windows`` windows of calibration text (P1: 256) and
 ``--steps`` training steps per decoder layer (default: one pass). Every finished run is appended to
 the JSONL store at once (atomically); running the same command again skips the runs already there,
@@ -25,7 +25,7 @@ from actsparse.eval.run import Evaluator
 
 PATTERNS = ["2:4", "8:16"]
 CRITERIA = ["magnitude", "amber"]
-MITIGATIONS = ["none", "var", "dpts", "spts", "scap", "rotation", "lowrank", "lpts", "oshift", "oscale", "oscale-shift", "var-oscale"]
+MITIGATIONS = ["none", "var", "dpts", "spts", "scap", "rotation", "rotation-spread", "lowrank", "lpts", "oshift", "oscale", "oscale-shift", "var-oscale"]
 
 
 def key(record_or_config) -> tuple:

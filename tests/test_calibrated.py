@@ -90,6 +90,29 @@ def test_rotation_formula(data):
     torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_spread_order_puts_each_rank_in_its_own_group():
+    from actsparse.calibration.mitigations import spread_order
+
+    order = spread_order(12, 4)  # 3 groups of 4
+    assert sorted(order.tolist()) == list(range(12))
+    groups = order.view(3, 4)  # ranks held by each group
+    assert groups.tolist() == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
+
+
+@torch.no_grad()
+def test_rotation_spread_formula(data):
+    from actsparse.calibration.mitigations import spread_order
+
+    calib, x = data
+    layer, w, b = make_layer("rotation-spread", calib, covariance=True)
+    c = calib.double()
+    values, vectors = torch.linalg.eigh((c - c.mean(0)).T @ (c - c.mean(0)) / len(c))
+    q = vectors.flip(-1).float()[:, spread_order(c.shape[1], 4)]
+    torch.testing.assert_close(layer.rotation.abs(), q.abs(), atol=1e-4, rtol=1e-4)
+    expected = hand_prune(x @ q, 2, 4) @ (w @ q).T + b
+    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name,rank", [("lowrank", 16), ("lowrank:4", 4)])
 @torch.no_grad()
 def test_lowrank_formula(data, name, rank):

@@ -82,7 +82,7 @@ def test_papers_sweep_file_is_the_study():
     spec = load_sweep(REPO / "sweeps" / "papers.yaml")
     assert spec.models == ("smollm2-135m", "gemma3-270m")
     per_model = collections.Counter(r.model for r in spec.runs)
-    assert per_model == {"smollm2-135m": 1 + 72 + 18 + 288, "gemma3-270m": 1 + 72 + 18 + 288}
+    assert per_model == {"smollm2-135m": 1 + 72 + 18 + 312, "gemma3-270m": 1 + 72 + 18 + 312}
     runs = [r for r in spec.runs if r.model == "smollm2-135m"]
     patterns = {r.config.pattern for r in runs if r.target != "dense"}
     assert patterns == {"2:4", "4:8", "8:16", "16:32", "unstructured:0.5", "unstructured:0.7"}

@@ -166,13 +166,15 @@ def calibrate_(
     options: CalibrationOptions | None = None,
     bos_id: int | None = None,
     progress: bool = True,
-    cache_device: str | torch.device = "cpu",
+    cache_device: str | torch.device | None = None,
 ) -> CalibrationReport:
     """Sparsify ``model`` with ``config`` and calibrate its mitigation layer by layer, in place.
 
     ``calib_windows``: ``[n, seqlen]`` token ids from calibration text (never the evaluation
     text). Afterwards the model is sparsified as by ``sparsify_`` (undo with ``unsparsify_``)
-    and ``save_state`` can write the calibrated tensors.
+    and ``save_state`` can write the calibrated tensors. ``cache_device``: where the windows'
+    activations wait between decoder layers (default: the model's device; ``"cpu"`` offloads
+    them, so that only one decoder layer's activations are on the device at a time).
     """
     from actsparse.sparsify import sparse_layers, unsparsify_
 
@@ -203,6 +205,7 @@ def calibrate_(
     needs = NEEDS.get(mitigation.name, set())
     learned = is_learned(mitigation.name)
     device = next(model.parameters()).device
+    cache_device = device if cache_device is None else cache_device
     _, layers = find_decoder_layers(model)
     last = max(by_layer)
     try:

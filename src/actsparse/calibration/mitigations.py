@@ -9,6 +9,10 @@ Statistics-only (estimated from calibration inputs, no training):
 - ``rotation``: LaRoSa-style. ``Q`` = eigenvectors (descending eigenvalues) of the centred
   covariance of the calibration inputs; ``y = P(x Q) (W Q)ᵀ + b``, ``W Q`` precomputed. The
   criterion's per-feature vector (wina, amber, …) is recomputed from ``W Q``.
+  ``rotation-spread``: the same ``Q`` with its columns reordered for N:M patterns so that the
+  r-th direction lands in group ``r mod G`` (G = K/M groups): each group holds directions of
+  every rank instead of M neighbouring ones (with the literal order the M largest directions
+  share the first group, and N:M must drop some of them).
 - ``lowrank`` / ``lowrank:R``: R-Sparse. ``y = P(x) Wᵀ + (x − P(x)) V_r S_r U_rᵀ + b`` with
   ``W ≈ U_r S_r V_rᵀ`` the rank-r SVD (default r = 16). Needs no calibration at all.
 
@@ -43,6 +47,7 @@ from torch import nn
 
 from actsparse.calibration.stats import InputStats
 from actsparse.core.mitigation import MITIGATIONS, Mitigation, register_mitigation, variance_scale
+from actsparse.core.patterns import NM
 from actsparse.errors import ActsparseError
 
 DEFAULT_RANK = 16
@@ -215,16 +220,37 @@ def set_rotation(layer, q: torch.Tensor) -> None:
         _own(layer, "feature_vector", layer.feature_vector)
 
 
-def prepare_rotation(layer) -> None:
+def spread_order(width: int, m: int) -> torch.Tensor:
+    """Column order that puts the r-th of ``width`` ranked directions at position ``(r mod G)·m + r div G``
+    (G = width/m groups of m): returns ``order`` with ``new[:, p] = ranked[:, order[p]]``."""
+    groups = width // m
+    ranks = torch.arange(width)
+    order = torch.empty(width, dtype=torch.long)
+    order[(ranks % groups) * m + ranks // groups] = ranks
+    return order
+
+
+def _prepare_rotation(layer, spread: bool) -> None:
     _start(layer)
     stats = _stats(layer)
     if stats is not None and stats.outer_sum is not None:
         values, vectors = torch.linalg.eigh(stats.centred_covariance())  # float64, on the activations' device
-        set_rotation(layer, vectors.flip(-1))
+        q = vectors.flip(-1)  # descending eigenvalues
+        if spread and isinstance(layer.pattern, NM):
+            q = q[:, spread_order(q.shape[1], layer.pattern.m).to(q.device)]
+        set_rotation(layer, q)
         stats.outer_sum = None  # free the K x K sum
         layer.calibrated = True
     else:
         set_rotation(layer, torch.eye(layer.in_features))
+
+
+def prepare_rotation(layer) -> None:
+    _prepare_rotation(layer, spread=False)
+
+
+def prepare_rotation_spread(layer) -> None:
+    _prepare_rotation(layer, spread=True)
 
 
 def apply_rotation(layer, x: torch.Tensor) -> torch.Tensor:
@@ -339,6 +365,10 @@ _register("spts", apply_shift, prepare_spts, "static median shift η (mean token
 _register("scap", apply_scap, prepare_scap, "shift by the median of calibration activations, folded into a bias", needs={"rows"})
 _register("scap-feature", apply_scap, prepare_scap_feature, "scap with a per-feature median", needs={"rows"})
 _register("rotation", apply_rotation, prepare_rotation, "LaRoSa-style rotation by the covariance eigenvectors", needs={"covariance"})
+_register(
+    "rotation-spread", apply_rotation, prepare_rotation_spread,
+    "rotation with the eigenvectors spread over the N:M groups (rank r in group r mod G)", needs={"covariance"},
+)  # fmt: skip
 _register("lowrank", apply_lowrank, lambda layer: _prepare_lowrank(layer, DEFAULT_RANK),
           f"R-Sparse: rank-{DEFAULT_RANK} SVD of W carries the pruned part (lowrank:R for rank R)", calibrated=False)
 for _rank in (8, 16, 32, 64, 128):

@@ -261,7 +261,8 @@ def cmd_calibrate(args) -> None:
     if args.calib_windows < len(windows):
         chosen = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))[: args.calib_windows]
         windows = windows[chosen.sort().values]
-    report = calibrate_(model, config, windows, options=options, bos_id=bos_id, progress=not args.no_progress)
+    cache = "cpu" if args.offload else None
+    report = calibrate_(model, config, windows, options=options, bos_id=bos_id, progress=not args.no_progress, cache_device=cache)
     out = save_state(model, args.out, calibration={"data": calib.spec, "data_parts": sorted(calib.parts), "model": args.model,
                                                   "excluded_eval_data": evaluation.spec, "dtype": args.dtype, "device": device})  # fmt: skip
     print(f"model      {args.model}")
@@ -510,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--out", required=True, metavar="DIR", help="state directory (written atomically)")
     ca.add_argument("--steps", type=int, default=None, help="training steps per decoder layer (default: one pass over --calib-windows)")
     ca.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of learned mitigations (default: 1e-4)")
+    ca.add_argument(
+        "--offload", action="store_true",
+        help="keep the calibration windows' activations in CPU memory between layers (for models whose activations do not fit beside them on the device)",
+    )  # fmt: skip
     ca.set_defaults(func=cmd_calibrate)
 
     se = commands.add_parser(
