@@ -127,11 +127,15 @@ class _LayerCall:
         """``run`` over every stored input, ``batch`` windows per call (the layer's extra arguments
         are those of one window and broadcast over the batch); outputs back on ``cache_device``."""
         outputs = []
-        for start in range(0, len(inputs), batch):
-            chunk = inputs[start : start + batch]
-            out = self.run(layer, torch.cat([h.to(device) for h in chunk]))
-            outputs.extend(o.unsqueeze(0).to(cache_device) for o in out)
+        for hidden in _batches(inputs, device, batch):
+            outputs.extend(o.unsqueeze(0).to(cache_device) for o in self.run(layer, hidden))
         return outputs
+
+
+def _batches(inputs: list[torch.Tensor], device, batch: int = REPLAY_BATCH):
+    """The stored ``[1, T, H]`` inputs joined ``batch`` at a time into ``[b, T, H]`` on ``device``."""
+    for start in range(0, len(inputs), batch):
+        yield torch.cat([h.to(device) for h in inputs[start : start + batch]])
 
 
 def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, _LayerCall]:
@@ -230,10 +234,10 @@ def _collect(
 
     handles = [module.register_forward_pre_hook(hook(name), with_kwargs=True) for name, module in modules.items()]
     try:
-        for start in range(0, len(inputs), REPLAY_BATCH):
+        for hidden in _batches(inputs, device):
             seen.clear()
             try:
-                call.run(layer, torch.cat([h.to(device) for h in inputs[start : start + REPLAY_BATCH]]))
+                call.run(layer, hidden)
             except _Stop:
                 pass
     finally:

@@ -132,14 +132,11 @@ class Evaluator:
         if is_calibrated(config.mitigation):
             return self.run_calibrated(config, with_dense=with_dense, extra=extra)
         criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
-        record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "activations"}
-        stats = None
-        if criterion.needs_calibration or mitigation.needs_calibration:
+        stats, calibration = None, {}
+        if criterion.needs_calibration or mitigation.needs_calibration:  # before the dense run: it may refuse the texts
             stats, calib_spec, calib_windows, calib_seconds = self.calibration_stats()
-            record["calibration"] = {"data": calib_spec, "windows": calib_windows, "seconds": calib_seconds}
-        if with_dense:
-            dense, dense_seconds = self.dense()
-            record["dense_ppl"], record["dense_seconds"] = dense.ppl, dense_seconds
+            calibration = {"calibration": {"data": calib_spec, "windows": calib_windows, "seconds": calib_seconds}}
+        record = self._record("activations", with_dense, **calibration)
         start = time.perf_counter()
         report = sparsify_(self.model, config, stats=stats)
         try:
@@ -164,10 +161,7 @@ class Evaluator:
 
         options = options or CalibrationOptions()
         windows, calib_spec = self.calibration_windows(calib_windows or self.settings.calib_windows, options.seed)
-        record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "activations"}
-        if with_dense:
-            dense, dense_seconds = self.dense()
-            record["dense_ppl"], record["dense_seconds"] = dense.ppl, dense_seconds
+        record = self._record("activations", with_dense)
         from actsparse.models.discovery import find_linear_sites
         from actsparse.sparsify import SparsifyReport
 
@@ -200,12 +194,9 @@ class Evaluator:
         calib = meta.get("calibration", {})
         if calib.get("data_parts"):
             check_disjoint(self.source, TextSource(calib.get("data", "?"), "", frozenset(calib["data_parts"])))
-        record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "activations"}
+        record = self._record("activations", with_dense)
         record["calibration"] = {k: calib.get(k) for k in ("data", "windows", "seqlen", "seconds", "options")}
         record["state"] = str(directory)
-        if with_dense:
-            dense, dense_seconds = self.dense()
-            record["dense_ppl"], record["dense_seconds"] = dense.ppl, dense_seconds
         sites = find_linear_sites(self.model)  # before the swap
         start = time.perf_counter()
         config = load_state_(self.model, directory, expect=expect)
@@ -228,17 +219,12 @@ class Evaluator:
         from actsparse.baselines import get_pruner, prune_weights_, restore_weights_, snapshot_weights, verify_pattern
 
         pruner = get_pruner(config.method)
-        record: dict = {
-            "model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "weights", "method": config.method,
-        }  # fmt: skip
-        windows = None
-        if pruner.needs_calibration:
+        windows, calibration = None, {}
+        if pruner.needs_calibration:  # before the dense run: it may refuse the texts
             start = time.perf_counter()
             windows, calib_spec = self.calibration_windows(config.calib_windows, config.seed)
-            record["calibration"] = {"data": calib_spec, "windows": len(windows), "seconds": time.perf_counter() - start}
-        if with_dense:
-            dense, dense_seconds = self.dense()
-            record["dense_ppl"], record["dense_seconds"] = dense.ppl, dense_seconds
+            calibration = {"calibration": {"data": calib_spec, "windows": len(windows), "seconds": time.perf_counter() - start}}
+        record = self._record("weights", with_dense, method=config.method, **calibration)
         if self._weights is None:
             self._weights = snapshot_weights(self.model)
         start = time.perf_counter()
@@ -255,16 +241,21 @@ class Evaluator:
     def run_dense(self, extra: Extra = None) -> dict:
         """The dense model's record, in the form of the others: ``sparse_ppl`` is the dense perplexity, config ``dense``."""
         dense, dense_seconds = self.dense()
-        record: dict = {
-            "model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": "dense",
-            "dense_ppl": dense.ppl, "dense_seconds": dense_seconds,
-        }  # fmt: skip
+        record = self._record("dense", with_dense=True)
         measured = self._extra(extra)
         record.update(
             sparse_ppl=dense.ppl, sparse_seconds=dense_seconds, tokens=dense.predicted_tokens, windows=dense.windows,
             causal=True, config=SparsityConfig(pattern="dense").to_dict(), settings=asdict(self.settings), bos=self.bos_id is not None,
             load_seconds=self.load_seconds, versions=versions(), **measured,
         )  # fmt: skip
+        return record
+
+    def _record(self, target: str, with_dense: bool, **fields) -> dict:
+        """A record's common head: model, data, target (and ``fields``), plus the dense perplexity when asked."""
+        record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": target, **fields}
+        if with_dense:
+            dense, dense_seconds = self.dense()
+            record["dense_ppl"], record["dense_seconds"] = dense.ppl, dense_seconds
         return record
 
     def _extra(self, extra: Extra) -> dict:

@@ -30,6 +30,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
+def _save(plt, figure, path: Path) -> bool:
+    """Write ``figure`` as a PNG and free it; True (the plot was written)."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
 def _heatmap(plt, study: Study, metric: Metric, path: Path) -> bool:
     patterns = study.patterns()
     rows = [(t, m) for t in ("activations", "weights") for m in study.methods(t)]
@@ -60,10 +68,7 @@ def _heatmap(plt, study: Study, metric: Metric, path: Path) -> bool:
                     axes.text(j, i, text, ha="center", va="center", fontsize=6, color="white" if dark else "black")
     figure.colorbar(image, ax=axes, label=label)
     axes.set_title(f"{study.model}: {metric.label}", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return True
+    return _save(plt, figure, path)
 
 
 def _headline(plt, study: Study, path: Path) -> bool:
@@ -94,10 +99,7 @@ def _headline(plt, study: Study, path: Path) -> bool:
     axes.set_ylabel(f"times smaller drop from dense than {REFERENCE}")
     axes.set_title(f"{study.model}: bars = median over methods, dots = methods", fontsize=10)
     axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return True
+    return _save(plt, figure, path)
 
 
 def _versus(plt, study: Study, path: Path) -> bool:
@@ -123,10 +125,7 @@ def _versus(plt, study: Study, path: Path) -> bool:
     axes.set_ylabel("perplexity (log scale)")
     axes.set_title(f"{study.model}: activation vs weight pruning", fontsize=10)
     axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return True
+    return _save(plt, figure, path)
 
 
 def write_plots(study: Study, directory, prefix: str) -> dict[str, str]:
