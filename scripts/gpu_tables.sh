@@ -1,39 +1,85 @@
 #!/usr/bin/env bash
-# The slow result runs in one GPU call: the calibrated tables split into one process per
-# model x pattern x criterion, and the dynamic + weight grids of sweeps/papers.yaml, one
-# process per model (--tasks none: no lm-eval needed), all in parallel under `timeout`.
-# Every process resumes from its store, so calling this again continues where it stopped.
+# The slow result runs in one GPU call, as many small jobs in parallel: every cell of the
+# calibrated tables (scripts/calibrated_table.py) that DIR's stores do not hold yet, one job per
+# model x pattern x criterion x mitigation, and the dynamic + weight grids of
+# sweeps/papers.yaml, one job per model x pattern (--tasks none: no lm-eval needed). Jobs start
+# longest first, JOBS at a time, and each stops at the common deadline (SECONDS from the start);
+# every job appends finished runs to its own store at once, so calling this again with the same
+# DIR continues where it stopped.
 #
-#   bash scripts/gpu_tables.sh [SECONDS] [DIR]      (defaults: 560, /tmp/actsparse-results)
+#   bash scripts/gpu_tables.sh [SECONDS] [DIR] [JOBS]      (defaults: 560, /tmp/actsparse-results, 14)
 #
-# Seed DIR with the stores of an earlier call to resume them. Afterwards, here:
-#   cat DIR/cal-MODEL-*.jsonl > results/calibrated-MODEL.jsonl     (run keys do not overlap)
-#   cp DIR/sweep-MODEL.jsonl results/sweeps/
+# Seed DIR with earlier results to resume them: any cal-MODEL-*.jsonl (calibrated-table records)
+# and sweep-MODEL.jsonl (sweep records). At the end every model's stores are merged (one record
+# per run) into DIR/merged/calibrated-MODEL.jsonl and DIR/merged/sweep-MODEL.jsonl, ready to copy
+# to results/ and results/sweeps/.
 # With staged models (scripts/device_stage.sh) run it with
 #   PYTHONPATH=src:/tmp/actsparse-stage/site ACTSPARSE_CACHE=/tmp/actsparse-cache
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-560}
 DIR=${2:-/tmp/actsparse-results}
+JOBS=${3:-14}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1  # a dozen processes share the CPU cores
+export DEADLINE=$(( $(date +%s) + T ))
 mkdir -p "$DIR"
-EVAL="--max-tokens 32768 --dtype float32"
-for model in smollm2-135m gemma3-270m; do
-    for pattern in 2:4 8:16; do
-        for criterion in magnitude amber; do
-            name=cal-$model-${pattern/:/}-$criterion
-            timeout "$T" python3 scripts/calibrated_table.py --model "$model" $EVAL --patterns "$pattern" --criteria "$criterion" \
-                --out "$DIR/$name.jsonl" >> "$DIR/$name.log" 2>&1 &
-        done
-    done
-    python3 - "$model" "$DIR" <<'PY'
-import sys, yaml
-model, out = sys.argv[1], sys.argv[2]
+
+# The job list, longest first: learned calibrations, the sweep slices, statistics-only calibrations.
+python3 - "$DIR" > "$DIR/jobs.txt" <<'PY'
+import glob, json, sys, yaml
+sys.path.insert(0, "scripts")
+from calibrated_table import CRITERIA, MITIGATIONS, PATTERNS, key
+from actsparse.calibration.mitigations import is_learned
+out = sys.argv[1]
 spec = yaml.safe_load(open("sweeps/papers.yaml"))
-spec.update(models=[model], grids=spec["grids"][:2], store=f"{out}/sweep-{model}.jsonl")
-yaml.safe_dump(spec, open(f"{out}/sweep-{model}.yaml", "w"))
+learned, slices, quick = [], [], []
+for model in spec["models"]:
+    done = {key(json.loads(line)) for path in glob.glob(f"{out}/cal-{model}-*.jsonl") for line in open(path) if line.strip()}
+    for p in PATTERNS:
+        for c in CRITERIA:
+            for m in MITIGATIONS:
+                if (p, c, m) not in done:
+                    (learned if is_learned(m) else quick).append(f"cal {model} {p} {c} {m}")
+    for p in spec["grids"][0]["patterns"]:
+        name = f"sweep-{model}-{p.replace(':', '')}"
+        grids = [dict(g, patterns=[p]) for g in spec["grids"][:2]]
+        yaml.safe_dump(dict(spec, models=[model], grids=grids, store=f"{out}/{name}.jsonl"), open(f"{out}/{name}.yaml", "w"))
+        slices.append(f"sweep {model} {name}")
+print("\n".join(learned + slices + quick))
 PY
-    timeout "$T" python3 -m actsparse.cli.main sweep "$DIR/sweep-$model.yaml" --tasks none --no-progress >> "$DIR/sweep-$model.log" 2>&1 &
-done
-wait
-wc -l "$DIR"/*.jsonl
+
+job() {  # cal MODEL PATTERN CRITERION MITIGATION | sweep MODEL NAME
+    local left=$(( DEADLINE - $(date +%s) ))
+    (( left > 60 )) || return 0
+    if [[ $1 == cal ]]; then
+        local name="cal-$2-${3/:/}-$4-$5"
+        timeout "$left" python3 scripts/calibrated_table.py --model "$2" --max-tokens 32768 --dtype float32 \
+            --patterns "$3" --criteria "$4" --mitigations "$5" --out "$DIR/$name.jsonl" >> "$DIR/$name.log" 2>&1
+    else
+        [[ -f $DIR/$3.jsonl || ! -f $DIR/sweep-$2.jsonl ]] || cp "$DIR/sweep-$2.jsonl" "$DIR/$3.jsonl"  # resume from earlier runs
+        timeout "$left" python3 -m actsparse.cli.main sweep "$DIR/$3.yaml" --tasks none --no-progress >> "$DIR/$3.log" 2>&1
+    fi
+    echo "$(date +%T) done: $*"
+}
+export -f job
+export DIR
+xargs -P "$JOBS" -L 1 bash -c 'job "$@"' _ < "$DIR/jobs.txt"
+
+python3 - "$DIR" <<'PY'
+import glob, json, os, sys, yaml
+sys.path.insert(0, "scripts")
+from calibrated_table import key
+out = sys.argv[1]
+os.makedirs(f"{out}/merged", exist_ok=True)
+for model in yaml.safe_load(open("sweeps/papers.yaml"))["models"]:
+    for kind, pattern, ident in (("calibrated", "cal", key), ("sweep", "sweep", lambda r: r["key"])):
+        records = {}
+        for path in sorted(glob.glob(f"{out}/{pattern}-{model}*.jsonl")):
+            for line in open(path):
+                if line.strip():
+                    record = json.loads(line)
+                    records.setdefault(ident(record), record)
+        with open(f"{out}/merged/{kind}-{model}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records.values())
+        print(f"{kind}-{model}: {len(records)} records")
+PY
