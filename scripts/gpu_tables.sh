@@ -9,6 +9,9 @@
 #
 #   bash scripts/gpu_tables.sh [SECONDS] [DIR] [JOBS]      (defaults: 560, /tmp/actsparse-results, 14)
 #
+# A learned calibration starts only with LEARNED_SECONDS (default 360) left before the deadline,
+# since a stopped one keeps nothing; the time left goes to the sweep slices and the quick cells.
+#
 # Seed DIR with earlier results to resume them: any cal-MODEL-*.jsonl (calibrated-table records)
 # and sweep-MODEL.jsonl (sweep records). At the end every model's stores are merged (one record
 # per run) into DIR/merged/calibrated-MODEL.jsonl and DIR/merged/sweep-MODEL.jsonl, ready to copy
@@ -21,7 +24,7 @@ T=${1:-560}
 DIR=${2:-/tmp/actsparse-results}
 JOBS=${3:-14}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1  # a dozen processes share the CPU cores
-export DEADLINE=$(( $(date +%s) + T ))
+export DEADLINE=$(( $(date +%s) + T )) LEARNED_SECONDS=${LEARNED_SECONDS:-360}
 mkdir -p "$DIR"
 
 # The job list, longest first: learned calibrations, the sweep slices, statistics-only calibrations.
@@ -39,7 +42,7 @@ for model in spec["models"]:
         for c in CRITERIA:
             for m in MITIGATIONS:
                 if (p, c, m) not in done:
-                    (learned if is_learned(m) else quick).append(f"cal {model} {p} {c} {m}")
+                    (learned if is_learned(m) else quick).append(f"{'learned' if is_learned(m) else 'cal'} {model} {p} {c} {m}")
     for p in spec["grids"][0]["patterns"]:
         name = f"sweep-{model}-{p.replace(':', '')}"
         grids = [dict(g, patterns=[p]) for g in spec["grids"][:2]]
@@ -51,6 +54,11 @@ PY
 job() {  # cal MODEL PATTERN CRITERION MITIGATION | sweep MODEL NAME
     local left=$(( DEADLINE - $(date +%s) ))
     (( left > 60 )) || return 0
+    if [[ $1 == learned ]]; then  # a learned calibration keeps nothing if it is stopped: start one only with time for it
+        (( left > LEARNED_SECONDS )) || return 0
+        shift
+        set -- cal "$@"
+    fi
     if [[ $1 == cal ]]; then
         local name="cal-$2-${3/:/}-$4-$5"
         timeout "$left" python3 scripts/calibrated_table.py --model "$2" --max-tokens 32768 --dtype float32 \
