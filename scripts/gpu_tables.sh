@@ -9,6 +9,8 @@
 #
 #   bash scripts/gpu_tables.sh [SECONDS] [DIR] [JOBS]      (defaults: 560, /tmp/actsparse-results, 14)
 #
+# JOBS learned calibrations run at a time, and beside them SIDE_JOBS (default 4) of the rest.
+#
 # A learned calibration starts only with LEARNED_SECONDS (default 360) left before the deadline,
 # since a stopped one keeps nothing; the time left goes to the sweep slices and the quick cells.
 #
@@ -71,7 +73,10 @@ job() {  # cal MODEL PATTERN CRITERION MITIGATION | sweep MODEL NAME
 }
 export -f job
 export DIR
-xargs -P "$JOBS" -L 1 bash -c 'job "$@"' _ < "$DIR/jobs.txt"
+# Learned calibrations in one pool of JOBS, everything else beside it in a pool of SIDE_JOBS.
+grep '^learned' "$DIR/jobs.txt" | xargs -r -P "$JOBS" -L 1 bash -c 'job "$@"' _ &
+grep -v '^learned' "$DIR/jobs.txt" | xargs -r -P "${SIDE_JOBS:-4}" -L 1 bash -c 'job "$@"' _
+wait
 
 python3 - "$DIR" <<'PY'
 import glob, json, os, sys, yaml
