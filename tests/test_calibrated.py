@@ -236,10 +236,11 @@ def _calibrated(mitigation, criterion="amber", pattern="2:4", family="llama"):
     return model
 
 
-@pytest.mark.parametrize("mitigation", ["lpts", "rotation", "scap", "var-oscale"])
-def test_save_load_identical(tmp_path, mitigation):
+@pytest.mark.parametrize("mitigation,criterion", [("lpts", "amber"), ("rotation", "amber"), ("scap", "amber"), ("var-oscale", "amber"),
+                                                  ("lpts", "clact"), ("rotation", "clact")])  # fmt: skip
+def test_save_load_identical(tmp_path, mitigation, criterion):
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(9))
-    model = _calibrated(mitigation)
+    model = _calibrated(mitigation, criterion)
     with torch.no_grad():
         before = model(ids).logits
     save_state(model, tmp_path / "state", calibration={"data": "test"})
@@ -344,3 +345,29 @@ def test_eval_runs_calibrated_mitigation(tiny_dir, tmp_path):
     assert not sparse_layers(evaluator.model)
     record = evaluator.run(SparsityConfig(pattern="2:4", mitigation="lowrank:8"))  # no calibration needed
     assert record["sparse_ppl"] > 0
+
+
+def test_clact_norms_come_from_each_layers_calibration_inputs():
+    """Layer-wise clact: layer 0's norms are the dense model's (nothing sparse upstream); later layers see sparse inputs."""
+    from actsparse.calibration.collect import collect_input_stats
+
+    windows = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(2))
+    dense = collect_input_stats(tiny_model("llama"), windows, progress=False)
+    model = tiny_model("llama")
+    calibrate_(model, SparsityConfig(pattern="2:4", criterion="clact", mitigation="spts"), windows, progress=False)
+    layers = sparse_layers(model)
+    first, later = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+    torch.testing.assert_close(layers[first].feature_vector, dense[first].feature_norm(), rtol=1e-5, atol=1e-6)
+    assert "feature_vector" in layers[first].state_names  # saved with the state
+    assert not torch.allclose(layers[later].feature_vector, dense[later].feature_norm(), rtol=1e-3)
+
+
+def test_rotated_statistics_are_the_norms_of_rotated_inputs(data):
+    from actsparse.calibration.mitigations import _rotated_stats
+
+    calib, _ = data
+    stats = CovarianceStats(K, covariance=True)
+    stats.update(calib)
+    q = torch.linalg.qr(torch.randn(K, K, generator=torch.Generator().manual_seed(3)))[0]
+    expected = (calib.double() @ q.double()).norm(dim=0).float()
+    torch.testing.assert_close(_rotated_stats(stats, q).feature_norm(), expected, rtol=1e-5, atol=1e-5)

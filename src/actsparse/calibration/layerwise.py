@@ -7,7 +7,8 @@ For each decoder layer in order:
 2. the dense decoder layer runs on them: its outputs are the targets, and (for the
    statistics-only mitigations) hooks on its linear layers collect ``CovarianceStats``;
 3. its selected linear layers become ``SparseLinear`` (same seeds as ``sparsify_``), the
-   statistics-only mitigations compute their tensors from the statistics;
+   statistics-only mitigations compute their tensors from the statistics (and ``clact`` its
+   channel norms, from the same inputs);
 4. learned mitigations train their parameters only (everything else frozen): MSE between
    the sparse and the dense decoder-layer outputs, AdamW (lr 1e-4, betas 0.9/0.95, no weight
    decay), 3% linear warm-up then linear decay to 0, batch 1 window, gradient clipping 1.0,
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from actsparse.baselines.prune import _as_windows, capture_layer_inputs
 from actsparse.calibration.collect import collect_input_stats
-from actsparse.calibration.mitigations import NEEDS, CovarianceStats, ensure_mitigation, is_calibrated, is_learned
+from actsparse.calibration.mitigations import NEEDS, CovarianceStats, ensure_mitigation, is_calibrated, is_learned, own_feature_vector
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import Dense, parse_pattern
@@ -188,10 +189,10 @@ def calibrate_(
     ensure_mitigation(config.mitigation)
     pattern = parse_pattern(config.pattern)
     criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
-    if criterion.needs_calibration or (mitigation.needs_calibration and not is_calibrated(mitigation.name)):
+    if mitigation.needs_calibration and not is_calibrated(mitigation.name):
         raise ActsparseError(
-            f"criterion '{criterion.name}' / mitigation '{mitigation.name}' use whole-model input statistics; "
-            "layer-by-layer calibration supports criteria and mitigations without them"
+            f"mitigation '{mitigation.name}' uses whole-model input statistics; "
+            "layer-by-layer calibration supports the calibrated mitigations and the dynamic ones"
         )
     windows = _as_windows(calib_windows)
     sites = find_linear_sites(model)
@@ -205,7 +206,9 @@ def calibrate_(
     by_layer: dict[int, list] = {}
     for site in chosen:
         by_layer.setdefault(site.layer, []).append(site)
-    needs = NEEDS.get(mitigation.name, set())
+    needs = set(NEEDS.get(mitigation.name, set()))
+    if criterion.needs_calibration:
+        needs.add("norms")  # clact: its channel norms come from this layer's calibration inputs
     learned = is_learned(mitigation.name)
     device = next(model.parameters()).device
     cache_device = device if cache_device is None else cache_device
@@ -231,6 +234,7 @@ def calibrate_(
                     modules[site.name], pattern, criterion, mitigation, name=site.name, stats=stats[site.name],
                     seed=seeds[site.name], backend=config.backend, prefill_only=config.prefill_only,
                 )  # fmt: skip
+                own_feature_vector(sparse)  # clact's norms are saved with the state
                 sparse.stats = None  # the statistics are folded into the mitigation's tensors
                 _set_module(model, site.name, sparse)
             del stats

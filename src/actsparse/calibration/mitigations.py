@@ -209,14 +209,33 @@ def apply_scap(layer, x: torch.Tensor) -> torch.Tensor:
     return (sparse.float() + layer.eta_bias).to(sparse.dtype)
 
 
+def own_feature_vector(layer) -> None:
+    """Make a calibration-dependent criterion's feature vector (clact's ``||X_:,j||``) part of the
+    layer's saved state, so that a loaded state scores as the calibrated layer did."""
+    if layer.criterion.needs_calibration and layer.feature_vector is not None:
+        _own(layer, "feature_vector", layer.feature_vector)
+
+
+def _rotated_stats(stats, q: torch.Tensor):
+    """``InputStats`` of the rotated inputs ``xQ`` from the uncentred second moments of ``x``:
+    ``Σ_t (x_t q_j)² = q_jᵀ (Σ_t x_t x_tᵀ) q_j``."""
+    from actsparse.calibration.stats import InputStats
+
+    if stats is None or getattr(stats, "outer_sum", None) is None:
+        return stats
+    outer = stats.outer_sum.to(q.device, torch.float64)
+    square_sum = ((outer @ q.double()) * q.double()).sum(0).clamp_min(0)
+    return InputStats(stats.width, stats.tokens, square_sum, torch.zeros_like(square_sum))
+
+
 def set_rotation(layer, q: torch.Tensor) -> None:
     """Install ``Q`` (columns = directions): the rotated weight and the criterion's feature vector."""
     q = q.float().to(_device(layer))
     rotated = layer.dense_weight().detach().float() @ q
     _own(layer, "rotation", q)
     _own(layer, "rotated_weight", rotated.to(layer.weight.dtype))
-    if layer.criterion.feature_vector is not None:
-        layer.feature_vector = layer.criterion.feature_vector(rotated, layer.stats).to(_device(layer))
+    if layer.criterion.feature_vector is not None:  # the criterion sees rotated features and the rotated weight
+        layer.feature_vector = layer.criterion.feature_vector(rotated, _rotated_stats(layer.stats, q)).to(_device(layer))
         _own(layer, "feature_vector", layer.feature_vector)
 
 

@@ -216,12 +216,14 @@ def load_state_(model: nn.Module, directory: str | Path, *, expect: SparsityConf
         raise ActsparseError(f"cannot read {tensors_path} ({error}); calibrate again") from error
     if set(tensors) != set(meta["tensors"]):
         raise ActsparseError(f"{tensors_path} and {META_FILE} do not list the same tensors; the directory is damaged")
-    from actsparse.calibration.mitigations import CovarianceStats
+    from actsparse.calibration.mitigations import CovarianceStats, own_feature_vector
     from actsparse.models.discovery import find_linear_sites
 
     # empty statistics: the mitigations build placeholders of the right shapes, filled below
     placeholders = {s.name: CovarianceStats(s.in_features) for s in find_linear_sites(model) if config.selects(s.role, s.layer)}
     sparsify_(model, config, stats=placeholders)
+    for layer in sparse_layers(model).values():
+        own_feature_vector(layer)  # as calibrate_ does: a clact state holds its channel norms
     try:
         owned = _owned(model)
         if set(owned) != set(tensors):
