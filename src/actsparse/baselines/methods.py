@@ -37,6 +37,7 @@ import torch
 from actsparse.core.masks import _topk_mask, keep_mask
 from actsparse.core.patterns import NM, Dense, Pattern, Unstructured
 from actsparse.errors import ActsparseError
+from actsparse.registry import Registry
 
 NEEDS = ("none", "norms", "hessian")
 
@@ -94,20 +95,14 @@ class Pruner:
         return self.needs != "none"
 
 
-PRUNERS: dict[str, Pruner] = {}
+PRUNERS = Registry("weight pruning method")
+get_pruner = PRUNERS.find
 
 
 def register_pruner(pruner: Pruner) -> Pruner:
     if pruner.needs not in NEEDS:
         raise ValueError(f"pruner '{pruner.name}': needs must be one of {NEEDS}")
-    PRUNERS[pruner.name] = pruner
-    return pruner
-
-
-def get_pruner(name: str) -> Pruner:
-    if name not in PRUNERS:
-        raise ActsparseError(f"unknown weight pruning method '{name}'; choose one of: {', '.join(PRUNERS)}")
-    return PRUNERS[name]
+    return PRUNERS.add(pruner)
 
 
 # ---- the methods ---------------------------------------------------------------------------

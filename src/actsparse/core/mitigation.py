@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from actsparse.errors import ActsparseError
+from actsparse.registry import Registry
 
 if TYPE_CHECKING:
     from actsparse.core.sparse_linear import SparseLinear
@@ -34,18 +35,9 @@ class Mitigation:
     description: str = ""
 
 
-MITIGATIONS: dict[str, Mitigation] = {}
-
-
-def register_mitigation(mitigation: Mitigation) -> Mitigation:
-    MITIGATIONS[mitigation.name] = mitigation
-    return mitigation
-
-
-def get_mitigation(name: str) -> Mitigation:
-    if name not in MITIGATIONS:
-        raise ActsparseError(f"unknown mitigation '{name}'; choose one of: {', '.join(sorted(MITIGATIONS))}")
-    return MITIGATIONS[name]
+MITIGATIONS = Registry("mitigation")
+register_mitigation = MITIGATIONS.add  # register_mitigation(Mitigation(...))
+get_mitigation = MITIGATIONS.find
 
 
 def plain(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:

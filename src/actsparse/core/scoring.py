@@ -22,6 +22,7 @@ import torch
 
 from actsparse.calibration.stats import InputStats
 from actsparse.errors import ActsparseError
+from actsparse.registry import Registry
 
 VectorFn = Callable[[torch.Tensor, InputStats | None], torch.Tensor]
 ScoreFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Generator | None], torch.Tensor]
@@ -37,18 +38,9 @@ class Criterion:
     description: str = ""
 
 
-CRITERIA: dict[str, Criterion] = {}
-
-
-def register_criterion(criterion: Criterion) -> Criterion:
-    CRITERIA[criterion.name] = criterion
-    return criterion
-
-
-def get_criterion(name: str) -> Criterion:
-    if name not in CRITERIA:
-        raise ActsparseError(f"unknown criterion '{name}'; choose one of: {', '.join(sorted(CRITERIA))}")
-    return CRITERIA[name]
+CRITERIA = Registry("criterion")
+register_criterion = CRITERIA.add  # register_criterion(Criterion(...))
+get_criterion = CRITERIA.find
 
 
 # ---- scores -------------------------------------------------------------------------------
