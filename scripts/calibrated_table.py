@@ -43,13 +43,15 @@ def table(records: list[dict], mitigations=MITIGATIONS, patterns=PATTERNS, crite
         "| dense | " + " | ".join(f"{dense:.2f}" for _ in columns) + " | |",
     ]
     for mitigation in mitigations:
-        cells, seconds = [], []
+        cells, seconds = [], {}  # device -> calibration seconds of this row's runs there
         for p, c in columns:
             record = by_key.get((p, c, mitigation))
             cells.append(f"{record['sparse_ppl']:.2f}" if record else "–")
-            if record and "calibration" in record:
-                seconds.append(record["calibration"].get("seconds") or 0.0)
-        lines.append(f"| {mitigation} | " + " | ".join(cells) + f" | {max(seconds):.1f} |" if seconds else f"| {mitigation} | " + " | ".join(cells) + " | – |")
+            if record and record.get("calibration"):
+                device = record.get("versions", {}).get("device", "?")
+                seconds.setdefault(device, []).append(record["calibration"].get("seconds") or 0.0)
+        shown = " / ".join(f"{max(values):.1f}" + (f" ({device})" if len(seconds) > 1 else "") for device, values in seconds.items())
+        lines.append(f"| {mitigation} | " + " | ".join(cells) + f" | {shown or '–'} |")
     first = records[0]
     calib = next((r["calibration"] for r in records if "calibration" in r and "options" in r["calibration"]), None)
     lines.append("")
@@ -63,6 +65,8 @@ def table(records: list[dict], mitigations=MITIGATIONS, patterns=PATTERNS, crite
             f" Calibrated layer by layer on {calib['data']} ({calib['windows']} windows x {calib['seqlen']} tokens); learned "
             f"mitigations: AdamW lr {options['lr']:g}, {options['steps'] or calib['windows']} steps per decoder layer."
         )
+    devices = sorted({r.get("versions", {}).get("device", "?") for r in records})
+    text += f" Device: {', '.join(devices)} (calibration seconds by device where they differ)." if len(devices) > 1 else f" Device: {devices[0]}."
     lines.append(text)
     return "\n".join(lines)
 
