@@ -96,3 +96,8 @@ for model in yaml.safe_load(open("sweeps/papers.yaml"))["models"]:
             f.writelines(json.dumps(r) + "\n" for r in records.values())
         print(f"{kind}-{model}: {len(records)} records")
 PY
+# PACK=FILE: also pack every store, log and the merged stores into one archive (a transfer back
+# from a lent machine brings only a few files).
+if [[ -n ${PACK:-} ]]; then
+    (cd "$DIR" && tar czf "$PACK.tmp" --exclude '*.yaml' --exclude '*.md' . && mv "$PACK.tmp" "$PACK")
+fi
