@@ -44,11 +44,15 @@ for model in spec["models"]:
         for c in CRITERIA:
             for m in MITIGATIONS:
                 if (p, c, m) not in done:
-                    (learned if is_learned(m) else quick).append(f"{'learned' if is_learned(m) else 'cal'} {model} {p} {c} {m}")
-    for p in spec["grids"][0]["patterns"]:
+                    if is_learned(m):
+                        learned.append(f"learned {model} {p} {c} {m}")
+                    else:
+                        quick.append(f"cal {model} {p} {c} {m}")
+    grids = spec["grids"][:2]  # the dynamic and the weight grid
+    for p in dict.fromkeys(q for g in grids for q in g["patterns"]):
         name = f"sweep-{model}-{p.replace(':', '')}"
-        grids = [dict(g, patterns=[p]) for g in spec["grids"][:2]]
-        yaml.safe_dump(dict(spec, models=[model], grids=grids, store=f"{out}/{name}.jsonl"), open(f"{out}/{name}.yaml", "w"))
+        sliced = [dict(g, patterns=[p]) for g in grids if p in g["patterns"]]
+        yaml.safe_dump(dict(spec, models=[model], grids=sliced, store=f"{out}/{name}.jsonl"), open(f"{out}/{name}.yaml", "w"))
         slices.append(f"sweep {model} {name}")
 print("\n".join(learned + slices + quick))
 PY
