@@ -371,3 +371,31 @@ def test_rotated_statistics_are_the_norms_of_rotated_inputs(data):
     q = torch.linalg.qr(torch.randn(K, K, generator=torch.Generator().manual_seed(3)))[0]
     expected = (calib.double() @ q.double()).norm(dim=0).float()
     torch.testing.assert_close(_rotated_stats(stats, q).feature_norm(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _trained_state(mitigation, device, cuda_graph):
+    torch.manual_seed(0)
+    model = tiny_model("llama").to(device)
+    windows = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(2))
+    config = SparsityConfig(pattern="2:4", criterion="amber", mitigation=mitigation)
+    report = calibrate_(model, config, windows, options=CalibrationOptions(lr=1e-2), progress=False, cuda_graph=cuda_graph)
+    state = {f"{name}.{key}": getattr(layer, key).detach().cpu() for name, layer in sparse_layers(model).items() for key in layer.state_names}
+    return state, report
+
+
+def test_cuda_graph_needs_cuda():
+    with pytest.raises(ActsparseError, match="CUDA"):
+        _trained_state("lpts", "cpu", cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("mitigation", ["lpts", "var-oscale-shift"])
+def test_cuda_graph_step_trains_as_the_eager_step(mitigation):
+    eager, eager_report = _trained_state(mitigation, "cuda", cuda_graph=False)
+    graphed, graphed_report = _trained_state(mitigation, "cuda", cuda_graph=True)
+    assert eager.keys() == graphed.keys() and eager
+    assert any(tensor.abs().sum() > 0 for tensor in graphed.values())  # trained away from the no-op start
+    for key in eager:
+        torch.testing.assert_close(graphed[key], eager[key], rtol=1e-5, atol=1e-6)
+    for index, info in eager_report.layers.items():
+        assert graphed_report.layers[index]["last_loss"] == pytest.approx(info["last_loss"], rel=1e-5)

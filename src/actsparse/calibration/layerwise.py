@@ -12,7 +12,8 @@ For each decoder layer in order:
 4. learned mitigations train their parameters only (everything else frozen): MSE between
    the sparse and the dense decoder-layer outputs, AdamW (lr 1e-4, betas 0.9/0.95, no weight
    decay), 3% linear warm-up then linear decay to 0, batch 1 window, gradient clipping 1.0,
-   ``steps`` steps (default: one pass over the windows);
+   ``steps`` steps (default: one pass over the windows); on CUDA each step's forward and
+   backward pass is replayed as a CUDA graph (the same numbers, far fewer launches);
 5. the calibrated sparse layer produces the next layer's inputs.
 
 Calibration inputs and targets are kept on ``cache_device`` (CPU by default); one window's
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -102,8 +104,77 @@ def trainable_parameters(layer: nn.Module) -> list[nn.Parameter]:
     return found
 
 
-def train_layer(layer, call, inputs, targets, options: CalibrationOptions, device, *, progress=True, desc="") -> dict:
-    """Train the mitigation parameters of one decoder layer; everything else frozen."""
+class _WindowLoss:
+    """MSE between ``layer``'s output on one window and its target, and the gradients of ``params``
+    (written to their ``.grad``). Eager: every step launches each kernel from Python."""
+
+    def __init__(self, layer, call, params):
+        self.layer, self.call, self.params = layer, call, params
+
+    def compute(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        out = self.call.run(self.layer, x)
+        loss = torch.nn.functional.mse_loss(out.float(), target.float())
+        return loss, torch.autograd.grad(loss, self.params)
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss, grads = self.compute(x, target)
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        return loss.detach()
+
+
+class _GraphedWindowLoss(_WindowLoss):
+    """``_WindowLoss`` captured once as a CUDA graph and replayed every step: a step of a small
+    decoder layer is hundreds of tiny kernels, and launching them one by one from Python costs
+    more than running them. The window is copied into static buffers; the graph writes the loss
+    and the gradients into its own static tensors (the same numbers as the eager step)."""
+
+    WARMUP = 3  # eager runs on a side stream before capture, as CUDA graphs require
+
+    def __init__(self, layer, call, params, x: torch.Tensor, target: torch.Tensor):
+        super().__init__(layer, call, params)
+        self.x, self.target = x.clone(), target.clone()
+        device = x.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self.compute(self.x, self.target)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss, self.grads = self.compute(self.x, self.target)
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x, non_blocking=True)
+        self.target.copy_(target, non_blocking=True)
+        self.graph.replay()
+        for p, g in zip(self.params, self.grads):
+            p.grad = g  # the clipping and the optimizer read (and the clipping scales) these in place
+        return self.loss.detach().clone()  # the static loss is overwritten by the next replay
+
+
+def _window_loss(layer, call, params, x, target, device, cuda_graph: bool | None) -> _WindowLoss:
+    """The graphed step on CUDA (``cuda_graph=None``: wherever it can be captured), else eager."""
+    if cuda_graph is None:
+        cuda_graph = torch.device(device).type == "cuda"
+    if not cuda_graph:
+        return _WindowLoss(layer, call, params)
+    if torch.device(device).type != "cuda":
+        raise ActsparseError(f"cuda_graph=True needs a CUDA device, the layer is on {device}")
+    try:
+        return _GraphedWindowLoss(layer, call, params, x, target)
+    except Exception as error:  # an operation that cannot be captured (a host sync, a CPU generator, ...)
+        warnings.warn(f"calibration: the training step could not be captured as a CUDA graph ({error}); training eagerly", stacklevel=2)
+        torch.cuda.synchronize(device)
+        return _WindowLoss(layer, call, params)
+
+
+def train_layer(layer, call, inputs, targets, options: CalibrationOptions, device, *, progress=True, desc="", cuda_graph=None) -> dict:
+    """Train the mitigation parameters of one decoder layer; everything else frozen.
+
+    ``cuda_graph``: replay the forward and backward pass of a step as a CUDA graph (default:
+    on CUDA devices; the numbers are those of the eager step)."""
     params = trainable_parameters(layer)
     if not params:
         return {}
@@ -121,16 +192,14 @@ def train_layer(layer, call, inputs, targets, options: CalibrationOptions, devic
     bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False)
     try:
         with torch.enable_grad():
+            window_loss = _window_loss(layer, call, params, inputs[order[0]].to(device), targets[order[0]].to(device), device, cuda_graph)
             for step in bar:
                 index = order[step % len(order)]
-                out = call.run(layer, inputs[index].to(device))
-                loss = torch.nn.functional.mse_loss(out.float(), targets[index].to(device).float())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = window_loss(inputs[index].to(device), targets[index].to(device))
                 torch.nn.utils.clip_grad_norm_(params, options.clip)
                 optimizer.step()
                 scheduler.step()
-                losses.append(loss.detach())  # no host sync per step: the device runs ahead
+                losses.append(loss)  # no host sync per step: the device runs ahead
                 if step % SHOW_EVERY == 0 or step == steps - 1:
                     bar.set_postfix(loss=f"{losses[-1].item():.3e}")
     finally:
@@ -139,6 +208,7 @@ def train_layer(layer, call, inputs, targets, options: CalibrationOptions, devic
             p.requires_grad_(flag)
         for p in params:
             p.requires_grad_(False)
+            p.grad = None
     return {"steps": steps, "first_loss": losses[0].item(), "last_loss": losses[-1].item()}
 
 
@@ -171,6 +241,7 @@ def calibrate_(
     bos_id: int | None = None,
     progress: bool = True,
     cache_device: str | torch.device | None = None,
+    cuda_graph: bool | None = None,
 ) -> CalibrationReport:
     """Sparsify ``model`` with ``config`` and calibrate its mitigation layer by layer, in place.
 
@@ -179,6 +250,8 @@ def calibrate_(
     and ``save_state`` can write the calibrated tensors. ``cache_device``: where the windows'
     activations wait between decoder layers (default: the model's device; ``"cpu"`` offloads
     them, so that only one decoder layer's activations are on the device at a time).
+    ``cuda_graph``: train the learned mitigations with each step replayed as a CUDA graph
+    (default: on CUDA; ``False`` launches every kernel eagerly, for debugging).
     """
     from actsparse.sparsify import sparse_layers, unsparsify_
 
@@ -242,7 +315,7 @@ def calibrate_(
             if learned:
                 for site in group:  # trained from the no-op initialisation
                     model.get_submodule(site.name).calibrated = True
-                info = train_layer(layer, calls[index], inputs, targets, options, device, progress=progress, desc=f"layer {index}")
+                info = train_layer(layer, calls[index], inputs, targets, options, device, progress=progress, desc=f"layer {index}", cuda_graph=cuda_graph)
             with torch.no_grad():
                 outputs = calls[index].run_all(layer, inputs, device, cache_device)
                 errors = [torch.nn.functional.mse_loss(out.float(), target.float()) for out, target in zip(outputs, targets)]
