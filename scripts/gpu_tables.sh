@@ -11,7 +11,9 @@
 #   bash scripts/gpu_tables.sh [SECONDS] [DIR] [JOBS]      (defaults: 560, /tmp/actsparse-results, 14)
 #
 # JOBS learned calibrations run at a time, and beside them SIDE_JOBS (default 4) of the rest.
-# MODELS="smollm2-135m ..." limits the jobs to those models (default: the sweep's).
+# MODELS="smollm2-135m ..." limits the jobs to those models (default: the sweep's). GRIDS="FILE ..."
+# names the sweep files whose calibrated grids are run (default: sweeps/papers.yaml; also
+# sweeps/papers-extended.yaml for the rest of the cross product), in that order.
 #
 # A learned calibration starts only with LEARNED_SECONDS (default 360) left before the deadline,
 # since a stopped one keeps nothing; the time left goes to the sweep slices and the quick cells.
@@ -66,13 +68,15 @@ for model in models:
         yaml.safe_dump(dict(sliced, store=f"{out}/{name}.jsonl"), open(f"{out}/{name}.yaml", "w"))
         slices.append(f"sweep {model} {name}")
     # The calibrated grid, one run per job (its store seeded with the model's dense record).
-    for g in spec["grids"][2:]:
-        for p in g["patterns"]:
+    for path in os.environ.get("GRIDS", "sweeps/papers.yaml").split():
+        source = yaml.safe_load(open(path))
+        for g in (g for g in source["grids"] if "calibration" in g):
+          for p in g["patterns"]:
             for c in g["criteria"]:
                 for m in g["mitigations"]:
                     if (p, c, m) in done:
                         continue  # a table cell: already measured (scripts/calibrated_table.py)
-                    one = dict(spec, models=[model], grids=[dict(g, patterns=[p], criteria=[c], mitigations=[m])])
+                    one = dict(source, models=[model], grids=[dict(g, patterns=[p], criteria=[c], mitigations=[m])])
                     run = parse_sweep(one).with_tasks(()).runs[-1]
                     if run.key in have:
                         continue

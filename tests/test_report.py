@@ -49,6 +49,25 @@ def test_pattern_order_and_labels():
     assert method_label("weights", {"method": "wanda", "skip": []}) == "weights wanda"
 
 
+def test_methods_are_grouped_by_criterion_with_mitigations_in_registry_order():
+    mixed = [
+        record("activations", "2:4", 15.0, mitigation="oscale"),  # a table store read before the sweep store
+        record("activations", "2:4", 14.0, criterion="magnitude", mitigation="spts"),
+        record("activations", "2:4", 16.0, mitigation="none"),
+        record("activations", "2:4", 14.5, mitigation="var"),
+        record("activations", "2:4", 17.0, criterion="magnitude", mitigation="none", skip=["k"]),
+        record("activations", "2:4", 18.0, mitigation="not-registered"),
+        record("weights", "2:4", 30.0, method="wanda"),
+    ]
+    mixed[4]["config"]["skip"] = ["k_proj"]
+    (study,) = studies(mixed)
+    assert study.methods("activations") == [
+        "amber + none", "amber + var", "amber + oscale", "amber + not-registered",
+        "magnitude + none [skip k_proj]", "magnitude + spts",
+    ]  # fmt: skip
+    assert study.methods("weights") == ["weights wanda"]
+
+
 def test_headline_ratio_is_the_drop_of_2_4_over_the_drop_of_the_pattern():
     (study,) = studies(RECORDS)
     table = ratios(study, PPL)

@@ -82,7 +82,7 @@ def test_papers_sweep_file_is_the_study():
     spec = load_sweep(REPO / "sweeps" / "papers.yaml")
     assert spec.models == ("smollm2-135m", "gemma3-270m")
     per_model = collections.Counter(r.model for r in spec.runs)
-    assert per_model == {"smollm2-135m": 1 + 72 + 18 + 312, "gemma3-270m": 1 + 72 + 18 + 312}
+    assert per_model == {"smollm2-135m": 1 + 72 + 18 + 52, "gemma3-270m": 1 + 72 + 18 + 52}
     runs = [r for r in spec.runs if r.model == "smollm2-135m"]
     patterns = {r.config.pattern for r in runs if r.target != "dense"}
     assert patterns == {"2:4", "4:8", "8:16", "16:32", "unstructured:0.5", "unstructured:0.7"}
@@ -93,6 +93,28 @@ def test_papers_sweep_file_is_the_study():
     assert all(r.calibration["windows"] == 256 for r in runs if r.calibration)
     assert set(runs[0].tasks.tasks) == {"actsparse_lastword", "actsparse_continuation"} and runs[0].generate is not None
     assert load_sweep(REPO / "sweeps" / "example.yaml").runs  # the small example parses too
+
+
+def test_extended_sweep_is_the_rest_of_the_calibrated_cross_product():
+    from actsparse.calibration.mitigations import CALIBRATED
+
+    papers, extended = (load_sweep(REPO / "sweeps" / name).with_tasks(()) for name in ("papers.yaml", "papers-extended.yaml"))
+    assert extended.models == papers.models
+
+    def cells(spec):
+        return {(r.model, r.config.pattern, r.config.criterion, r.config.mitigation): r for r in spec.runs if r.calibration}
+
+    ours, theirs = cells(papers), cells(extended)
+    assert not ours.keys() & theirs.keys()
+    patterns = {r.config.pattern for r in papers.runs if r.target == "activations"}
+    criteria = {r.config.criterion for r in papers.runs if r.target == "activations"}
+    mitigations = {cell[3] for cell in ours}
+    assert mitigations == CALIBRATED  # every calibrated mitigation, crossed with every pattern and criterion once in all
+    assert ours.keys() | theirs.keys() == {(m, p, c, g) for m in papers.models for p in patterns for c in criteria for g in mitigations}
+    dense = [r.key for r in extended.runs if r.target == "dense"]
+    assert dense == [r.key for r in papers.runs if r.target == "dense"]  # the same settings: one dense baseline for both
+    sample = next(iter(theirs.values()))
+    assert sample.calibration == next(iter(ours.values())).calibration and sample.settings == next(iter(ours.values())).settings
 
 
 def test_store_skips_a_partial_line_and_appends_after_it(tmp_path, capsys):

@@ -89,8 +89,24 @@ class Study:
         return sorted(names, key=pattern_order)
 
     def methods(self, target: str) -> list[str]:
-        """Methods of a target in the order first seen."""
-        return list(dict.fromkeys(p.method for p in self.points.values() if p.target == target))
+        """Methods of a target: activation methods grouped by criterion (in the order first seen),
+        each criterion's mitigations in registry order (none, var, dpts, ..., the calibrated and
+        learned ones); anything else in the order first seen."""
+        seen = list(dict.fromkeys(p.method for p in self.points.values() if p.target == target))
+        if target != "activations":
+            return seen
+        from actsparse.calibration import mitigations as _registers_calibrated  # noqa: F401
+        from actsparse.core.mitigation import MITIGATIONS
+
+        registry = {name: index for index, name in enumerate(MITIGATIONS)}
+        criteria = list(dict.fromkeys(method.split(" + ")[0] for method in seen))
+
+        def order(method: str) -> tuple:
+            criterion, _, rest = method.partition(" + ")
+            mitigation = rest.split(" [")[0]
+            return (criteria.index(criterion), registry.get(mitigation, len(registry)), seen.index(method))
+
+        return sorted(seen, key=order)
 
     def get(self, target: str, pattern: str, method: str) -> Point | None:
         return self.points.get((target, pattern, method))
