@@ -67,28 +67,29 @@ for model in models:
             continue
         yaml.safe_dump(dict(sliced, store=f"{out}/{name}.jsonl"), open(f"{out}/{name}.yaml", "w"))
         slices.append(f"sweep {model} {name}")
-    # The calibrated grid, one run per job (its store seeded with the model's dense record).
+    # The calibrated grids, one run per job (its store seeded with the model's dense record).
     for path in os.environ.get("GRIDS", "sweeps/papers.yaml").split():
         source = yaml.safe_load(open(path))
-        for g in (g for g in source["grids"] if "calibration" in g):
-          for p in g["patterns"]:
-            for c in g["criteria"]:
-                for m in g["mitigations"]:
-                    if (p, c, m) in done:
-                        continue  # a table cell: already measured (scripts/calibrated_table.py)
-                    one = dict(source, models=[model], grids=[dict(g, patterns=[p], criteria=[c], mitigations=[m])])
-                    run = parse_sweep(one).with_tasks(()).runs[-1]
-                    if run.key in have:
-                        continue
-                    name = f"grid-{model}-{p.replace(':', '')}-{c}-{m}"
-                    yaml.safe_dump(dict(one, store=f"{out}/{name}.jsonl"), open(f"{out}/{name}.yaml", "w"))
-                    if dense is not None and not glob.glob(f"{out}/{name}.jsonl"):
-                        open(f"{out}/{name}.jsonl", "w").write(json.dumps(dense) + "\n")
-                    (grid_learned if is_learned(m) else grid_quick).append(f"{'learned' if is_learned(m) else 'grid'} {model} {name}")
+        cells = [(g, p, c, m) for g in source["grids"] if "calibration" in g
+                 for p in g["patterns"] for c in g["criteria"] for m in g["mitigations"]]
+        for g, p, c, m in cells:
+            if (p, c, m) in done:
+                continue  # a table cell: already measured (scripts/calibrated_table.py)
+            one = dict(source, models=[model], grids=[dict(g, patterns=[p], criteria=[c], mitigations=[m])])
+            if parse_sweep(one).with_tasks(()).runs[-1].key in have:
+                continue
+            name = f"grid-{model}-{p.replace(':', '')}-{c}-{m}"
+            yaml.safe_dump(dict(one, store=f"{out}/{name}.jsonl"), open(f"{out}/{name}.yaml", "w"))
+            if dense is not None and not glob.glob(f"{out}/{name}.jsonl"):
+                open(f"{out}/{name}.jsonl", "w").write(json.dumps(dense) + "\n")
+            if is_learned(m):
+                grid_learned.append(f"learned {model} {name}")
+            else:
+                grid_quick.append(f"grid {model} {name}")
 print("\n".join(learned + grid_learned + slices + quick + grid_quick))
 PY
 
-job() {  # cal MODEL PATTERN CRITERION MITIGATION | sweep MODEL NAME
+job() {  # cal MODEL PATTERN CRITERION MITIGATION | sweep MODEL NAME | grid MODEL NAME | learned (cal or grid arguments)
     local left=$(( DEADLINE - $(date +%s) ))
     (( left > 60 )) || return 0
     if [[ $1 == learned ]]; then  # a learned calibration keeps nothing if it is stopped: start one only with time for it
