@@ -284,6 +284,8 @@ def calibrate_(
         needs.add("norms")  # clact: its channel norms come from this layer's calibration inputs
     learned = is_learned(mitigation.name)
     device = next(model.parameters()).device
+    if cuda_graph and device.type != "cuda":
+        raise ActsparseError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}; leave cuda_graph unset")
     cache_device = device if cache_device is None else cache_device
     _, layers = find_decoder_layers(model)
     last = max(by_layer)
