@@ -154,14 +154,18 @@ class _GraphedWindowLoss(_WindowLoss):
         return self.loss.detach().clone()  # the static loss is overwritten by the next replay
 
 
+def use_cuda_graph(cuda_graph: bool | None, device) -> bool:
+    """Whether training steps are graphed: ``None`` means on CUDA devices; ``True`` off CUDA is refused."""
+    on_cuda = torch.device(device).type == "cuda"
+    if cuda_graph and not on_cuda:
+        raise ActsparseError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}; leave cuda_graph unset")
+    return on_cuda if cuda_graph is None else cuda_graph
+
+
 def _window_loss(layer, call, params, x, target, device, cuda_graph: bool | None) -> _WindowLoss:
-    """The graphed step on CUDA (``cuda_graph=None``: wherever it can be captured), else eager."""
-    if cuda_graph is None:
-        cuda_graph = torch.device(device).type == "cuda"
-    if not cuda_graph:
+    """The graphed step where ``use_cuda_graph`` says so and it can be captured, else eager."""
+    if not use_cuda_graph(cuda_graph, device):
         return _WindowLoss(layer, call, params)
-    if torch.device(device).type != "cuda":
-        raise ActsparseError(f"cuda_graph=True needs a CUDA device, the layer is on {device}")
     try:
         return _GraphedWindowLoss(layer, call, params, x, target)
     except Exception as error:  # an operation that cannot be captured (a host sync, a CPU generator, ...)
@@ -284,8 +288,7 @@ def calibrate_(
         needs.add("norms")  # clact: its channel norms come from this layer's calibration inputs
     learned = is_learned(mitigation.name)
     device = next(model.parameters()).device
-    if cuda_graph and device.type != "cuda":
-        raise ActsparseError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}; leave cuda_graph unset")
+    cuda_graph = use_cuda_graph(cuda_graph, device)  # checked before any work
     cache_device = device if cache_device is None else cache_device
     _, layers = find_decoder_layers(model)
     last = max(by_layer)
