@@ -245,3 +245,87 @@ def test_new_commands_have_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([command, "--help"])
     assert exit_.value.code == 0 and f"usage: actsparse {command}" in capsys.readouterr().out
+
+
+# ---- several writers on one store ----------------------------------------------------------------
+
+
+def _claim_and_store(path, keys, worker, barrier):
+    store = Store(path)
+    barrier.wait()
+    for key in keys:
+        if store.claim(key, worker):
+            store.append({"key": key, "worker": worker})
+
+
+def test_processes_sharing_a_store_claim_each_run_once(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "shared.jsonl"
+    keys = [f"k{i}" for i in range(12)]
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(3)
+    workers = [context.Process(target=_claim_and_store, args=(path, keys[i:] + keys[:i], f"w{i}", barrier)) for i in range(3)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(60)
+        assert process.exitcode == 0
+    records = read_records(path)
+    assert sorted(r["key"] for r in records) == sorted(keys)  # every run stored exactly once
+    assert Store(path).claims() == {}  # appending released every claim
+
+
+def test_append_never_stores_a_key_twice_and_claims_follow_the_store(tmp_path):
+    store = Store(tmp_path / "s.jsonl")
+    assert store.claim("a", "me") and store.claim("a", "me")  # a worker's own claim is its own
+    assert not store.claim("a", "you")  # held by a live process (this one)
+    assert store.append({"key": "a", "n": 1}) is True
+    assert store.append({"key": "a", "n": 2}) is False
+    assert [r["n"] for r in store.records()] == [1]
+    assert not store.claim("a", "you")  # stored: nothing to claim
+    assert store.claim("b", "me")
+    store.release("b", "you")  # not yours: nothing happens
+    assert not store.claim("b", "you")
+    store.release("b", "me")
+    assert store.claim("b", "you")
+
+
+def test_a_claim_of_a_dead_process_is_stale(tmp_path):
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    store = Store(tmp_path / "s.jsonl")
+    store.claims_path.write_text(json.dumps({"a": {"worker": "gone", "host": socket.gethostname(), "pid": pid, "time": 0}}))
+    assert store.claim("a", "me")
+    assert store.claims()["a"]["worker"] == "me"
+    # another host's claim cannot be checked: kept, unless stale_after says how old is too old
+    store.claims_path.write_text(json.dumps({"b": {"worker": "far", "host": "elsewhere", "pid": 1, "time": time.time() - 100}}))
+    assert not store.claim("b", "me")
+    assert Store(store.path, stale_after=50).claim("b", "me")
+
+
+def test_a_truncated_last_line_is_skipped_with_a_warning(tmp_path, capsys):
+    store = Store(tmp_path / "s.jsonl")
+    store.append({"key": "a"})
+    with open(store.path, "a") as handle:
+        handle.write('{"key": "b", "sparse_ppl": 4')
+    assert store.keys() == {"a"}
+    err = capsys.readouterr().err
+    assert "warning" in err and "truncated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sweep_leaves_runs_another_process_holds(tmp_path):
+    model_dir = save_tiny_model_dir(tmp_path / "tiny")
+    path = _write_sweep(tmp_path, model_dir, '[{target: activations, patterns: ["2:4"], criteria: [magnitude], mitigations: [none, var]}]')
+    data = yaml.safe_load(path.read_text())
+    data["settings"]["max_tokens"] = 256
+    spec = parse_sweep(data)
+    store = Store(tmp_path / "store.jsonl")
+    assert store.claim(spec.runs[1].key, "another")  # a live process (this one, under another name) is running it
+    summary = run_sweep(spec, store.path, progress=False, log=lambda text: None, worker="me")
+    assert summary.elsewhere == [spec.runs[1].key]
+    assert set(summary.done) == {spec.runs[0].key, spec.runs[2].key}
+    assert store.keys() == {spec.runs[0].key, spec.runs[2].key}
+    assert set(store.claims()) == {spec.runs[1].key}

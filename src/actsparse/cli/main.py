@@ -431,7 +431,11 @@ def cmd_sweep(args) -> None:
         print(f"{sum(r.key in done for r in spec.runs)} of {len(spec.runs)} runs in {out}")
         return
     summary = run_sweep(spec, out, progress=not args.no_progress, keep_going=args.keep_going)
-    print(f"{len(summary.done)} runs done now, {summary.skipped} were already in {out}" + (f", {len(summary.failed)} FAILED" if summary.failed else ""))
+    print(
+        f"{len(summary.done)} runs done now, {summary.skipped} were already in {out}"
+        + (f", {len(summary.elsewhere)} done by another process" if summary.elsewhere else "")
+        + (f", {len(summary.failed)} FAILED" if summary.failed else "")
+    )
     for label, error in summary.failed:
         print(f"failed     {label}: {error}")
     if summary.failed:

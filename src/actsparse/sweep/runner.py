@@ -3,7 +3,8 @@
 Models are loaded once per sweep (runs are grouped by model, one ``Evaluator`` each, which
 also shares the dense baseline, the calibration statistics and the weight snapshot among its
 runs). A killed sweep loses only the run in progress; running it again skips every key the
-store already holds.
+store already holds. Runs are claimed in the store before they start (``Store.claim``), so
+sweeps sharing a store split the work and never store a run twice.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 from actsparse.eval.measure import measure
 from actsparse.sweep.spec import Run, SweepSpec
-from actsparse.sweep.store import Store
+from actsparse.sweep.store import Store, default_worker
 
 
 @dataclass
@@ -23,10 +24,11 @@ class SweepSummary:
     skipped: int  # already in the store
     done: list = field(default_factory=list)  # keys run now
     failed: list = field(default_factory=list)  # (label, error text) with keep_going
+    elsewhere: list = field(default_factory=list)  # keys claimed or stored by another process meanwhile
 
     @property
     def remaining(self) -> int:
-        return self.total - self.skipped - len(self.done)
+        return self.total - self.skipped - len(self.done) - len(self.elsewhere)
 
 
 def execute(evaluator, run: Run, prepared=None) -> dict:
@@ -57,8 +59,15 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_sweep(spec: SweepSpec, store_path, progress: bool = True, keep_going: bool = False, log=None) -> SweepSummary:
-    """Run every run of ``spec`` not yet in the store at ``store_path``; see the module docstring."""
+def run_sweep(
+    spec: SweepSpec, store_path, progress: bool = True, keep_going: bool = False, log=None, worker: str | None = None
+) -> SweepSummary:
+    """Run every run of ``spec`` not yet in the store at ``store_path``; see the module docstring.
+
+    Each run is claimed in the store (``Store.claim``, as ``worker``) before it starts, so
+    several processes can work through one sweep on one store: each run is done and stored
+    once; ``summary.elsewhere`` lists the runs another process took (or stored) meanwhile.
+    """
     from tqdm.auto import tqdm
 
     from actsparse.eval.lmeval import prepare_tasks, require_lm_eval
@@ -70,33 +79,45 @@ def run_sweep(spec: SweepSpec, store_path, progress: bool = True, keep_going: bo
     summary = SweepSummary(total=len(spec.runs), skipped=len(spec.runs) - len(todo))
     if any(run.tasks.tasks for run in todo):
         require_lm_eval()  # before the first model loads
+    worker = worker or default_worker()
     bar = tqdm(total=summary.total, initial=summary.skipped, unit="run", disable=not progress, dynamic_ncols=True)
     write = log or (bar.write if progress else print)
     write(f"{summary.skipped} of {summary.total} runs already in {store.path}; {len(todo)} to go")
     try:
         for model in dict.fromkeys(run.model for run in todo):  # models in sweep order, each loaded once
             runs = [run for run in todo if run.model == model]
-            bar.set_description(f"{model}: loading")
-            evaluator = Evaluator(runs[0].settings, progress=False)
-            prepared = {}
+            evaluator, prepared = None, {}
             for run in runs:
-                bar.set_description(run.label())
-                if run.tasks.tasks and run.tasks not in prepared:
-                    prepared[run.tasks] = prepare_tasks(run.tasks, evaluator.source)
-                start = time.perf_counter()
+                if not store.claim(run.key, worker):  # stored or being run by another process meanwhile
+                    summary.elsewhere.append(run.key)
+                    bar.update(1)
+                    continue
                 try:
+                    if evaluator is None:  # loaded only when this process has a run of the model to do
+                        bar.set_description(f"{model}: loading")
+                        evaluator = Evaluator(runs[0].settings, progress=False)
+                    bar.set_description(run.label())
+                    if run.tasks.tasks and run.tasks not in prepared:
+                        prepared[run.tasks] = prepare_tasks(run.tasks, evaluator.source)
+                    start = time.perf_counter()
                     record = execute(evaluator, run, prepared.get(run.tasks))
                 except Exception as error:  # noqa: BLE001 - reported, and re-raised unless keep_going
+                    store.release(run.key, worker)
                     if not keep_going:
                         raise
                     summary.failed.append((run.label(), f"{type(error).__name__}: {error}"))
                     write(f"FAILED {run.label()}: {type(error).__name__}: {error}")
                     bar.update(1)
                     continue
+                except BaseException:
+                    store.release(run.key, worker)
+                    raise
                 record["run_seconds"] = time.perf_counter() - start
                 record["sweep"] = spec.name
-                store.append(record)
-                summary.done.append(run.key)
+                if store.append(record):
+                    summary.done.append(run.key)
+                else:
+                    summary.elsewhere.append(run.key)
                 bar.update(1)
                 write(_line(run, record))
             evaluator = prepared = None  # this model is done: free it before the next one loads
