@@ -17,6 +17,7 @@ from actsparse.core.mitigation import Mitigation
 from actsparse.core.patterns import Dense, Pattern
 from actsparse.core.scoring import Criterion
 from actsparse.kernels.dispatch import choose_backend, runs_here, triton_forward
+from actsparse.kernels.sparse_gemv import GemvWeight
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -70,7 +71,7 @@ class SparseLinear(nn.Module):
         self._generator: torch.Generator | None = None
         self.backend = choose_backend(backend, pattern, criterion.name, mitigation.name)
         self.forced_backend = backend == "triton"
-        self._decode_weight = self._cslt_linear = None
+        self._gemv_weight = self._cslt_linear = None
         vector = None
         if criterion.feature_vector is not None:
             vector = criterion.feature_vector(self.dense_weight(), stats).to(self.weight.device)
@@ -103,14 +104,13 @@ class SparseLinear(nn.Module):
         """``P(x)``: ``x`` with the features outside the mask set to zero."""
         return torch.where(self.keep(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-    def decode_weight(self):
-        """The transposed weight copy the decode GEMV reads (made on first use)."""
-        from actsparse.kernels.decode import DecodeWeight
-
+    def gemv_weight(self) -> GemvWeight:
+        """The transposed weight copy (and workspace) the decode GEMV reads, made on first use."""
         weight = self.dense_weight()
-        if self._decode_weight is None or self._decode_weight.wt.device != weight.device:
-            self._decode_weight = DecodeWeight.from_linear(weight.detach(), None if self.bias is None else self.bias.detach())
-        return self._decode_weight
+        if self._gemv_weight is None or self._gemv_weight.device != weight.device:
+            row_sum = getattr(self, "weight_row_sum", None)
+            self._gemv_weight = GemvWeight(weight, self.bias, None if row_sum is None else row_sum.to(weight.device))
+        return self._gemv_weight
 
     def cslt_linear(self):
         """The cuSPARSELt 2:4 product of this layer's weight (made on first use)."""

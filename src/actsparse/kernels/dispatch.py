@@ -9,10 +9,11 @@ Backends (``SparsityConfig.backend``):
 
 The Triton path, per call with rows ``x [T, K]``:
 
-- ``T <= DECODE_MAX_ROWS`` (decode) and ``ACTSPARSE_DECODE_GEMV=1``: fused N:M sparsify, then
-  a GEMV that reads only the weight rows of kept inputs (``kernels.decode``; keeps a transposed
-  weight copy). Opt-in for now: its race-free split finish has passed the interpreter tests
-  and compiles for sm_90 but has not yet run on an H100 (see BENCHMARKS.md).
+- ``T <= MAX_ROWS`` (decode) where :data:`DECODE_CHOICE` says the sparse GEMV wins for this
+  shape and row count: one launch that selects N of every M inputs and reads only their weight
+  rows, with VAR's scale and D-PTS's rank-1 term in its epilogue (``kernels.sparse_gemv``; keeps
+  a transposed weight copy). Where the union of kept rows over the tokens makes it lose, the
+  rows take the fused sparsify + dense product instead.
 - 2:4 without mitigation, on CUDA, where measured faster for this shape: one pass emits
   the cuSPARSELt compressed input, then ``torch._cslt_sparse_mm`` (``kernels.cslt24``).
 - otherwise: fused N:M sparsify (``kernels.sparsify``), then the dense product.
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from actsparse.core.patterns import NM
+from actsparse.kernels.sparse_gemv import MAX_ROWS
 from actsparse.errors import ActsparseError
 
 if TYPE_CHECKING:
@@ -35,12 +37,6 @@ BACKENDS = ("auto", "torch", "triton")
 # Criteria whose N:M mask is that of |x| * v (clact's 1/||x_t|| is constant in a row).
 VECTOR_CRITERIA = {"magnitude", "wina", "amber", "amber-clamp", "var-weight", "clact"}
 KERNEL_MITIGATIONS = {"none", "var", "dpts"}
-DECODE_MAX_ROWS = 16
-
-
-def decode_gemv_enabled() -> bool:
-    """The decode GEMV path is opt-in: ``ACTSPARSE_DECODE_GEMV=1``."""
-    return os.environ.get("ACTSPARSE_DECODE_GEMV") == "1"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -110,9 +106,37 @@ def _median_ms(fn, repeats: int) -> float:
 PREFILL_CHOICE = PrefillChoice()
 
 
+class DecodeChoice:
+    """Whether the sparse GEMV beats sparsify + dense product, per (K, O, rows, N, M, dtype).
+
+    Entries come from :meth:`measure` (run at warm-up, never inside ``forward``); shapes not
+    measured follow :meth:`default`, the rule the H200 measurements support (BENCHMARKS.md).
+    """
+
+    def __init__(self):
+        self.measured: dict[tuple, bool] = {}
+
+    @staticmethod
+    def default(rows: int, n: int, m: int) -> bool:
+        """One token always; two while their union of kept rows stays small (density <= 1/2)."""
+        return rows == 1 or (rows == 2 and 2 * n <= m)
+
+    def sparse_wins(self, k: int, o: int, rows: int, n: int, m: int, dtype: torch.dtype) -> bool:
+        if rows > MAX_ROWS:
+            return False
+        return self.measured.get((k, o, rows, n, m, dtype), self.default(rows, n, m))
+
+    def measure(self, key: tuple, run_sparse, run_dense, repeats: int = 20) -> bool:
+        """Time both (CUDA events, medians after a warm-up) and remember which wins for ``key``."""
+        self.measured[key] = _median_ms(run_sparse, repeats) < _median_ms(run_dense, repeats)
+        return self.measured[key]
+
+
+DECODE_CHOICE = DecodeChoice()
+
+
 def triton_forward(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
     """The Triton path for rows ``x [T, K]`` of a layer whose config is supported."""
-    from actsparse.kernels.decode import nm_decode_linear
     from actsparse.kernels.sparsify import nm_sparsify
 
     n, m = layer.pattern.n, layer.pattern.m
@@ -122,10 +146,9 @@ def triton_forward(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
     eta = x.median(dim=-1).values.float() if mitigation == "dpts" else None
     var = mitigation == "var"
     rows = x.shape[0]
-    if rows <= DECODE_MAX_ROWS and decode_gemv_enabled():
-        pruned = nm_sparsify(x, n, m, vector=vector, var=var, shift=eta)
-        y = nm_decode_linear(pruned, layer.decode_weight(), n, m)
-    elif (n, m) == (2, 4) and mitigation == "none" and x.is_cuda and x.dtype != torch.float32:
+    if DECODE_CHOICE.sparse_wins(layer.in_features, layer.out_features, rows, n, m, x.dtype):
+        return layer.gemv_weight()(x, n, m, vector=vector, shift=eta, var=var)  # shift term in the epilogue
+    if (n, m) == (2, 4) and mitigation == "none" and x.is_cuda and x.dtype != torch.float32:
         y = _prefill24(layer, x, vector)
     else:
         y = layer.product(nm_sparsify(x, n, m, vector=vector, var=var, shift=eta))

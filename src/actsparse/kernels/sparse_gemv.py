@@ -1,0 +1,416 @@
+"""Decode in one launch: pick N of every M inputs and read only the weight rows they need.
+
+For a few tokens (``B <= MAX_ROWS``) a linear layer is a GEMV and its cost is reading the
+weight. With the input pruned to N:M only the kept features' weight rows matter; the weight is
+kept transposed, ``Wt = W.t()`` ``[K, O]``, so each kept feature is one contiguous row.
+
+What one launch computes, for each token ``b`` (all sums in float32)::
+
+    xs   = x[b] - shift[b]                       (shift: D-PTS's median, optional)
+    keep = the N largest |xs| * vector of every M consecutive features (ties to the lower index,
+           NaN counts as the largest, as in a stable descending sort)
+    p    = where(keep, xs, 0)
+    s    = sqrt(Var(x[b]) / max(Var(p), 1e-8))   (VAR, optional; else 1; unbiased variances)
+    y[b] = s * (p @ Wt) + shift[b] * row_sum + bias
+
+so VAR's per-token scale and D-PTS's rank-1 term are applied to the product's output.
+
+Design. The grid is (column tiles of ``BLOCK_O``) x (chunks of ``CHUNK`` input rows). A program
+first selects the kept features of its chunk (the N:M ranking over ``[CHUNK / M, M]`` in
+registers) and writes the union over tokens of the nonzero kept rows, compacted, with their
+values, to its own slice of a small scratch; then it streams exactly those weight rows (no
+predicated-off loads, so every load in flight is useful) and keeps its partial sums in
+registers. With more than one chunk, each program stores its float32 partials in its own
+workspace slice and bumps its tile's arrival counter (after a barrier, with release/acquire
+ordering at GPU scope); the program that arrives last adds the slices in chunk order, applies
+the epilogue, writes ``y`` and resets the counter. The sum order is fixed, so the result is
+bit-identical from call to call (no float atomics), and there is no second launch, so the
+whole layer is one kernel: CUDA-graph and ``torch.compile`` friendly (see ``kernels.ops``).
+
+:func:`sparse_gemv_reference` is the plain PyTorch definition.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module imports without Triton; the kernel then cannot run
+    triton = None
+    tl = None
+
+MAX_ROWS = 4
+MAX_M = 32
+VAR_EPS = 1e-8
+PROGRAMS_PER_SM = 2
+
+
+class GemvPlan(NamedTuple):
+    """Launch choices: output columns per program, input rows per program, rows per step, warps, pipeline stages."""
+
+    block_o: int
+    chunk: int
+    block_k: int
+    num_warps: int
+    stages: int
+
+
+def _pow2(value: int) -> int:
+    return 1 << max(0, (int(value) - 1).bit_length())
+
+
+def gemv_plan(k: int, o: int, m: int, rows: int, sm_count: int, *, block_o: int | None = None,
+              chunk: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+              stages: int | None = None) -> GemvPlan:
+    """The default plan for a ``[rows, k] x [k, o]`` product (any argument given overrides it).
+
+    About ``PROGRAMS_PER_SM`` programs per multiprocessor; a chunk is ``M`` times a power of two
+    groups, so the selection tile ``[CHUNK / M, M]`` has power-of-two sides.
+    """
+    if block_o is None:
+        block_o = min(512, max(64, _pow2(o)))
+    tiles = -(-o // block_o)
+    if chunk is None:
+        split = max(1, round(PROGRAMS_PER_SM * sm_count / tiles))
+        groups = max(1, -(-k // (split * m)))
+        chunk = m * _pow2(groups)
+    if chunk % m or (chunk // m) & (chunk // m - 1):
+        raise ValueError(f"chunk {chunk} must be M={m} times a power of two")
+    if block_k is None:
+        block_k = 16 if rows == 1 else 8
+    if num_warps is None:
+        num_warps = 4
+    if stages is None:
+        stages = 3
+    return GemvPlan(block_o, chunk, block_k, num_warps, stages)
+
+
+def check_args(x: torch.Tensor, wt: torch.Tensor, n: int, m: int) -> None:
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"x must be [rows, K] with 1 <= rows <= {MAX_ROWS}, got shape {tuple(x.shape)}")
+    if wt.dim() != 2 or wt.shape[0] != x.shape[1]:
+        raise ValueError(f"Wt must be [K={x.shape[1]}, O], got shape {tuple(wt.shape)}")
+    if x.dtype != wt.dtype:
+        raise ValueError(f"x is {x.dtype} but the weight is {wt.dtype}")
+    if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m <= MAX_M):
+        raise ValueError(f"bad N:M pattern {n}:{m}; need 1 <= N < M <= {MAX_M}")
+    if x.shape[1] % m:
+        raise ValueError(f"M={m} does not divide the input width K={x.shape[1]}")
+
+
+def sparse_gemv_reference(x, wt, n, m, *, vector=None, shift=None, var=False, bias=None, row_sum=None):
+    """Plain PyTorch: the function the kernel computes (float32 sums), in x's dtype."""
+    xf = x.float()
+    xs = x if shift is None else (xf - shift.float()[:, None]).to(x.dtype)
+    scores = xs.float().abs()
+    if vector is not None:
+        scores = scores * vector.float()
+    groups = scores.reshape(-1, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[:, :n], True).reshape(x.shape)
+    p = torch.where(keep, xs.float(), torch.zeros((), device=x.device))
+    y = p @ wt.float()
+    if var:
+        scale = (xf.var(dim=-1, keepdim=True) / p.var(dim=-1, keepdim=True).clamp_min(VAR_EPS)).sqrt()
+        y = y * scale
+    if shift is not None:
+        y = y + shift.float()[:, None] * row_sum.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+class Workspace(NamedTuple):
+    """Per-layer scratch: partial sums, VAR's partial statistics, arrival counters, compacted rows."""
+
+    partials: torch.Tensor  # [split, MAX_ROWS, O] float32
+    stats: torch.Tensor  # [programs, 4, MAX_ROWS] float32
+    counters: torch.Tensor  # [tiles] int32, zero between calls
+    rows: torch.Tensor  # [programs, chunk] int32
+    values: torch.Tensor  # [programs, MAX_ROWS, chunk] float32
+
+
+def workspace_for(k: int, o: int, plans, device) -> Workspace:
+    """One workspace large enough for every plan in ``plans`` (counters zeroed)."""
+    split = max(-(-k // p.chunk) for p in plans)
+    tiles = max(-(-o // p.block_o) for p in plans)
+    programs = max((-(-k // p.chunk)) * (-(-o // p.block_o)) for p in plans)
+    chunk = max(p.chunk for p in plans)
+    f32 = dict(dtype=torch.float32, device=device)
+    return Workspace(
+        torch.empty(split, MAX_ROWS, o, **f32),
+        torch.empty(programs, 4, MAX_ROWS, **f32),
+        torch.zeros(tiles, dtype=torch.int32, device=device),
+        torch.empty(programs, chunk, dtype=torch.int32, device=device),
+        torch.empty(programs, MAX_ROWS, chunk, **f32),
+    )
+
+
+def sparse_gemv(x, wt, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, shift=None, var=False, bias=None,
+                row_sum=None, out=None) -> torch.Tensor:
+    """Launch the kernel (see the module docstring); ``ws`` must fit ``plan`` (:func:`workspace_for`)."""
+    check_args(x, wt, n, m)
+    rows, k = x.shape
+    o = wt.shape[1]
+    if shift is not None and row_sum is None:
+        raise ValueError("a shift needs the weight's row sums (W 1) for its rank-1 term")
+    tiles, split = -(-o // plan.block_o), -(-k // plan.chunk)
+    if (ws.partials.shape[0] < split or ws.counters.numel() < tiles or ws.rows.shape[0] < tiles * split
+            or ws.rows.shape[1] < plan.chunk or ws.partials.shape[2] != o):
+        raise ValueError("the workspace is too small for this plan; make it with workspace_for")
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty(rows, o, dtype=x.dtype, device=x.device)
+    dummy = ws.partials
+    _sparse_gemv_kernel[(tiles, split)](
+        x, dummy if vector is None else vector, dummy if shift is None else shift, wt,
+        dummy if bias is None else bias, dummy if row_sum is None else row_sum, out,
+        ws.partials, ws.stats, ws.counters, ws.rows, ws.values,
+        rows, k, o, ws.rows.shape[1],
+        N=n, M=m, M_P2=_pow2(m), CHUNK=plan.chunk, SPLIT=split, BLOCK_B=_pow2(rows), BLOCK_K=plan.block_k,
+        BLOCK_O=plan.block_o, STAGES=plan.stages, HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None,
+        HAS_BIAS=bias is not None, VAR=bool(var), EVEN_O=o % plan.block_o == 0, INTERPRET=not x.is_cuda,
+        num_warps=plan.num_warps,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- the PyTorch op
+# One op, ``torch.ops.actsparse.sparse_gemv``, so that torch.compile(fullgraph=True) and CUDA-graph
+# capture see a single opaque call: the Triton kernel on CUDA (and under the interpreter), the
+# PyTorch reference elsewhere. The workspace is scratch whose counters the kernel leaves at zero,
+# so the op has no observable side effect on its arguments.
+
+
+@torch.library.custom_op("actsparse::sparse_gemv", mutates_args=())
+def _sparse_gemv_op(
+    x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, row_sum: torch.Tensor | None,
+    vector: torch.Tensor | None, shift: torch.Tensor | None, partials: torch.Tensor, stats: torch.Tensor,
+    counters: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, n: int, m: int, var: bool,
+    block_o: int, chunk: int, block_k: int, num_warps: int, stages: int,
+) -> torch.Tensor:
+    if triton is not None and (x.is_cuda or _interpreting()):
+        return sparse_gemv(x, wt, n, m, Workspace(partials, stats, counters, rows, values),
+                           GemvPlan(block_o, chunk, block_k, num_warps, stages), vector=vector, shift=shift,
+                           var=var, bias=bias, row_sum=row_sum)
+    return sparse_gemv_reference(x, wt, n, m, vector=vector, shift=shift, var=var, bias=bias, row_sum=row_sum)
+
+
+@_sparse_gemv_op.register_fake
+def _(x, wt, bias, row_sum, vector, shift, partials, stats, counters, rows, values, n, m, var, block_o, chunk,
+      block_k, num_warps, stages):
+    return x.new_empty(x.shape[0], wt.shape[1])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _select(x_ptr, v, shift_ptr, b, cols, ok, B, K, N: tl.constexpr, M_P2: tl.constexpr,
+                HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr):
+        """Token ``b``'s dense values, pruned values and keep flags on the tile ``cols`` ``[G, M_P2]``."""
+        live = ok & (b < B)
+        raw = tl.load(x_ptr + b * K + cols, mask=live, other=0.0)
+        dense = raw.to(tl.float32)
+        xs = dense
+        if HAS_SHIFT:
+            eta = tl.load(shift_ptr + b, mask=b < B, other=0.0)
+            xs = (dense - eta).to(raw.dtype).to(tl.float32)  # rounded to x's dtype, as the layer does
+        score = tl.abs(xs)
+        if HAS_VECTOR:
+            score = score * v
+        nan = score != score
+        score = tl.where(nan | ~ok, -1.0, score)
+        lanes = tl.arange(0, M_P2)
+        mine = score[:, :, None]
+        other = score[:, None, :]
+        mine_nan = nan[:, :, None]
+        other_nan = nan[:, None, :]
+        lower = lanes[None, None, :] < lanes[None, :, None]
+        beats = (other_nan & ~mine_nan) | ((other_nan == mine_nan) & ((other > mine) | ((other == mine) & lower)))
+        rank = tl.sum(beats.to(tl.int32), axis=2)
+        keep = (rank < N) & live
+        return dense, tl.where(keep, xs, 0.0), keep
+
+    @triton.jit
+    def _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, steps_to, count, cols, col_ok, toks, O, CHUNK_CAP,
+                MAXB: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                EVEN_O: tl.constexpr):
+        """``acc[b] += vals[b, r] * Wt[rows[r]]`` over the ``count`` compacted rows (the sum stays in each thread)."""
+        for r0 in tl.range(0, steps_to, BLOCK_K, num_stages=STAGES):
+            rs = r0 + tl.arange(0, BLOCK_K)
+            rok = rs < count
+            ks = tl.load(rows_ptr + prog * CHUNK_CAP + rs, mask=rok, other=0)
+            w_ptrs = wt_ptr + ks.to(tl.int64)[:, None] * O + cols[None, :]
+            if EVEN_O:
+                w = tl.load(w_ptrs, mask=rok[:, None], other=0.0).to(tl.float32)
+            else:
+                w = tl.load(w_ptrs, mask=rok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            for b in tl.static_range(BLOCK_B):
+                xb = tl.load(vals_ptr + (prog * MAXB + b) * CHUNK_CAP + rs, mask=rok, other=0.0)
+                part = tl.sum(xb[:, None] * w, axis=0)
+                if BLOCK_B == 1:
+                    acc += part[None, :]
+                else:
+                    acc += tl.where(toks[:, None] == b, part[None, :], 0.0)
+        return acc
+
+    @triton.jit
+    def _sparse_gemv_kernel(
+        x_ptr, v_ptr, shift_ptr, wt_ptr, bias_ptr, rowsum_ptr, y_ptr,
+        part_ptr, stats_ptr, count_ptr, rows_ptr, vals_ptr,
+        B, K, O, CHUNK_CAP,
+        N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr,
+        HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, VAR: tl.constexpr,
+        EVEN_O: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        G: tl.constexpr = CHUNK // M
+        MAXB: tl.constexpr = 4
+        pid_o = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        tiles = tl.num_programs(0)
+        prog = pid_s * tiles + pid_o
+        lo = pid_s * CHUNK
+        groups = tl.arange(0, G)
+        lanes = tl.arange(0, M_P2)
+        cols_k = lo + groups[:, None] * M + lanes[None, :]
+        ok = (lanes < M)[None, :] & (cols_k < K)
+        v = 0.0
+        if HAS_VECTOR:
+            v = tl.load(v_ptr + cols_k, mask=ok, other=0.0)
+        toks = tl.arange(0, BLOCK_B)
+
+        # 1. Select: the union over tokens of the nonzero kept rows (and VAR's partial sums).
+        union = ok & False
+        sums_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        sums_xx = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        sums_p = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        sums_pp = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for b in tl.static_range(BLOCK_B):
+            dense, pruned, keep = _select(x_ptr, v, shift_ptr, b, cols_k, ok, B, K, N, M_P2, HAS_VECTOR, HAS_SHIFT)
+            union = union | (keep & (pruned != 0))
+            if VAR:
+                at = toks == b
+                sums_x += tl.where(at, tl.sum(tl.sum(dense, axis=1), axis=0), 0.0)
+                sums_xx += tl.where(at, tl.sum(tl.sum(dense * dense, axis=1), axis=0), 0.0)
+                sums_p += tl.where(at, tl.sum(tl.sum(pruned, axis=1), axis=0), 0.0)
+                sums_pp += tl.where(at, tl.sum(tl.sum(pruned * pruned, axis=1), axis=0), 0.0)
+        flags = union.to(tl.int32)
+        per_group = tl.sum(flags, axis=1)
+        slot = (tl.cumsum(per_group, axis=0) - per_group)[:, None] + tl.cumsum(flags, axis=1) - 1
+        count = tl.sum(per_group, axis=0)
+        tl.store(rows_ptr + prog * CHUNK_CAP + slot, cols_k, mask=union)
+        for b in tl.static_range(BLOCK_B):
+            dense, pruned, keep = _select(x_ptr, v, shift_ptr, b, cols_k, ok, B, K, N, M_P2, HAS_VECTOR, HAS_SHIFT)
+            tl.store(vals_ptr + (prog * MAXB + b) * CHUNK_CAP + slot, pruned, mask=union)
+        tl.debug_barrier()  # the compacted rows are read back by other threads of this program
+
+        # 2. Stream the needed weight rows.
+        cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        col_ok = cols < O
+        acc = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
+        if INTERPRET:  # the interpreter's loop bounds must be Python ints; the tail is masked anyway
+            acc = _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, CHUNK, count, cols, col_ok, toks, O, CHUNK_CAP,
+                          MAXB, BLOCK_B, BLOCK_K, STAGES, EVEN_O)
+        else:
+            acc = _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, count, count, cols, col_ok, toks, O, CHUNK_CAP,
+                          MAXB, BLOCK_B, BLOCK_K, STAGES, EVEN_O)
+
+        # 3. Finish: this program alone, or the last of its tile to arrive.
+        tok_ok = toks < B
+        out_at = toks[:, None] * O + cols[None, :]
+        out_ok = tok_ok[:, None] & col_ok[None, :]
+        finish = True
+        if SPLIT > 1:
+            tl.store(part_ptr + pid_s * MAXB * O + out_at, acc, mask=out_ok)
+            if VAR:
+                base = stats_ptr + prog * 4 * MAXB + toks
+                tl.store(base, sums_x)
+                tl.store(base + MAXB, sums_xx)
+                tl.store(base + 2 * MAXB, sums_p)
+                tl.store(base + 3 * MAXB, sums_pp)
+            tl.debug_barrier()  # every thread's partials are stored before the release below
+            arrived = tl.atomic_add(count_ptr + pid_o, 1, sem="acq_rel", scope="gpu")
+            finish = arrived == SPLIT - 1
+        if finish:
+            if SPLIT > 1:
+                acc = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
+                sums_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
+                sums_xx = tl.zeros((BLOCK_B,), dtype=tl.float32)
+                sums_p = tl.zeros((BLOCK_B,), dtype=tl.float32)
+                sums_pp = tl.zeros((BLOCK_B,), dtype=tl.float32)
+                for s in range(SPLIT):  # chunk order: the same sum on every call
+                    acc += tl.load(part_ptr + s * MAXB * O + out_at, mask=out_ok, other=0.0, cache_modifier=".cg")
+                    if VAR:
+                        base = stats_ptr + (s * tiles + pid_o) * 4 * MAXB + toks
+                        sums_x += tl.load(base, cache_modifier=".cg")
+                        sums_xx += tl.load(base + MAXB, cache_modifier=".cg")
+                        sums_p += tl.load(base + 2 * MAXB, cache_modifier=".cg")
+                        sums_pp += tl.load(base + 3 * MAXB, cache_modifier=".cg")
+                tl.atomic_xchg(count_ptr + pid_o, 0)  # ready for the next call
+            if VAR:
+                var_x = (sums_xx - sums_x * sums_x / K) / (K - 1)
+                var_p = (sums_pp - sums_p * sums_p / K) / (K - 1)
+                scale = tl.sqrt(var_x / tl.maximum(var_p, 1e-8))
+                acc = acc * scale[:, None]
+            if HAS_SHIFT:
+                eta = tl.load(shift_ptr + toks, mask=tok_ok, other=0.0)
+                acc += eta[:, None] * tl.load(rowsum_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + out_at, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (4 for the CPU interpreter: a few programs are enough)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class GemvWeight:
+    """A layer's weight stored transposed for :func:`sparse_gemv`, with its plans and one workspace.
+
+    ``weight`` ``[O, K]``; ``row_sum`` ``W 1`` (float32) when a shift is used. The workspace is
+    made on first use and reused: warm up once before CUDA-graph capture, and use one stream at a
+    time per weight.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, row_sum: torch.Tensor | None = None):
+        self.wt = weight.detach().t().contiguous()
+        self.bias = None if bias is None else bias.detach()
+        self.row_sum = None if row_sum is None else row_sum.detach().float()
+        self.plans: dict[tuple[int, int], GemvPlan] = {}
+        self._workspace: dict[int, Workspace] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.wt.device
+
+    def plan(self, rows: int, m: int) -> GemvPlan:
+        key = (rows, m)
+        if key not in self.plans:
+            k, o = self.wt.shape
+            self.plans[key] = gemv_plan(k, o, m, rows, sm_count(self.device))
+        return self.plans[key]
+
+    def workspace(self, m: int) -> Workspace:
+        if m not in self._workspace:
+            k, o = self.wt.shape
+            self._workspace[m] = workspace_for(k, o, [self.plan(rows, m) for rows in range(1, MAX_ROWS + 1)], self.device)
+        return self._workspace[m]
+
+    def __call__(self, x: torch.Tensor, n: int, m: int, *, vector=None, shift=None, var: bool = False) -> torch.Tensor:
+        ws, plan = self.workspace(m), self.plan(x.shape[0], m)
+        return torch.ops.actsparse.sparse_gemv(
+            x.contiguous(), self.wt, self.bias, self.row_sum, vector, shift, *ws, n, m, bool(var), *plan
+        )

@@ -1,0 +1,162 @@
+"""The one-launch decode GEMV against its PyTorch definition (CPU: the Triton interpreter).
+
+On a GPU machine, ``TRITON_INTERPRET=0 pytest tests/test_kernel_sparse_gemv.py`` runs the
+compiled kernel on CUDA instead, with larger shapes and the determinism stress test.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from actsparse.core.masks import keep_mask  # noqa: E402
+from actsparse.core.patterns import NM  # noqa: E402
+from actsparse.kernels.sparse_gemv import (  # noqa: E402
+    GemvPlan,
+    GemvWeight,
+    gemv_plan,
+    sparse_gemv,
+    sparse_gemv_reference,
+    workspace_for,
+)
+from actsparse.kernels.sparsify import triton_available  # noqa: E402
+
+if not triton_available():
+    pytest.skip("triton cannot run here: no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
+
+GPU = os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = "cuda" if GPU else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def case(rows, k, o, dtype, seed=0, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    if ties:  # few distinct magnitudes: many exact ties inside groups
+        x = torch.randint(-3, 4, (rows, k), generator=g).float()
+    else:
+        x = torch.randn(rows, k, generator=g)
+    weight = torch.randn(o, k, generator=g) / k**0.5
+    bias = torch.randn(o, generator=g)
+    vector = torch.rand(k, generator=g) + 0.5
+    return [t.to(DEVICE) for t in (x.to(dtype), weight.to(dtype), bias.to(dtype), vector)]
+
+
+def run(x, weight, n, m, plan, **options):
+    wt = weight.t().contiguous()
+    ws = workspace_for(wt.shape[0], wt.shape[1], [plan], x.device)
+    out = torch.full((x.shape[0], wt.shape[1]), float("nan"), dtype=x.dtype, device=x.device)  # poisoned
+    y = sparse_gemv(x, wt, n, m, ws, plan, out=out, **options)
+    assert int(ws.counters.abs().sum()) == 0, "arrival counters must be back at zero"
+    return y, sparse_gemv_reference(x, wt, n, m, **options)
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+PLANS = [GemvPlan(32, 16, 8, 4, 1), GemvPlan(64, 32, 16, 4, 2), GemvPlan(16, 64, 4, 2, 1)]
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (8, 16), (16, 32), (3, 8), (5, 12)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_matches_the_reference_on_every_pattern_and_row_count(n, m, rows):
+    k = m * 8
+    x, weight, bias, _ = case(rows, k, 80, torch.float32, seed=rows * 100 + m)
+    plan = GemvPlan(32, m * 2, 8, 4, 1)  # several chunks, a ragged last column tile
+    y, ref = run(x, weight, n, m, plan, bias=bias)
+    assert rel_err(y, ref) < 1e-5
+    assert torch.isfinite(y).all()  # every output element written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("option", ["plain", "vector", "var", "shift", "no-bias"])
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"o{p.block_o}c{p.chunk}k{p.block_k}")
+def test_options_and_dtypes(dtype, option, plan):
+    x, weight, bias, vector = case(2, 128, 96, dtype, seed=7)
+    options = {"bias": None if option == "no-bias" else bias}
+    if option == "vector":
+        options["vector"] = vector
+    if option == "var":
+        options["var"] = True
+    if option == "shift":
+        options["shift"] = x.float().median(dim=1).values
+        options["row_sum"] = weight.float().sum(dim=1)
+    y, ref = run(x, weight, 8, 16, plan, **options)
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_ties_go_to_the_lower_index_as_in_the_mask_code():
+    """With many equal magnitudes the kept set is exactly keep_mask's (fp32: any other choice shows)."""
+    x, weight, _, _ = case(3, 64, 40, torch.float32, seed=3, ties=True)
+    wt = weight.t().contiguous()
+    plan = GemvPlan(64, 16, 8, 4, 1)
+    y, _ = run(x, weight, 2, 4, plan)
+    mask = keep_mask(x.abs().float(), NM(2, 4))
+    expected = torch.where(mask, x, torch.zeros((), device=x.device)) @ wt
+    assert torch.allclose(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_nan_is_kept_not_dropped():
+    """A NaN input counts as the largest score: it is kept, and its outputs are NaN."""
+    x, weight, _, _ = case(1, 32, 24, torch.float32, seed=5)
+    x[0, 5] = float("nan")
+    y, _ = run(x, weight, 2, 4, GemvPlan(32, 8, 8, 4, 1))
+    assert torch.isnan(y).all()
+
+
+def test_all_zero_groups_and_zero_rows():
+    x, weight, bias, _ = case(2, 64, 32, torch.float32, seed=9)
+    x[0, :16] = 0
+    x[1] = 0
+    y, ref = run(x, weight, 2, 4, GemvPlan(32, 16, 8, 4, 1), bias=bias)
+    assert rel_err(y, ref) < 1e-5
+    assert torch.equal(y[1], bias)  # nothing kept but zeros: the bias alone
+
+
+def test_same_inputs_give_bit_identical_outputs():
+    x, weight, bias, vector = case(2, 256, 64, torch.bfloat16, seed=11)
+    wt = weight.t().contiguous()
+    plan = GemvPlan(32, 32, 8, 4, 1)
+    ws = workspace_for(256, 64, [plan], x.device)
+    first = sparse_gemv(x, wt, 8, 16, ws, plan, vector=vector, var=True, bias=bias)
+    for _ in range(3 if not GPU else 2000):
+        again = sparse_gemv(x, wt, 8, 16, ws, plan, vector=vector, var=True, bias=bias)
+        assert torch.equal(again, first)
+
+
+def test_default_plans_and_the_weight_holder_through_the_op():
+    x, weight, bias, vector = case(4, 192, 72, torch.float32, seed=13)
+    gw = GemvWeight(weight, bias)
+    for rows in (1, 2, 4):
+        y = gw(x[:rows], 8, 16, vector=vector)
+        ref = sparse_gemv_reference(x[:rows], gw.wt, 8, 16, vector=vector, bias=bias)
+        assert rel_err(y, ref) < 1e-5
+        plan = gw.plan(rows, 16)
+        assert plan.chunk % 16 == 0 and plan == gemv_plan(192, 72, 16, rows, 4)
+
+
+def test_bad_arguments_are_refused():
+    x, weight, _, _ = case(5, 64, 32, torch.float32)
+    plan = GemvPlan(32, 16, 8, 4, 1)
+    ws = workspace_for(64, 32, [plan], x.device)
+    with pytest.raises(ValueError, match="rows"):
+        sparse_gemv(x, weight.t().contiguous(), 2, 4, ws, plan)
+    with pytest.raises(ValueError, match="does not divide"):
+        sparse_gemv(x[:1, :60], weight[:, :60].t().contiguous(), 2, 8, ws, plan)
+    with pytest.raises(ValueError, match="power of two"):
+        gemv_plan(64, 32, 4, 1, 4, chunk=12)
+
+
+@pytest.mark.skipif(not GPU, reason="large shapes only compiled on the GPU")
+@pytest.mark.parametrize("k, o", [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_llama_shapes_on_the_gpu(k, o, rows):
+    x, weight, bias, vector = case(rows, k, o, torch.bfloat16, seed=k + o + rows)
+    gw = GemvWeight(weight, bias)
+    y = gw(x, 8, 16, vector=vector, var=True)
+    ref = sparse_gemv_reference(x, gw.wt, 8, 16, vector=vector, var=True, bias=bias)
+    assert rel_err(y, ref) < 1e-2
