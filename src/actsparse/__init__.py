@@ -24,6 +24,9 @@ from actsparse.amber import amber_preset, budget_skip, measure_sensitivity, rand
 from actsparse.calibration.mitigations import CovarianceStats, ensure_mitigation  # registers the calibrated mitigations
 from actsparse.calibration.layerwise import CalibrationOptions, CalibrationReport, calibrate_, collect_covariance_stats
 from actsparse.calibration.state import load_state_, save_state
+from actsparse.hf import install_hook as _install_hf_hook
+
+_install_hf_hook()  # `quant_method: "actsparse"` checkpoints load with AutoModelForCausalLM.from_pretrained
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):

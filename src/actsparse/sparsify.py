@@ -15,6 +15,8 @@ from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import LinearSite, find_linear_sites
 
+SPARSITY_ATTR = "_actsparse_config"  # the SparsityConfig a model was sparsified with, set by sparsify_
+
 
 @dataclass(frozen=True)
 class SparsifyReport:
@@ -90,6 +92,8 @@ def sparsify_(
             backend=config.backend, prefill_only=config.prefill_only,
         )
         _set_module(model, site.name, layer)
+    if chosen:
+        mark_sparsified_(model, config)
     if isinstance(pattern, Dense):
         return SparsifyReport(sparse=(), dense=tuple(sites))
     chosen_names = {s.name for s in chosen}
@@ -98,9 +102,25 @@ def sparsify_(
     )
 
 
+def mark_sparsified_(model: nn.Module, config: SparsityConfig) -> None:
+    """Record ``config`` on a sparsified model; a transformers model gets the actsparse quantizer,
+    so that ``model.save_pretrained`` writes an actsparse checkpoint."""
+    from actsparse.hf import attach_
+
+    setattr(model, SPARSITY_ATTR, config)
+    attach_(model)
+
+
 def unsparsify_(model: nn.Module) -> int:
     """Put the original dense layers back; returns how many were restored."""
+    from actsparse.calibration.layerwise import CALIBRATION_ATTR
+    from actsparse.hf import detach_
+
     layers = sparse_layers(model)
     for name, layer in layers.items():
         _set_module(model, name, layer.original)
+    for attr in (SPARSITY_ATTR, CALIBRATION_ATTR):
+        if attr in vars(model):
+            delattr(model, attr)
+    detach_(model)
     return len(layers)

@@ -257,7 +257,7 @@ def calibrate_(
     ``cuda_graph``: train the learned mitigations with each step replayed as a CUDA graph
     (default: on CUDA; ``False`` launches every kernel eagerly, for debugging).
     """
-    from actsparse.sparsify import sparse_layers, unsparsify_
+    from actsparse.sparsify import mark_sparsified_, sparse_layers, unsparsify_
 
     options = options or CalibrationOptions()
     start = time.perf_counter()
@@ -336,6 +336,7 @@ def calibrate_(
         raise
     report.seconds = time.perf_counter() - start
     setattr(model, CALIBRATION_ATTR, report)
+    mark_sparsified_(model, config)
     return report
 
 

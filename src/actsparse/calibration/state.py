@@ -179,8 +179,7 @@ def load_state_(model: nn.Module, directory: str | Path, *, expect: SparsityConf
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from actsparse.calibration.layerwise import CALIBRATION_ATTR, CalibrationOptions, CalibrationReport
-    from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
+    from actsparse.sparsify import sparse_layers
 
     directory = Path(directory)
     meta = read_state_meta(directory)
@@ -216,8 +215,20 @@ def load_state_(model: nn.Module, directory: str | Path, *, expect: SparsityConf
         raise ActsparseError(f"cannot read {tensors_path} ({error}); calibrate again") from error
     if set(tensors) != set(meta["tensors"]):
         raise ActsparseError(f"{tensors_path} and {META_FILE} do not list the same tensors; the directory is damaged")
+    apply_state_(model, config, tensors, meta.get("calibration", {}), where=f"state in {directory}")
+    return config
+
+
+@torch.no_grad()
+def apply_state_(model: nn.Module, config: SparsityConfig, tensors: dict[str, torch.Tensor], calibration: dict, *, where: str) -> None:
+    """Sparsify a dense ``model`` with ``config`` and copy in the mitigation-owned ``tensors``
+    (``{"<module>.<name>": tensor}``), refusing a missing name or a shape mismatch (the model
+    is left dense then); ``calibration`` is the recorded calibration report. ``where`` names
+    the source in errors."""
+    from actsparse.calibration.layerwise import CALIBRATION_ATTR, CalibrationOptions, CalibrationReport
     from actsparse.calibration.mitigations import CovarianceStats, own_feature_vector
     from actsparse.models.discovery import find_linear_sites
+    from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
 
     # empty statistics: the mitigations build placeholders of the right shapes, filled below
     placeholders = {s.name: CovarianceStats(s.in_features) for s in find_linear_sites(model) if config.selects(s.role, s.layer)}
@@ -228,11 +239,11 @@ def load_state_(model: nn.Module, directory: str | Path, *, expect: SparsityConf
         owned = _owned(model)
         if set(owned) != set(tensors):
             missing = sorted(set(owned) ^ set(tensors))
-            raise ActsparseError(f"state in {directory} does not fit this model's sparse layers (e.g. {missing[0]}); shapes or layers differ")
+            raise ActsparseError(f"{where} does not fit this model's sparse layers (e.g. {missing[0]}); shapes or layers differ")
         for key, target in owned.items():
             if tuple(target.shape) != tuple(tensors[key].shape):
                 raise ActsparseError(
-                    f"tensor {key} has shape {tuple(tensors[key].shape)} in {directory} but {tuple(target.shape)} in this model; "
+                    f"tensor {key} has shape {tuple(tensors[key].shape)} in {where} but {tuple(target.shape)} in this model; "
                     "the state is for another model shape"
                 )
         for key, target in owned.items():
@@ -245,9 +256,8 @@ def load_state_(model: nn.Module, directory: str | Path, *, expect: SparsityConf
     except BaseException:
         unsparsify_(model)
         raise
-    calib = meta.get("calibration", {})
+    calib = calibration or {}
     options = CalibrationOptions(**{k: tuple(v) if k == "betas" else v for k, v in calib.get("options", {}).items()}) if calib.get("options") else CalibrationOptions()
     report = CalibrationReport(config, options, calib.get("windows", 0), calib.get("seqlen", 0), calib.get("seconds", 0.0))
     report.layers = {int(k): v for k, v in calib.get("layers", {}).items()}
     setattr(model, CALIBRATION_ATTR, report)
-    return config

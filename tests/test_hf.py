@@ -1,0 +1,126 @@
+"""Sparse models as Hugging Face checkpoints: save_pretrained / from_pretrained round trips."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import actsparse
+from actsparse.calibration.layerwise import CalibrationOptions, calibrate_
+from actsparse.config import SparsityConfig
+from actsparse.errors import ActsparseError
+from actsparse.hf.quantizer import ActsparseConfig
+from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
+
+from conftest import FAMILIES, VOCAB, tiny_model
+
+torch.set_num_threads(1)
+IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(9))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _round_trip(model, path):
+    before = _logits(model)
+    model.save_pretrained(path)
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert type(loaded) is type(model)
+    torch.testing.assert_close(_logits(loaded), before, atol=0, rtol=0)
+    return loaded, json.loads((path / "config.json").read_text())["quantization_config"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dynamic_round_trip_every_family(family, tmp_path):
+    model = tiny_model(family)
+    config = SparsityConfig(pattern="2:4", criterion="amber", mitigation="var", skip=("@1",))
+    sparsify_(model, config)
+    dense = tiny_model(family)
+    assert not torch.equal(_logits(model), _logits(dense))  # the sparsity is really there
+    loaded, saved = _round_trip(model, tmp_path / "ckpt")
+    assert saved["quant_method"] == "actsparse" and saved["sparsity"]["pattern"] == "2:4" and saved["sparsity"]["skip"] == ["@1"]
+    assert saved["calibration"] is None and saved["versions"]["actsparse"] == actsparse.__version__
+    assert 0 < saved["sparse_flop_fraction"] < 1
+    assert set(sparse_layers(loaded)) == set(sparse_layers(model))
+    # the checkpoint's own weights are the dense model's, under the dense names: it loads densely without actsparse's help
+    unsparsify_(loaded)
+    torch.testing.assert_close(_logits(loaded), _logits(dense), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mitigation,criterion", [("lpts", "amber"), ("rotation", "clact"), ("var-oshift", "wina"), ("lowrank:8", "magnitude")])
+def test_calibrated_round_trip(mitigation, criterion, tmp_path):
+    model = tiny_model("llama")
+    windows = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(2))
+    config = SparsityConfig(pattern="2:4", criterion=criterion, mitigation=mitigation)
+    calibrate_(model, config, windows, options=CalibrationOptions(lr=1e-2), progress=False)
+    loaded, saved = _round_trip(model, tmp_path / "ckpt")
+    assert saved["sparsity"]["mitigation"] == mitigation and saved["calibration"]["windows"] == 6
+    assert saved["tensors"] and all(key.startswith("actsparse.state.") for key in saved["tensors"])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert set(saved["tensors"]) <= keys
+    assert not any(key.endswith((".input_shift", ".output_shift")) and not key.startswith("actsparse.") for key in keys)
+    # a second save of the loaded model writes the same checkpoint
+    _round_trip(loaded, tmp_path / "again")
+
+
+@pytest.mark.parametrize("criterion,mitigation", [("clact", "none"), ("magnitude", "smooth-static")])
+def test_statistics_of_dynamic_methods_travel(criterion, mitigation, tmp_path):
+    model = tiny_model("qwen2")
+    windows = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
+    stats = actsparse.collect_input_stats(model, windows, progress=False)
+    sparsify_(model, SparsityConfig(pattern="8:16", criterion=criterion, mitigation=mitigation), stats=stats)
+    _, saved = _round_trip(model, tmp_path / "ckpt")
+    assert any(key.endswith(".square_sum") for key in saved["tensors"])
+
+
+def test_state_directory_and_checkpoint_agree(tmp_path):
+    model = tiny_model("llama")
+    windows = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(2))
+    calibrate_(model, SparsityConfig(pattern="2:4", mitigation="spts"), windows, progress=False)
+    actsparse.save_state(model, tmp_path / "state")
+    model.save_pretrained(tmp_path / "ckpt")
+    fresh = tiny_model("llama")
+    actsparse.load_state_(fresh, tmp_path / "state")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    torch.testing.assert_close(_logits(loaded), _logits(fresh), atol=0, rtol=0)
+
+
+def test_sparsify_on_load_and_dense_save(tmp_path):
+    model = tiny_model("opt")
+    model.save_pretrained(tmp_path / "dense")
+    qc = ActsparseConfig(pattern="8:16", criterion="wina", mitigation="dpts")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=qc)
+    sparsify_(model, qc.sparsity_config())
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=0, rtol=0)
+    unsparsify_(model)  # dense again: saves as a plain checkpoint
+    assert getattr(model, "hf_quantizer", None) is None
+    model.save_pretrained(tmp_path / "plain")
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+
+
+def test_refusals(tmp_path):
+    model = tiny_model("llama")
+    calibrate_(model, SparsityConfig(pattern="2:4", mitigation="lpts"), torch.randint(0, VOCAB, (2, 8)), progress=False)
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ActsparseError, match="unknown sparsity field"):
+        ActsparseConfig(pattern="2:4", patern="2:4")
+    with pytest.raises(ActsparseError, match="format version 9"):
+        ActsparseConfig(format_version=9)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["quantization_config"]["tensors"]["actsparse.state.model.layers.0.mlp.up_proj.extra"] = {"shape": [1], "dtype": "float32"}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ActsparseError, match="damaged"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    from actsparse.calibration.mitigations import CovarianceStats
+
+    waiting = tiny_model("llama")
+    empty = {site.name: CovarianceStats(site.in_features) for site in actsparse.find_linear_sites(waiting)}
+    sparsify_(waiting, SparsityConfig(pattern="2:4", mitigation="lpts"), stats=empty)  # learned, never trained
+    with pytest.raises(ActsparseError, match="not calibrated"):
+        waiting.save_pretrained(tmp_path / "waiting")
