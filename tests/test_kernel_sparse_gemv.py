@@ -19,6 +19,7 @@ from actsparse.kernels.sparse_gemv import (  # noqa: E402
     GemvPlan,
     GemvWeight,
     gemv_plan,
+    sm_count,
     sparse_gemv,
     sparse_gemv_reference,
     workspace_for,
@@ -58,7 +59,7 @@ def rel_err(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
-PLANS = [GemvPlan(32, 16, 8, 4, 1), GemvPlan(64, 32, 16, 4, 2), GemvPlan(16, 64, 4, 2, 1)]
+PLANS = [GemvPlan(32, 16, 16, 4, 1), GemvPlan(64, 32, 32, 4, 2), GemvPlan(16, 64, 16, 2, 1)]
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (8, 16), (16, 32), (3, 8), (5, 12)])
@@ -66,7 +67,7 @@ PLANS = [GemvPlan(32, 16, 8, 4, 1), GemvPlan(64, 32, 16, 4, 2), GemvPlan(16, 64,
 def test_matches_the_reference_on_every_pattern_and_row_count(n, m, rows):
     k = m * 8
     x, weight, bias, _ = case(rows, k, 80, torch.float32, seed=rows * 100 + m)
-    plan = GemvPlan(32, m * 2, 8, 4, 1)  # several chunks, a ragged last column tile
+    plan = GemvPlan(32, m * 2, 16, 4, 1)  # several chunks, a ragged last column tile
     y, ref = run(x, weight, n, m, plan, bias=bias)
     assert rel_err(y, ref) < 1e-5
     assert torch.isfinite(y).all()  # every output element written
@@ -93,7 +94,7 @@ def test_ties_go_to_the_lower_index_as_in_the_mask_code():
     """With many equal magnitudes the kept set is exactly keep_mask's (fp32: any other choice shows)."""
     x, weight, _, _ = case(3, 64, 40, torch.float32, seed=3, ties=True)
     wt = weight.t().contiguous()
-    plan = GemvPlan(64, 16, 8, 4, 1)
+    plan = GemvPlan(64, 16, 16, 4, 1)
     y, _ = run(x, weight, 2, 4, plan)
     mask = keep_mask(x.abs().float(), NM(2, 4))
     expected = torch.where(mask, x, torch.zeros((), device=x.device)) @ wt
@@ -104,7 +105,7 @@ def test_nan_is_kept_not_dropped():
     """A NaN input counts as the largest score: it is kept, and its outputs are NaN."""
     x, weight, _, _ = case(1, 32, 24, torch.float32, seed=5)
     x[0, 5] = float("nan")
-    y, _ = run(x, weight, 2, 4, GemvPlan(32, 8, 8, 4, 1))
+    y, _ = run(x, weight, 2, 4, GemvPlan(32, 8, 16, 4, 1))
     assert torch.isnan(y).all()
 
 
@@ -112,7 +113,7 @@ def test_all_zero_groups_and_zero_rows():
     x, weight, bias, _ = case(2, 64, 32, torch.float32, seed=9)
     x[0, :16] = 0
     x[1] = 0
-    y, ref = run(x, weight, 2, 4, GemvPlan(32, 16, 8, 4, 1), bias=bias)
+    y, ref = run(x, weight, 2, 4, GemvPlan(32, 16, 16, 4, 1), bias=bias)
     assert rel_err(y, ref) < 1e-5
     assert torch.equal(y[1], bias)  # nothing kept but zeros: the bias alone
 
@@ -120,7 +121,7 @@ def test_all_zero_groups_and_zero_rows():
 def test_same_inputs_give_bit_identical_outputs():
     x, weight, bias, vector = case(2, 256, 64, torch.bfloat16, seed=11)
     wt = weight.t().contiguous()
-    plan = GemvPlan(32, 32, 8, 4, 1)
+    plan = GemvPlan(32, 32, 16, 4, 1)
     ws = workspace_for(256, 64, [plan], x.device)
     first = sparse_gemv(x, wt, 8, 16, ws, plan, vector=vector, var=True, bias=bias)
     for _ in range(3 if not GPU else 2000):
@@ -136,12 +137,12 @@ def test_default_plans_and_the_weight_holder_through_the_op():
         ref = sparse_gemv_reference(x[:rows], gw.wt, 8, 16, vector=vector, bias=bias)
         assert rel_err(y, ref) < 1e-5
         plan = gw.plan(rows, 16)
-        assert plan.chunk % 16 == 0 and plan == gemv_plan(192, 72, 16, rows, 4)
+        assert plan.chunk % 16 == 0 and plan == gemv_plan(192, 72, 16, rows, sm_count(gw.device))
 
 
 def test_bad_arguments_are_refused():
     x, weight, _, _ = case(5, 64, 32, torch.float32)
-    plan = GemvPlan(32, 16, 8, 4, 1)
+    plan = GemvPlan(32, 16, 16, 4, 1)
     ws = workspace_for(64, 32, [plan], x.device)
     with pytest.raises(ValueError, match="rows"):
         sparse_gemv(x, weight.t().contiguous(), 2, 4, ws, plan)

@@ -73,7 +73,7 @@ def gemv_plan(k: int, o: int, m: int, rows: int, sm_count: int, *, block_o: int 
     groups, so the selection tile ``[CHUNK / M, M]`` has power-of-two sides.
     """
     if block_o is None:
-        block_o = min(512, max(64, _pow2(o)))
+        block_o = min(1024 if o >= 8192 else 512, max(16, _pow2(o)))
     tiles = -(-o // block_o)
     if chunk is None:
         split = max(1, round(PROGRAMS_PER_SM * sm_count / tiles))
@@ -82,7 +82,9 @@ def gemv_plan(k: int, o: int, m: int, rows: int, sm_count: int, *, block_o: int 
     if chunk % m or (chunk // m) & (chunk // m - 1):
         raise ValueError(f"chunk {chunk} must be M={m} times a power of two")
     if block_k is None:
-        block_k = 16 if rows == 1 else 8
+        block_k = 32
+    if block_k < 16 or block_k & (block_k - 1):
+        raise ValueError(f"block_k {block_k} must be a power of two >= 16 (one tensor-core step)")
     if num_warps is None:
         num_warps = 4
     if stages is None:
@@ -175,6 +177,7 @@ def sparse_gemv(x, wt, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, shif
         N=n, M=m, M_P2=_pow2(m), CHUNK=plan.chunk, SPLIT=split, BLOCK_B=_pow2(rows), BLOCK_K=plan.block_k,
         BLOCK_O=plan.block_o, STAGES=plan.stages, HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None,
         HAS_BIAS=bias is not None, VAR=bool(var), EVEN_O=o % plan.block_o == 0, INTERPRET=not x.is_cuda,
+        PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native",
         num_warps=plan.num_warps,
     )
     return out
@@ -241,26 +244,31 @@ if triton is not None:
         return dense, tl.where(keep, xs, 0.0), keep
 
     @triton.jit
-    def _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, steps_to, count, cols, col_ok, toks, O, CHUNK_CAP,
-                MAXB: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                EVEN_O: tl.constexpr):
-        """``acc[b] += vals[b, r] * Wt[rows[r]]`` over the ``count`` compacted rows (the sum stays in each thread)."""
+    def _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, lo, steps_to, count, cols, col_ok, B, O, CHUNK_CAP,
+                MAXB: tl.constexpr, TOKP: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                EVEN_O: tl.constexpr, PRECISION: tl.constexpr):
+        """``acc += vals[:, rows] @ Wt[rows]`` over the ``count`` compacted rows, ``BLOCK_K`` rows a step.
+
+        The token rows are padded to ``TOKP`` so the step is one tensor-core product; the weight rows
+        stream through the software pipeline (``STAGES`` steps in flight).
+        """
+        toks = tl.arange(0, TOKP)
+        tok_ok = toks < B
         for r0 in tl.range(0, steps_to, BLOCK_K, num_stages=STAGES):
             rs = r0 + tl.arange(0, BLOCK_K)
             rok = rs < count
             ks = tl.load(rows_ptr + prog * CHUNK_CAP + rs, mask=rok, other=0)
+            xv = tl.load(vals_ptr + (prog * MAXB + toks[:, None]) * CHUNK_CAP + (ks - lo)[None, :],
+                         mask=tok_ok[:, None] & rok[None, :], other=0.0)
             w_ptrs = wt_ptr + ks.to(tl.int64)[:, None] * O + cols[None, :]
             if EVEN_O:
-                w = tl.load(w_ptrs, mask=rok[:, None], other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs, mask=rok[:, None], other=0.0)
             else:
-                w = tl.load(w_ptrs, mask=rok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            for b in tl.static_range(BLOCK_B):
-                xb = tl.load(vals_ptr + (prog * MAXB + b) * CHUNK_CAP + rs, mask=rok, other=0.0)
-                part = tl.sum(xb[:, None] * w, axis=0)
-                if BLOCK_B == 1:
-                    acc += part[None, :]
-                else:
-                    acc += tl.where(toks[:, None] == b, part[None, :], 0.0)
+                w = tl.load(w_ptrs, mask=rok[:, None] & col_ok[None, :], other=0.0)
+            if PRECISION == "ieee":  # float32 inputs (and the interpreter, whose 16-bit dot is unreliable)
+                acc = tl.dot(xv, w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xv.to(w.dtype), w, acc)
         return acc
 
     @triton.jit
@@ -271,10 +279,11 @@ if triton is not None:
         N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr,
         HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, VAR: tl.constexpr,
-        EVEN_O: tl.constexpr, INTERPRET: tl.constexpr,
+        EVEN_O: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     ):
         G: tl.constexpr = CHUNK // M
         MAXB: tl.constexpr = 4
+        TOKP: tl.constexpr = 16  # token rows of the tensor-core product (rows >= B are zero)
         pid_o = tl.program_id(0)
         pid_s = tl.program_id(1)
         tiles = tl.num_programs(0)
@@ -289,7 +298,8 @@ if triton is not None:
             v = tl.load(v_ptr + cols_k, mask=ok, other=0.0)
         toks = tl.arange(0, BLOCK_B)
 
-        # 1. Select: the union over tokens of the nonzero kept rows (and VAR's partial sums).
+        # 1. Select: pruned values by position, the union over tokens of the nonzero kept rows
+        #    (compacted), and VAR's partial sums.
         union = ok & False
         sums_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
         sums_xx = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -298,6 +308,7 @@ if triton is not None:
         for b in tl.static_range(BLOCK_B):
             dense, pruned, keep = _select(x_ptr, v, shift_ptr, b, cols_k, ok, B, K, N, M_P2, HAS_VECTOR, HAS_SHIFT)
             union = union | (keep & (pruned != 0))
+            tl.store(vals_ptr + (prog * MAXB + b) * CHUNK_CAP + (cols_k - lo), pruned, mask=ok)
             if VAR:
                 at = toks == b
                 sums_x += tl.where(at, tl.sum(tl.sum(dense, axis=1), axis=0), 0.0)
@@ -309,26 +320,23 @@ if triton is not None:
         slot = (tl.cumsum(per_group, axis=0) - per_group)[:, None] + tl.cumsum(flags, axis=1) - 1
         count = tl.sum(per_group, axis=0)
         tl.store(rows_ptr + prog * CHUNK_CAP + slot, cols_k, mask=union)
-        for b in tl.static_range(BLOCK_B):
-            dense, pruned, keep = _select(x_ptr, v, shift_ptr, b, cols_k, ok, B, K, N, M_P2, HAS_VECTOR, HAS_SHIFT)
-            tl.store(vals_ptr + (prog * MAXB + b) * CHUNK_CAP + slot, pruned, mask=union)
-        tl.debug_barrier()  # the compacted rows are read back by other threads of this program
+        tl.debug_barrier()  # the compacted rows and values are read back by other threads of this program
 
         # 2. Stream the needed weight rows.
         cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         col_ok = cols < O
-        acc = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
+        acc = tl.zeros((TOKP, BLOCK_O), dtype=tl.float32)
         if INTERPRET:  # the interpreter's loop bounds must be Python ints; the tail is masked anyway
-            acc = _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, CHUNK, count, cols, col_ok, toks, O, CHUNK_CAP,
-                          MAXB, BLOCK_B, BLOCK_K, STAGES, EVEN_O)
+            acc = _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, lo, CHUNK, count, cols, col_ok, B, O, CHUNK_CAP,
+                          MAXB, TOKP, BLOCK_K, STAGES, EVEN_O, PRECISION)
         else:
-            acc = _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, count, count, cols, col_ok, toks, O, CHUNK_CAP,
-                          MAXB, BLOCK_B, BLOCK_K, STAGES, EVEN_O)
+            acc = _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, lo, count, count, cols, col_ok, B, O, CHUNK_CAP,
+                          MAXB, TOKP, BLOCK_K, STAGES, EVEN_O, PRECISION)
 
         # 3. Finish: this program alone, or the last of its tile to arrive.
-        tok_ok = toks < B
-        out_at = toks[:, None] * O + cols[None, :]
-        out_ok = tok_ok[:, None] & col_ok[None, :]
+        rows16 = tl.arange(0, TOKP)
+        out_at = rows16[:, None] * O + cols[None, :]
+        out_ok = (rows16 < B)[:, None] & col_ok[None, :]
         finish = True
         if SPLIT > 1:
             tl.store(part_ptr + pid_s * MAXB * O + out_at, acc, mask=out_ok)
@@ -343,27 +351,32 @@ if triton is not None:
             finish = arrived == SPLIT - 1
         if finish:
             if SPLIT > 1:
-                acc = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
+                acc = tl.zeros((TOKP, BLOCK_O), dtype=tl.float32)
                 sums_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
                 sums_xx = tl.zeros((BLOCK_B,), dtype=tl.float32)
                 sums_p = tl.zeros((BLOCK_B,), dtype=tl.float32)
                 sums_pp = tl.zeros((BLOCK_B,), dtype=tl.float32)
-                for s in range(SPLIT):  # chunk order: the same sum on every call
-                    acc += tl.load(part_ptr + s * MAXB * O + out_at, mask=out_ok, other=0.0, cache_modifier=".cg")
-                    if VAR:
-                        base = stats_ptr + (s * tiles + pid_o) * 4 * MAXB + toks
-                        sums_x += tl.load(base, cache_modifier=".cg")
-                        sums_xx += tl.load(base + MAXB, cache_modifier=".cg")
-                        sums_p += tl.load(base + 2 * MAXB, cache_modifier=".cg")
-                        sums_pp += tl.load(base + 3 * MAXB, cache_modifier=".cg")
+                for s0 in range(0, SPLIT, 8):  # chunk order (the same sum on every call), 8 loads in flight
+                    for j in tl.static_range(8):
+                        s = s0 + j
+                        acc += tl.load(part_ptr + s * MAXB * O + out_at, mask=out_ok & (s < SPLIT), other=0.0,
+                                       cache_modifier=".cg")
+                        if VAR:
+                            base = stats_ptr + (s * tiles + pid_o) * 4 * MAXB + toks
+                            live = (toks < BLOCK_B) & (s < SPLIT)
+                            sums_x += tl.load(base, mask=live, other=0.0, cache_modifier=".cg")
+                            sums_xx += tl.load(base + MAXB, mask=live, other=0.0, cache_modifier=".cg")
+                            sums_p += tl.load(base + 2 * MAXB, mask=live, other=0.0, cache_modifier=".cg")
+                            sums_pp += tl.load(base + 3 * MAXB, mask=live, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(count_ptr + pid_o, 0)  # ready for the next call
             if VAR:
                 var_x = (sums_xx - sums_x * sums_x / K) / (K - 1)
                 var_p = (sums_pp - sums_p * sums_p / K) / (K - 1)
                 scale = tl.sqrt(var_x / tl.maximum(var_p, 1e-8))
-                acc = acc * scale[:, None]
+                scale16 = tl.sum(tl.where(rows16[:, None] == toks[None, :], scale[None, :], 0.0), axis=1)
+                acc = acc * scale16[:, None]
             if HAS_SHIFT:
-                eta = tl.load(shift_ptr + toks, mask=tok_ok, other=0.0)
+                eta = tl.load(shift_ptr + rows16, mask=rows16 < B, other=0.0)
                 acc += eta[:, None] * tl.load(rowsum_ptr + cols, mask=col_ok, other=0.0)[None, :]
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
