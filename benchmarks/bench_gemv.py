@@ -79,7 +79,7 @@ def plans_for(k, o, rows, m, sweep):
     if not sweep:
         return [default]
     plans = {default}
-    for block_o, per_sm, block_k, warps, stages in itertools.product((256, 512, 1024), (1, 2, 4), (16, 32, 64), (4, 8), (3, 4)):
+    for block_o, per_sm, block_k, warps, stages in itertools.product((256, 512, 1024), (1, 2, 4), (16, 32, 64), (4, 8), (3,)):
         if block_o > o or (block_o == 256 and o > 4096):
             continue
         tiles = -(-o // block_o)
