@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import parse_pattern
 from actsparse.core.scoring import get_criterion
+from actsparse import validate
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import ROLES
 
@@ -44,15 +45,14 @@ class SparsityConfig:
     def __post_init__(self):
         from actsparse.kernels.dispatch import BACKENDS
 
-        if self.backend not in BACKENDS:
-            raise ActsparseError(f"unknown backend '{self.backend}'; choose one of: {', '.join(BACKENDS)}")
+        normalise_selection(self)
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+            raise ActsparseError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
         parse_pattern(self.pattern)
-        get_criterion(self.criterion)
-        get_mitigation(self.mitigation)
-        for role in self.roles or ():
-            check_role(role)
-        for entry in self.skip:
-            parse_skip(entry)
+        get_criterion(validate.text("criterion", self.criterion))
+        get_mitigation(validate.text("mitigation", self.mitigation))
+        validate.whole("seed", self.seed, minimum=None)
+        validate.flag("prefill_only", self.prefill_only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +70,21 @@ class SparsityConfig:
             if (skip_role is None or skip_role == role) and (skip_layers is None or layer in skip_layers):
                 return False
         return True
+
+
+def normalise_selection(config) -> None:
+    """Check and normalise a (frozen) config's ``roles``, ``layers`` and ``skip`` in place (lists become tuples)."""
+    roles = validate.names("roles", config.roles, optional=True)
+    if roles is not None and not roles:
+        raise ActsparseError("roles is empty, so nothing would be sparsified; leave it out to select every role")
+    for role in roles or ():
+        check_role(role)
+    skip = validate.names("skip", config.skip if config.skip is not None else ())
+    for entry in skip:
+        parse_skip(entry)
+    object.__setattr__(config, "roles", roles)
+    object.__setattr__(config, "layers", validate.indices("layers", config.layers, optional=True))
+    object.__setattr__(config, "skip", skip)
 
 
 def check_role(role: str) -> str:

@@ -14,6 +14,7 @@ from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import LinearSite, find_linear_sites
+from actsparse.selection import choose_sites
 
 SPARSITY_ATTR = "_actsparse_config"  # the SparsityConfig a model was sparsified with, set by sparsify_
 
@@ -73,7 +74,7 @@ def sparsify_(
     pattern = parse_pattern(config.pattern)
     criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
     sites = find_linear_sites(model)
-    chosen = [s for s in sites if config.selects(s.role, s.layer)]
+    chosen = choose_sites(config, sites)  # refuses a selection of nothing, missing layers/roles, widths
     needs_stats = criterion.needs_calibration or mitigation.needs_calibration
     if needs_stats and not isinstance(pattern, Dense):
         missing = [s.name for s in chosen if not stats or s.name not in stats]
@@ -83,8 +84,6 @@ def sparsify_(
                 f"missing for {len(missing)} layers (e.g. {missing[0]}); collect them with "
                 "actsparse.collect_input_stats(model, windows) and pass stats=..."
             )
-    for site in chosen:  # check every width before changing anything
-        pattern.check_width(site.in_features)
     for index, site in enumerate(chosen):
         original = model.get_submodule(site.name)
         layer = SparseLinear(

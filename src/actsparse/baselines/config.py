@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from actsparse.baselines.methods import PRUNERS, get_pruner  # noqa: F401  (PRUNERS re-exported)
-from actsparse.config import SparsityConfig, check_role, parse_skip
+from actsparse import validate
+from actsparse.config import SparsityConfig, normalise_selection
 from actsparse.core.patterns import parse_pattern
 from actsparse.errors import ActsparseError
 
@@ -32,14 +33,11 @@ class WeightPruneConfig:
     seed: int = 0
 
     def __post_init__(self):
+        normalise_selection(self)
         parse_pattern(self.pattern)
-        get_pruner(self.method)
-        for role in self.roles or ():
-            check_role(role)
-        for entry in self.skip:
-            parse_skip(entry)
-        if not isinstance(self.calib_windows, int) or self.calib_windows < 1:
-            raise ActsparseError(f"calib_windows must be a positive number of windows, got {self.calib_windows!r}")
+        get_pruner(validate.text("method", self.method))
+        validate.whole("calib_windows", self.calib_windows)
+        validate.whole("seed", self.seed, minimum=None)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -280,8 +280,10 @@ def _as_windows(calib_windows) -> torch.Tensor:
 
 def selected_sites(model: nn.Module, config: WeightPruneConfig) -> tuple[list[LinearSite], list[LinearSite]]:
     """``(chosen, all)`` decoder linear sites for ``config``."""
+    from actsparse.selection import choose_sites
+
     sites = find_linear_sites(model)
-    return [s for s in sites if config.selects(s.role, s.layer)], sites
+    return choose_sites(config, sites, what="prune"), sites
 
 
 @torch.no_grad()

@@ -59,6 +59,20 @@ class CalibrationOptions:
     steps: int | None = None
     seed: int = 0
 
+    def __post_init__(self):
+        from actsparse import validate
+
+        validate.number("lr", self.lr, 0.0, open_low=True)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise ActsparseError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        for beta in self.betas:
+            validate.number("betas entry", beta, 0.0, 1.0)
+        validate.number("weight_decay", self.weight_decay, 0.0)
+        validate.number("warmup", self.warmup, 0.0, 1.0)
+        validate.number("clip", self.clip, 0.0, open_low=True)
+        validate.whole("steps", self.steps, optional=True)
+        validate.whole("seed", self.seed, minimum=None)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -273,9 +287,9 @@ def calibrate_(
         )
     windows = _as_windows(calib_windows)
     sites = find_linear_sites(model)
-    chosen = [s for s in sites if config.selects(s.role, s.layer)]
-    for site in chosen:
-        pattern.check_width(site.in_features)
+    from actsparse.selection import choose_sites
+
+    chosen = choose_sites(config, sites, what="calibrate")
     report = CalibrationReport(config, options, len(windows), windows.shape[1])
     if isinstance(pattern, Dense) or not chosen:
         return report

@@ -10,18 +10,64 @@ import time
 from actsparse.errors import ActsparseError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (rc 2, through ``main``), not a usage block."""
+
+    def error(self, message):
+        raise ActsparseError(f"{message} (see `{self.prog} --help`)")
+
+
+def _whole(minimum: int):
+    """argparse type: a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+def _real(low: float, high: float | None = None, open_low: bool = False):
+    """argparse type: a finite number in [low, high] ((low, high] with ``open_low``)."""
+
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (open_low and value == low) or (high is not None and value > high):
+            span = f"{'(' if open_low else '['}{low:g}, {'inf' if high is None else f'{high:g}'}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in _csv(text))
+        values = tuple(int(part) for part in _csv(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,1,2, got '{text}'") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices >= 0 like 0,1,2, got '{text}'")
+    return values
 
 
-def add_sparsity_options(parser: argparse.ArgumentParser) -> None:
+def add_sparsity_options(parser: argparse.ArgumentParser, weights: bool = True) -> None:
+    """The sparsity options; ``weights``: also --prune / --method (``eval`` only)."""
     group = parser.add_argument_group("sparsity")
     group.add_argument("--pattern", default="8:16", help="N:M (e.g. 2:4, 8:16), unstructured:S, or dense (default: 8:16)")
     group.add_argument("--criterion", default="magnitude", help="which features survive; see `actsparse methods` (default: magnitude)")
@@ -31,13 +77,15 @@ def add_sparsity_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--skip", type=_csv, default=(), help="skip entries ROLE, ROLE@LAYERS or @LAYERS, e.g. k,v,q@19,21")
     group.add_argument("--seed", type=int, default=0, help="seed of the random criterion, or with --prune weights of the calibration windows chosen (default: 0)")
     group.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="auto: Triton kernels on CUDA where supported (default)")
-    group.add_argument("--prune", default="activations", choices=["activations", "weights"],
-                       help="prune the inputs of the linear layers (default) or, as a baseline, their weights")
-    group.add_argument("--method", default=None, help="with --prune weights: magnitude (default), wanda or sparsegpt")
+    if weights:
+        group.add_argument("--prune", default="activations", choices=["activations", "weights"],
+                           help="prune the inputs of the linear layers (default) or, as a baseline, their weights")
+        group.add_argument("--method", default=None, help="with --prune weights: magnitude (default), wanda or sparsegpt")
     group.add_argument("--prefill-only", action="store_true", help="single-token decode steps run dense (perplexity is all prefill)")
 
 
-def add_eval_options(parser: argparse.ArgumentParser) -> None:
+def add_eval_options(parser: argparse.ArgumentParser, evaluation: bool = True) -> None:
+    """The model, text and window options; ``evaluation``: also --max-tokens / --batch-size (perplexity only)."""
     from actsparse.eval.run import DEFAULT_MODEL
     from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL
 
@@ -45,11 +93,12 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=DEFAULT_MODEL, help=f"alias (smollm2-135m, gemma3-270m), local directory or hub id (default: {DEFAULT_MODEL})")
     group.add_argument("--data", default=DEFAULT_EVAL, help=f"evaluation text: brown:CATEGORY[+...], wikitext2, or a text file (default: {DEFAULT_EVAL})")
     group.add_argument("--calib-data", default=DEFAULT_CALIB, help=f"calibration text, never overlapping --data (default: {DEFAULT_CALIB})")
-    group.add_argument("--calib-windows", type=int, default=None,
+    group.add_argument("--calib-windows", type=_whole(1), default=None,
                        help="calibration windows for criteria/mitigations that need statistics (default: 32), or for wanda/sparsegpt weight pruning (default: 128)")
-    group.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default: 512)")
-    group.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens' worth of windows")
-    group.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    group.add_argument("--seqlen", type=_whole(2), default=512, help="window length in tokens (default: 512)")
+    if evaluation:
+        group.add_argument("--max-tokens", type=_whole(1), default=None, help="evaluate only the first N tokens' worth of windows")
+        group.add_argument("--batch-size", type=_whole(1), default=1, help="windows per forward pass (default: 1)")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -61,11 +110,11 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
                        help="lm-eval tasks, e.g. arc_easy,piqa, or the offline proxies actsparse_lastword,actsparse_continuation "
                             "(built from --data); dense and sparse scores side by side")
     group.add_argument("--task-dir", default=None, metavar="DIR", help="where the proxy tasks are written / local task YAMLs are found (default: in the cache)")
-    group.add_argument("--task-batch-size", type=int, default=1, help="lm-eval batch size (results depend on it; recorded) (default: 1)")
-    group.add_argument("--task-limit", type=int, default=None, help="only the first N documents of each task (default: all)")
-    group.add_argument("--proxy-count", type=int, default=1000, help="items per proxy task (default: 1000)")
+    group.add_argument("--task-batch-size", type=_whole(1), default=1, help="lm-eval batch size (results depend on it; recorded) (default: 1)")
+    group.add_argument("--task-limit", type=_whole(1), default=None, help="only the first N documents of each task (default: all)")
+    group.add_argument("--proxy-count", type=_whole(1), default=1000, help="items per proxy task (default: 1000)")
     group.add_argument("--proxy-seed", type=int, default=0, help="seed of the proxy tasks (default: 0)")
-    group.add_argument("--generate", type=int, default=None, metavar="N", help="also greedy-continue the fixed prompts by N tokens, dense and sparse")
+    group.add_argument("--generate", type=_whole(1), default=None, metavar="N", help="also greedy-continue the fixed prompts by N tokens, dense and sparse")
 
 
 def task_settings_from(args):

@@ -57,7 +57,7 @@ class NM:
             raise ActsparseError(
                 f"pattern {self} needs the input width to be a multiple of {self.m}, "
                 f"but a layer has {width} input features; pick an M that divides {width} "
-                f"or skip that layer's role (e.g. --skip down)"
+                f"or skip that layer's role (--skip ROLE; `actsparse layers` lists each layer's role and width)"
             )
 
     def kept(self, width: int) -> int:

@@ -30,8 +30,10 @@ class GenerateSettings:
     max_new_tokens: int = 32
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ActsparseError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        from actsparse import validate
+
+        validate.whole("max_new_tokens", self.max_new_tokens)
+        object.__setattr__(self, "prompts", validate.names("prompts", self.prompts))
         if not self.prompts:
             raise ActsparseError("the generation check needs at least one prompt")
 

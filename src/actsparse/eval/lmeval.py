@@ -73,10 +73,14 @@ class TaskSettings:
     proxy_count: int = 1000
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ActsparseError(f"task batch size must be >= 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ActsparseError(f"task limit must be >= 1, got {self.limit}")
+        from actsparse import validate
+
+        object.__setattr__(self, "tasks", validate.names("tasks", self.tasks))
+        validate.text("task_dir", self.task_dir, optional=True)
+        validate.whole("task batch size", self.batch_size)
+        validate.whole("task limit", self.limit, optional=True)
+        validate.whole("proxy_seed", self.proxy_seed, minimum=None)
+        validate.whole("proxy_count", self.proxy_count)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,6 +25,7 @@ from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.scoring import get_criterion
 from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL, check_disjoint, load_text
+from actsparse import validate
 from actsparse.errors import ActsparseError
 from actsparse.eval.perplexity import Perplexity, encode, make_windows, perplexity
 from actsparse.eval.results import versions
@@ -47,6 +48,28 @@ class EvalSettings:
     batch_size: int = 1
     dtype: str = "float32"
     device: str = "auto"
+
+    def __post_init__(self):
+        from actsparse.models.loading import DTYPES
+
+        for name in ("model", "data", "calib_data", "device"):
+            validate.text(name, getattr(self, name))
+        validate.whole("calib_windows", self.calib_windows)
+        validate.whole("seqlen", self.seqlen, minimum=2)
+        validate.whole("max_tokens", self.max_tokens, optional=True)
+        validate.whole("batch_size", self.batch_size)
+        if self.max_tokens is not None and self.max_tokens < self.seqlen:
+            raise ActsparseError(
+                f"max_tokens {self.max_tokens} is less than one window of seqlen {self.seqlen} tokens, so nothing would be "
+                "evaluated; raise max_tokens or lower seqlen"
+            )
+        if self.dtype not in DTYPES:
+            raise ActsparseError(f"unknown dtype {self.dtype!r}; use one of: {', '.join(DTYPES)}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError) as error:
+                raise ActsparseError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N") from error
 
     def resolved_device(self) -> str:
         if self.device == "auto":

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
 
+from actsparse import validate
 from actsparse.config import SparsityConfig
 from actsparse.core.patterns import parse_pattern
 from actsparse.errors import ActsparseError
@@ -118,26 +120,47 @@ def _unique(runs) -> tuple[Run, ...]:
 def _check_keys(where: str, given: dict, allowed: set) -> None:
     unknown = sorted(set(given) - allowed)
     if unknown:
-        raise ActsparseError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        prefix = f"{where}: " if where else ""
+        raise ActsparseError(f"{prefix}unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
 
-def _list(where: str, value, name: str) -> list:
+def _list(where: str, value, name: str) -> list[str]:
     if value is None:
         raise ActsparseError(f"{where}: '{name}' is missing")
     items = value if isinstance(value, list) else [value]
     if not items:
         raise ActsparseError(f"{where}: '{name}' is empty")
-    return [str(item) for item in items]
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool) and name == "patterns":
+            raise ActsparseError(f"{where}: pattern {item} is a number (YAML reads an unquoted 2:4 as 124); quote it, e.g. \"2:4\"")
+        if not isinstance(item, str) or not item.strip():
+            raise ActsparseError(f"{where}: every entry of '{name}' must be a name, got {item!r}")
+    return items
 
 
-def _tuple_or_none(value):
-    return None if value is None else tuple(value if isinstance(value, list) else [value])
+def _mapping(where: str, value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ActsparseError(f"{where} must be a mapping (key: value, ...), got {value!r}")
+    return dict(value)
 
 
-def _settings(data: dict | None) -> dict:
-    data = dict(data or {})
+@contextmanager
+def _at(where: str):
+    """Prefix the message of an ``ActsparseError`` raised inside with where it comes from in the file."""
+    try:
+        yield
+    except ActsparseError as error:
+        raise ActsparseError(f"{where}: {error}") from error
+
+
+def _settings(data) -> dict:
+    data = _mapping("settings", data)
     allowed = {f.name for f in fields(EvalSettings)} - {"model"}
     _check_keys("settings", data, allowed)
+    with _at("settings"):
+        EvalSettings(**data)  # every value checked now, whatever the model
     return data
 
 
@@ -146,54 +169,61 @@ def _tasks(data) -> TaskSettings:
         return TaskSettings()
     if isinstance(data, list):
         data = {"names": data}
-    data = dict(data)
+    data = _mapping("tasks", data)
     _check_keys("tasks", data, {"names", "task_dir", "batch_size", "limit", "proxy_seed", "proxy_count"})
-    names = tuple(str(n) for n in data.pop("names", []) or [])
-    return TaskSettings(tasks=names, **data)
+    with _at("tasks"):
+        names = validate.names("names", data.pop("names", None) or [])
+        return TaskSettings(tasks=names, **data)
 
 
 def _generate(data) -> GenerateSettings | None:
-    if not data:
+    if data is None or data is False:
         return None
-    data = dict(data) if isinstance(data, dict) else {}
+    data = {} if data is True else _mapping("generate", data)
     _check_keys("generate", data, {"prompts", "max_new_tokens"})
-    prompts = tuple(str(p) for p in data.get("prompts") or PROMPTS)
-    return GenerateSettings(prompts=prompts, max_new_tokens=int(data.get("max_new_tokens", 32)))
+    with _at("generate"):
+        prompts = validate.names("prompts", data.get("prompts") or list(PROMPTS))
+        return GenerateSettings(prompts=prompts, max_new_tokens=data.get("max_new_tokens", 32))
 
 
 def _grid_runs(index: int, grid: dict, settings: EvalSettings, tasks, generate) -> list[Run]:
+    with _at(f"grids[{index}]"):
+        return _grid_runs_checked(grid, settings, tasks, generate)
+
+
+def _grid_runs_checked(grid: dict, settings: EvalSettings, tasks, generate) -> list[Run]:
     from actsparse.baselines import WeightPruneConfig
+    from actsparse.calibration.layerwise import CalibrationOptions
     from actsparse.calibration.mitigations import ensure_mitigation, is_calibrated
 
-    where = f"grids[{index}]"
     if not isinstance(grid, dict):
-        raise ActsparseError(f"{where}: expected a mapping with target, patterns, ...")
+        raise ActsparseError("expected a mapping with target, patterns, ...")
     target = grid.get("target", "activations")
     if target not in TARGETS:
-        raise ActsparseError(f"{where}: target must be one of {', '.join(TARGETS)}, got {target!r}")
-    _check_keys(where, grid, _GRID[target])
-    patterns = [str(parse_pattern(p)) for p in _list(where, grid.get("patterns"), "patterns")]
-    shared = {
-        "roles": _tuple_or_none(grid.get("roles")), "layers": _tuple_or_none(grid.get("layers")),
-        "skip": tuple(grid.get("skip") or ()), "seed": int(grid.get("seed", 0)),
-    }  # fmt: skip
+        raise ActsparseError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    _check_keys("", grid, _GRID[target])
+    patterns = [str(parse_pattern(p)) for p in _list("patterns", grid.get("patterns"), "patterns")]
+    shared = {"roles": grid.get("roles"), "layers": grid.get("layers"), "skip": grid.get("skip") or (), "seed": grid.get("seed", 0)}
     runs = []
     if target == "weights":
-        windows = int(grid.get("calib_windows", 128))
+        windows = grid.get("calib_windows", 128)
         for pattern in patterns:
-            for method in _list(where, grid.get("methods"), "methods"):
+            for method in _list("methods", grid.get("methods"), "methods"):
                 config = WeightPruneConfig(pattern=pattern, method=method, calib_windows=windows, **shared)
                 runs.append(Run(settings, "weights", config, tasks, generate))
         return runs
-    calibration = dict(grid.get("calibration") or {})
-    _check_keys(f"{where}.calibration", calibration, _CALIBRATION)
+    calibration = _mapping("calibration", grid.get("calibration"))
+    _check_keys("calibration", calibration, _CALIBRATION)
+    with _at("calibration"):
+        validate.whole("windows", calibration.get("windows", settings.calib_windows))
+        CalibrationOptions(**{k: v for k, v in calibration.items() if k != "windows"})
     for pattern in patterns:
-        for criterion in _list(where, grid.get("criteria"), "criteria"):
-            for mitigation in _list(where, grid.get("mitigations"), "mitigations"):
+        for criterion in _list("criteria", grid.get("criteria"), "criteria"):
+            for mitigation in _list("mitigations", grid.get("mitigations"), "mitigations"):
                 ensure_mitigation(mitigation)
                 config = SparsityConfig(
                     pattern=pattern, criterion=criterion, mitigation=mitigation, backend=grid.get("backend", "auto"),
-                    prefill_only=bool(grid.get("prefill_only", False)), **shared,
+                    prefill_only=grid.get("prefill_only", False), **shared,
                 )  # fmt: skip
                 options = None
                 if is_calibrated(mitigation):
@@ -208,6 +238,9 @@ def parse_sweep(data: dict, name: str = "sweep") -> SweepSpec:
         raise ActsparseError("a sweep file must be a YAML mapping with models, settings, grids, ...")
     _check_keys("sweep", data, _TOP)
     models = _list("sweep", data.get("models"), "models")
+    for key in ("name", "store"):
+        if data.get(key) is not None and (not isinstance(data[key], str) or not data[key].strip()):
+            raise ActsparseError(f"sweep: '{key}' must be a non-empty string, got {data[key]!r}")
     settings = _settings(data.get("settings"))
     tasks, generate = _tasks(data.get("tasks")), _generate(data.get("generate"))
     grids = data.get("grids") or []

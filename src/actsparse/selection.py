@@ -1,0 +1,67 @@
+"""Which linear layers a config selects, checked against the model: nothing silently ignored.
+
+``choose_sites(config, sites)`` is what ``sparsify_`` and ``prune_weights_`` use, and what the
+CLI runs on a weightless copy of the model (built from its config on the meta device)
+before any weights load. It refuses:
+
+- a decoder layer index (in ``layers`` or ``skip``) the model does not have;
+- a role (in ``roles`` or ``skip``) no decoder layer of the model has;
+- a selection that leaves no linear layer to sparsify (unless the pattern is ``dense``);
+- a pattern whose M does not divide the input width of a selected layer, naming that
+  layer's role in the fix.
+"""
+
+from __future__ import annotations
+
+from actsparse.core.patterns import NM, Dense, parse_pattern
+from actsparse.errors import ActsparseError
+
+
+def _span(layers: set[int]) -> str:
+    return f"{min(layers)}-{max(layers)}" if layers else "none"
+
+
+def choose_sites(config, sites: list, what: str = "sparsify") -> list:
+    """The sites of ``sites`` that ``config`` selects, after the checks of the module docstring."""
+    from actsparse.config import parse_skip
+
+    pattern = parse_pattern(config.pattern)
+    present_layers = {s.layer for s in sites}
+    present_roles = {s.role for s in sites if s.role}
+    count = max(present_layers) + 1 if present_layers else 0
+    asked_layers = set(config.layers or ())
+    asked_roles = set(config.roles or ())
+    for entry in config.skip:
+        role, layers = parse_skip(entry)
+        asked_layers |= layers or set()
+        if role:
+            asked_roles.add(role)
+    missing = sorted(asked_layers - present_layers)
+    if missing:
+        raise ActsparseError(
+            f"decoder layer {', '.join(map(str, missing[:5]))} does not exist: the model has {count} decoder layers "
+            f"({_span(present_layers)}); fix the layer indices of --layers / --skip"
+        )
+    absent = sorted(asked_roles - present_roles)
+    if absent:
+        raise ActsparseError(
+            f"role {', '.join(absent)} is not in this model (its decoder layers have: {', '.join(sorted(present_roles))}); "
+            "fix --roles / --skip (see `actsparse layers --model ...`)"
+        )
+    chosen = [s for s in sites if config.selects(s.role, s.layer)]
+    if not chosen and not isinstance(pattern, Dense):
+        parts = [f"{key} {getattr(config, key)}" for key in ("roles", "layers", "skip") if getattr(config, key)]
+        raise ActsparseError(
+            f"the selection ({', '.join(parts) or 'every role'}) leaves no linear layer to {what}, so the run would measure the "
+            "dense model; select at least one layer"
+        )
+    if isinstance(pattern, NM):
+        for site in chosen:
+            if site.in_features % pattern.m:
+                same = sorted({s.in_features for s in chosen if s.role == site.role})
+                raise ActsparseError(
+                    f"pattern {pattern} needs the input width to be a multiple of {pattern.m}, but {site.name} (role {site.role}) "
+                    f"has {site.in_features} input features; pick an M that divides {', '.join(map(str, same))}, "
+                    f"or skip that role (--skip {site.role})"
+                )
+    return chosen
