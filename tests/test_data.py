@@ -136,6 +136,7 @@ def test_same_file_twice_overlaps(tmp_path):
 def online(monkeypatch):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("actsparse.models.loading.hub_reachable", lambda timeout=3.0: True)
 
 
 def _fake_datasets(monkeypatch, load_dataset):
@@ -158,11 +159,36 @@ def test_wikitext_hub_unreachable(monkeypatch, online):
     assert "brown:news" in str(e.value) and "no network" in str(e.value)
 
 
-def test_wikitext_offline_env(monkeypatch, online):
-    _fake_datasets(monkeypatch, lambda *a, **k: pytest.fail("must not call load_dataset offline"))
+def test_wikitext_offline_env_reads_the_cache_only_and_suggests_nothing_in_force(monkeypatch, online):
+    def load_dataset(*args, **kwargs):
+        raise FileNotFoundError("not cached")
+
+    _fake_datasets(monkeypatch, load_dataset)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ActsparseError, match="offline"):
+    with pytest.raises(ActsparseError, match="offline") as e:
         load_text("wikitext2")
+    assert "local datasets cache" in str(e.value) and "set HF_" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_wikitext_with_the_hub_unreachable_reads_the_cache_only(monkeypatch, online, capfd):
+    import time
+
+    seen = []
+
+    def load_dataset(*args, **kwargs):
+        import huggingface_hub.constants
+
+        seen.append(huggingface_hub.constants.HF_HUB_OFFLINE)  # asked while the hub client is offline
+        raise ConnectionError("Max retries exceeded")
+
+    _fake_datasets(monkeypatch, load_dataset)
+    monkeypatch.setattr("actsparse.models.loading.hub_reachable", lambda timeout=3.0: False)
+    start = time.monotonic()
+    with pytest.raises(ActsparseError, match="cannot be reached") as e:
+        load_text("wikitext2")
+    assert time.monotonic() - start < 5 and seen == [True] and "\n" not in str(e.value)
+    out, err = capfd.readouterr()
+    assert out + err == ""
 
 
 def test_wikitext_loads_and_joins(monkeypatch, online):

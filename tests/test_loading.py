@@ -201,3 +201,35 @@ def test_a_wrongly_converted_tokenizer_is_refused():
             return {"input_ids": list(loading.ALIASES["gemma3-270m"].probe_ids)}
 
     loading.check_tokenizer(Right(), loading.ALIASES["gemma3-270m"])
+
+
+def test_unknown_hub_id_fails_fast_in_one_line_without_retries(monkeypatch, capfd):
+    """Hub unreachable, not offline: one connection attempt, then one clean line (no retry spam)."""
+    import time
+
+    import actsparse.models.loading as loading
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    calls = []
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: calls.append(a))
+    start = time.monotonic()
+    with pytest.raises(ActsparseError) as error:
+        loading.load_model("nobody-owns/this-model-id")
+    assert time.monotonic() - start < 10 and calls == []  # refused before transformers asks the hub
+    message = str(error.value)
+    assert "cannot be reached" in message and "fix" in message and "\n" not in message
+    assert "HF_HUB_OFFLINE=1" not in message
+    out, err = capfd.readouterr()
+    assert "Retry" not in out + err
+
+
+def test_offline_message_does_not_suggest_the_setting_in_force(monkeypatch):
+    from actsparse.models.loading import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ActsparseError) as error:
+        load_model("nobody-owns/this-model-id")
+    message = str(error.value)
+    assert "is set" in message and "set HF_HUB_OFFLINE" not in message and "\n" not in message

