@@ -3,12 +3,17 @@
 A state directory holds ``calibrated_state.safetensors`` (every tensor a mitigation owns,
 keyed ``<module name>.<tensor name>``, float32 or the model's dtype) and
 ``actsparse_state.json``: the format marker, the ``SparsityConfig``, the calibration
-(text, windows, options, per-layer MSE), the model's identity (architecture, model type,
-parameter count, embedding fingerprint), every tensor's shape and dtype, the package versions
-and the sha256 and size of the safetensors file. The directory is written whole into a
-temporary directory beside the target and renamed into place.
+(text, windows, options, per-layer MSE, a sample of the calibration text's fingerprints),
+the model's identity (architecture, model type, parameter count, embedding fingerprint),
+every tensor's shape and dtype, the package versions, the sha256 and size of the
+safetensors file, and ``meta_sha256``: the sha256 of the JSON's own content (everything
+but that field, as compact sorted JSON), so a hand-edited description is refused like an
+altered tensor file. The directory is written whole into a temporary directory beside the
+target and renamed into place.
 
-``load_state_(model, dir)`` checks the JSON, the checksum, the model identity, then runs
+``read_state_meta(dir)`` checks the format and both checksums without a model, so a damaged
+or edited state is refused before any model loads. ``check_state(model, dir)`` adds the
+model identity, also without changing anything. ``load_state_(model, dir)`` runs both, then
 ``sparsify_`` with the saved config and copies the tensors in (refusing any missing name or
 shape mismatch, leaving the model dense on failure).
 """
@@ -21,6 +26,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,7 +38,13 @@ from actsparse.errors import ActsparseError
 TENSORS_FILE = "calibrated_state.safetensors"
 META_FILE = "actsparse_state.json"
 FORMAT = "actsparse-calibrated-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta_sha256 covers the JSON itself
+
+
+def meta_digest(meta: dict) -> str:
+    """sha256 of a state description without its ``meta_sha256`` field, as compact sorted JSON."""
+    body = {key: value for key, value in meta.items() if key != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -119,6 +131,8 @@ def save_state(model: nn.Module, directory: str | Path, *, calibration: dict | N
             "bytes": path.stat().st_size,
             "versions": versions(),
         }
+        meta = json.loads(json.dumps(meta))  # as it will read back (tuples as lists), before it is hashed
+        meta["meta_sha256"] = meta_digest(meta)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         umask = os.umask(0)
         os.umask(umask)
@@ -138,8 +152,9 @@ def save_state(model: nn.Module, directory: str | Path, *, calibration: dict | N
     return directory
 
 
-def read_state_meta(directory: str | Path) -> dict:
-    """The JSON description of a state directory (format checked; tensors not read)."""
+def read_state_meta(directory: str | Path, verify: bool = True) -> dict:
+    """The JSON description of a state directory: format and its own checksum checked, and with
+    ``verify`` the tensor file's size and sha256 and the config too (no model needed)."""
     directory = Path(directory)
     meta_path, tensors_path = directory / META_FILE, directory / TENSORS_FILE
     if not meta_path.is_file() or not tensors_path.is_file():
@@ -151,7 +166,20 @@ def read_state_meta(directory: str | Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ActsparseError(f"{meta_path} is not an actsparse calibrated-state description (format is not '{FORMAT}')")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ActsparseError(f"{meta_path} has format version {meta.get('format_version')}; this actsparse reads version {FORMAT_VERSION}")
+        raise ActsparseError(
+            f"{meta_path} has format version {meta.get('format_version')}; this actsparse reads version {FORMAT_VERSION} "
+            "(whose description is checksummed too); calibrate the state again"
+        )
+    if meta.get("meta_sha256") != meta_digest(meta):
+        raise ActsparseError(f"{meta_path} does not match its own checksum (meta_sha256): the description was altered; calibrate again")
+    if not verify:
+        return meta
+    if tensors_path.stat().st_size != meta.get("bytes") or _sha256(tensors_path) != meta.get("sha256"):
+        raise ActsparseError(f"{tensors_path} does not match the checksum recorded in {META_FILE} (truncated or altered); calibrate again")
+    try:
+        state_config(meta)
+    except (TypeError, KeyError, AttributeError) as error:
+        raise ActsparseError(f"{meta_path} holds no valid config ({error}); calibrate again") from error
     return meta
 
 
@@ -166,36 +194,12 @@ def state_config(meta: dict) -> SparsityConfig:
     return SparsityConfig(**raw)
 
 
-@torch.no_grad()
-def load_state_(model: nn.Module, directory: str | Path, *, expect: SparsityConfig | None = None, check_model: bool = True) -> SparsityConfig:
-    """Sparsify ``model`` with a saved state's config and load its calibrated tensors, in place.
-
-    Refuses, before changing anything, a directory that is not a state, a file whose sha256
-    differs from the recorded one (truncated or altered), a model of another architecture or
-    checkpoint (``check_model=False`` skips the checkpoint check), and with ``expect`` a
-    state whose pattern, criterion or mitigation differs; then any missing tensor or shape
-    mismatch (the model is left dense). Returns the state's config.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from actsparse.sparsify import sparse_layers
-
+def check_state(model: nn.Module, directory: str | Path, *, check_model: bool = True) -> dict:
+    """The state's description, after every check that needs no change to ``model``: format, both
+    checksums, the config, and that ``model`` is the architecture (and with ``check_model`` the
+    checkpoint) it was calibrated on."""
     directory = Path(directory)
     meta = read_state_meta(directory)
-    config = state_config(meta)
-    if expect is not None:
-        for key in ("pattern", "criterion", "mitigation"):
-            if getattr(expect, key) != getattr(config, key):
-                raise ActsparseError(
-                    f"state in {directory} was calibrated for {key} {getattr(config, key)!r}, not {getattr(expect, key)!r}; "
-                    "calibrate a state for this config (actsparse calibrate)"
-                )
-    if sparse_layers(model):
-        raise ActsparseError("model is already sparsified; call actsparse.unsparsify_(model) first")
-    tensors_path = directory / TENSORS_FILE
-    if tensors_path.stat().st_size != meta.get("bytes") or _sha256(tensors_path) != meta.get("sha256"):
-        raise ActsparseError(f"{tensors_path} does not match the checksum recorded in {META_FILE} (truncated or altered); calibrate again")
     saved, here = meta["model"], model_identity(model)
     for key in ("architecture", "model_type"):
         if saved.get(key) != here[key]:
@@ -209,6 +213,42 @@ def load_state_(model: nn.Module, directory: str | Path, *, expect: SparsityConf
             f"state in {directory} comes from a different checkpoint of {here['architecture']} (its parameter count or input "
             "embeddings differ); load it into the model it was calibrated on, or pass check_model=False"
         )
+    return meta
+
+
+@torch.no_grad()
+def load_state_(
+    model: nn.Module, directory: str | Path, *, expect: SparsityConfig | None = None, check_model: bool = True, backend: str | None = None
+) -> SparsityConfig:
+    """Sparsify ``model`` with a saved state's config and load its calibrated tensors, in place.
+
+    Refuses, before changing anything, a directory that is not a state, a file whose sha256
+    differs from the recorded one (truncated or altered), a model of another architecture or
+    checkpoint (``check_model=False`` skips the checkpoint check), and with ``expect`` a
+    state whose pattern, criterion or mitigation differs; then any missing tensor or shape
+    mismatch (the model is left dense). ``backend``: run the sparse layers with this backend
+    instead of the saved one (the numbers do not depend on it). Returns the config applied.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from actsparse.sparsify import sparse_layers
+
+    directory = Path(directory)
+    meta = check_state(model, directory, check_model=check_model)
+    config = state_config(meta)
+    if backend is not None:
+        config = replace(config, backend=backend)
+    if expect is not None:
+        for key in ("pattern", "criterion", "mitigation"):
+            if getattr(expect, key) != getattr(config, key):
+                raise ActsparseError(
+                    f"state in {directory} was calibrated for {key} {getattr(config, key)!r}, not {getattr(expect, key)!r}; "
+                    "calibrate a state for this config (actsparse calibrate)"
+                )
+    if sparse_layers(model):
+        raise ActsparseError("model is already sparsified; call actsparse.unsparsify_(model) first")
+    tensors_path = directory / TENSORS_FILE
     try:
         tensors = load_file(tensors_path)
     except (SafetensorError, OSError) as error:

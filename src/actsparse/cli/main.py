@@ -149,7 +149,7 @@ def settings_from(args):
 
     return EvalSettings(
         model=args.model, data=args.data, calib_data=args.calib_data, calib_windows=calib_windows_from(args), seqlen=args.seqlen,
-        max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+        max_tokens=getattr(args, "max_tokens", None), batch_size=getattr(args, "batch_size", 1), dtype=args.dtype, device=args.device,
     )  # fmt: skip
 
 
@@ -165,8 +165,11 @@ def config_from(args):
 def weight_config_from(args):
     from actsparse.baselines import WeightPruneConfig
 
-    if args.criterion != "magnitude" or args.mitigation != "none":
-        raise ActsparseError("--criterion and --mitigation choose activation sparsity; with --prune weights use --method (magnitude, wanda, sparsegpt)")
+    if {"criterion", "mitigation", "prefill_only", "backend"} & _given(args):
+        raise ActsparseError(
+            "--criterion, --mitigation, --backend and --prefill-only choose activation sparsity; with --prune weights use --method "
+            "(magnitude, wanda, sparsegpt)"
+        )
     return WeightPruneConfig(
         pattern=args.pattern, method=args.method or "magnitude", roles=args.roles, layers=args.layers, skip=tuple(args.skip),
         calib_windows=calib_windows_from(args), seed=args.seed,
@@ -230,6 +233,7 @@ def _print_table(args, record: dict, label: str) -> None:
 
 def cmd_eval_weights(args) -> None:
     config = weight_config_from(args)  # validate before the slow model load
+    preflight(args, config)
     record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run_weights(c, extra=extra))
     if record is None:
         return
@@ -246,32 +250,94 @@ def cmd_eval_weights(args) -> None:
         print(f"wrote      {args.out}")
 
 
-def _state_expect(args):
-    """With ``eval --state``: the sparsity options given that differ from their defaults must match the state."""
-    defaults = {"pattern": "8:16", "criterion": "magnitude", "mitigation": "none"}  # as in add_sparsity_options
-    given = {key: getattr(args, key) for key in defaults if getattr(args, key) != defaults[key]}
-    if not given:
-        return None
-    from actsparse.calibration.state import read_state_meta, state_config
+def _given(args) -> frozenset[str]:
+    """The options the user typed (``main`` records them), whatever their values."""
+    return getattr(args, "given", frozenset())
 
-    state = state_config(read_state_meta(args.state))
-    for key, value in given.items():
-        if getattr(state, key) != value:
+
+def _needs_calibration(config) -> bool:
+    from actsparse.calibration.mitigations import is_calibrated
+    from actsparse.core.mitigation import get_mitigation
+    from actsparse.core.scoring import get_criterion
+
+    if hasattr(config, "method"):
+        from actsparse.baselines import get_pruner
+
+        return get_pruner(config.method).needs_calibration
+    return get_criterion(config.criterion).needs_calibration or get_mitigation(config.mitigation).needs_calibration or is_calibrated(config.mitigation)
+
+
+def preflight(args, config, calibrated: bool | None = None):
+    """Every check that needs no weights, before the model loads: the settings, the texts (and that
+    they share nothing, when calibration text is used or was given), and ``config`` against the
+    model's layers as built from its config (no weights). Returns the model skeleton (or None)."""
+    from actsparse.data.sources import check_disjoint, load_text
+    from actsparse.models.discovery import find_linear_sites
+    from actsparse.models.loading import model_skeleton
+    from actsparse.selection import choose_sites
+
+    settings = settings_from(args)
+    settings.resolved_device()
+    evaluation = load_text(settings.data)
+    calibrated = _needs_calibration(config) if calibrated is None else calibrated
+    if calibrated or "calib_data" in _given(args):
+        check_disjoint(evaluation, load_text(settings.calib_data))
+    skeleton = model_skeleton(settings.model)
+    if skeleton is not None and config is not None:
+        choose_sites(config, find_linear_sites(skeleton), what="prune" if hasattr(config, "method") else "sparsify")
+    return skeleton
+
+
+STATE_FIXES = ("pattern", "criterion", "mitigation", "roles", "layers", "skip", "seed", "prefill_only")  # from the state's config
+STATE_REFUSES = ("calib_data", "calib_windows", "prune", "method")  # its calibration is done
+
+
+def _same(key: str, typed, saved) -> bool:
+    from actsparse.core.patterns import parse_pattern
+
+    if key == "pattern":
+        return str(parse_pattern(typed)) == str(parse_pattern(saved))
+    if key in ("roles", "layers", "skip"):
+        return (None if typed is None else set(typed)) == (None if saved is None else set(saved))
+    return typed == saved
+
+
+def check_state_options(args, config):
+    """With ``eval --state``: every sparsity option typed must agree with the state's config (whatever
+    its value); calibration options are refused. Returns the config to apply (``--backend`` honoured)."""
+    from dataclasses import replace
+
+    given = _given(args)
+    for key in STATE_REFUSES:
+        if key in given:
+            option = "--" + key.replace("_", "-")
+            raise ActsparseError(f"{option} cannot be combined with --state: the state's calibration is done and fixes it; drop {option}")
+    for key in STATE_FIXES:
+        if key in given and not _same(key, getattr(args, key), getattr(config, key)):
+            option = "--" + key.replace("_", "-")
             raise ActsparseError(
-                f"--{key} {value} given, but the state in {args.state} was calibrated for {key} {getattr(state, key)!r}; "
-                f"drop --{key} (eval --state uses the state's own config) or calibrate a state for it"
+                f"{option} {getattr(args, key)!r} given, but the state in {args.state} was calibrated with {key} {getattr(config, key)!r}; "
+                f"drop {option} (eval --state applies the state's own config) or calibrate a state for it"
             )
-    return state
+    if "backend" in given:
+        config = replace(config, backend=args.backend)
+    return config
 
 
 def cmd_eval_state(args) -> None:
-    if args.prune == "weights" or args.method is not None:
-        raise ActsparseError("--state evaluates a calibrated activation-sparsity state; it cannot be combined with --prune weights / --method")
     from actsparse.calibration.state import read_state_meta, state_config
 
-    config = state_config(read_state_meta(args.state))  # validate before the slow model load
-    expect = _state_expect(args)
-    record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run_state(args.state, expect=expect, extra=extra))
+    meta = read_state_meta(args.state)  # format, both checksums, the config: before the slow model load
+    config = check_state_options(args, state_config(meta))
+    skeleton = preflight(args, config, calibrated=False)
+    if skeleton is not None:
+        saved = meta["model"]
+        for key in ("architecture", "model_type"):
+            here = type(skeleton).__name__ if key == "architecture" else getattr(skeleton.config, "model_type", None)
+            if saved.get(key) != here:
+                raise ActsparseError(f"state in {args.state} is for a different model: {key} is {saved.get(key)!r} there, {here!r} for {args.model}")
+    backend = args.backend if "backend" in _given(args) else None
+    record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run_state(args.state, extra=extra, backend=backend))
     if record is None:
         return
     _print_table(args, record, f"{config.pattern} {config.criterion} + {config.mitigation}")
@@ -288,7 +354,7 @@ def cmd_calibrate(args) -> None:
     from actsparse.calibration.layerwise import CalibrationOptions, calibrate_
     from actsparse.calibration.mitigations import ensure_mitigation
     from actsparse.calibration.state import save_state
-    from actsparse.data.sources import check_disjoint, load_text
+    from actsparse.data.sources import check_disjoint, load_text, stored_sample
     from actsparse.eval.perplexity import encode, make_windows
     from actsparse.eval.run import EvalSettings
     from actsparse.models.loading import load_model, tokenizer_adds_bos
@@ -296,10 +362,9 @@ def cmd_calibrate(args) -> None:
     ensure_mitigation(args.mitigation)
     config = config_from(args)  # validate before the slow model load
     options = CalibrationOptions(lr=args.lr, steps=args.steps, seed=args.seed)
-    if args.steps is not None and args.steps < 1:
-        raise ActsparseError(f"--steps must be >= 1, got {args.steps}")
     calib, evaluation = load_text(args.calib_data), load_text(args.data)
     check_disjoint(evaluation, calib)  # calibration text never overlaps the evaluation text
+    preflight(args, config, calibrated=False)  # the texts are checked above
     start = time.perf_counter()
     device = EvalSettings(device=args.device).resolved_device()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
@@ -313,7 +378,8 @@ def cmd_calibrate(args) -> None:
     cache = "cpu" if args.offload else None
     report = calibrate_(model, config, windows, options=options, bos_id=bos_id, progress=not args.no_progress, cache_device=cache)
     out = save_state(model, args.out, calibration={"data": calib.spec, "data_parts": sorted(calib.parts), "model": args.model,
-                                                  "excluded_eval_data": evaluation.spec, "dtype": args.dtype, "device": device})  # fmt: skip
+                                                  "fingerprints": stored_sample(calib), "excluded_eval_data": evaluation.spec,
+                                                  "dtype": args.dtype, "device": device})  # fmt: skip
     print(f"model      {args.model}")
     print(f"calibrate  {calib.spec}  {len(windows)} windows x {args.seqlen} tokens, {config.pattern} {config.criterion} + {config.mitigation}")
     for index, info in sorted(report.layers.items()):
@@ -330,9 +396,10 @@ def cmd_eval(args) -> None:
     from actsparse.calibration.mitigations import ensure_mitigation
 
     ensure_mitigation(args.mitigation)
-    if args.method is not None:
+    if "method" in _given(args):
         raise ActsparseError("--method chooses a weight pruning method and needs --prune weights; for activations use --criterion")
     config = config_from(args)  # validate before the slow model load
+    preflight(args, config)
     record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run(c, extra=extra))
     if record is None:
         return
@@ -407,17 +474,26 @@ def cmd_sensitivity(args) -> None:
     from actsparse.eval.perplexity import encode, make_windows
     from actsparse.eval.results import versions, write_json_atomic
     from actsparse.eval.run import EvalSettings
-    from actsparse.models.loading import load_model, tokenizer_adds_bos
+    from actsparse.models.loading import load_model, model_skeleton, tokenizer_adds_bos
 
     parse_pattern(args.pattern)  # validate before the slow model load
     criterion, mitigation = get_criterion(args.criterion), get_mitigation(args.mitigation)
     if args.target_fraction is not None and not 0.0 <= args.target_fraction <= 1.0:
         raise ActsparseError(f"--target-fraction must be in [0, 1], got {args.target_fraction}")
+    calib = load_text(args.calib_data)  # a bad text is refused before the model loads
+    settings = EvalSettings(model=args.model, calib_data=args.calib_data, calib_windows=args.calib_windows, seqlen=args.seqlen,
+                            dtype=args.dtype, device=args.device)  # fmt: skip
+    skeleton = model_skeleton(args.model)
+    if skeleton is not None:
+        from actsparse.config import SparsityConfig
+        from actsparse.models.discovery import find_linear_sites
+        from actsparse.selection import choose_sites
+
+        choose_sites(SparsityConfig(pattern=args.pattern, criterion=args.criterion, mitigation=args.mitigation), find_linear_sites(skeleton))
     start = time.perf_counter()
-    device = EvalSettings(device=args.device).resolved_device()
+    device = settings.resolved_device()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-    calib = load_text(args.calib_data)
     windows = make_windows(encode(tokenizer, calib.text), args.seqlen)[: args.calib_windows]
     stats = None
     if criterion.needs_calibration or mitigation.needs_calibration:
@@ -501,7 +577,7 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="actsparse", description="Post-training N:M activation sparsity for Hugging Face causal LMs.")
+    parser = _Parser(prog="actsparse", description="Post-training N:M activation sparsity for Hugging Face causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ev = commands.add_parser(
@@ -550,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("--data", default=DEFAULT_EVAL, help=f"evaluation text (default: {DEFAULT_EVAL})")
     ta.add_argument("--out", required=True, metavar="DIR", help="task directory (an lm-eval include path)")
     ta.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    ta.add_argument("--count", type=int, default=1000, help="items per task at most (default: 1000)")
+    ta.add_argument("--count", type=_whole(1), default=1000, help="items per task at most (default: 1000)")
     ta.set_defaults(func=cmd_tasks)
 
     ca = commands.add_parser(
@@ -558,12 +634,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sparsify a model and calibrate its mitigation (spts, scap, rotation, lowrank, lpts, oshift, oscale, ...) "
         "decoder layer by decoder layer on calibration text; writes a state directory for `eval --state`.",
     )  # fmt: skip
-    add_sparsity_options(ca)
-    add_eval_options(ca)
+    add_sparsity_options(ca, weights=False)
+    add_eval_options(ca, evaluation=False)
     ca.set_defaults(calib_windows=32)
     ca.add_argument("--out", required=True, metavar="DIR", help="state directory (written atomically)")
-    ca.add_argument("--steps", type=int, default=None, help="training steps per decoder layer (default: one pass over --calib-windows)")
-    ca.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of learned mitigations (default: 1e-4)")
+    ca.add_argument("--steps", type=_whole(1), default=None, help="training steps per decoder layer (default: one pass over --calib-windows)")
+    ca.add_argument("--lr", type=_real(0.0, open_low=True), default=1e-4, help="AdamW learning rate of learned mitigations (default: 1e-4)")
     ca.add_argument(
         "--offload", action="store_true",
         help="keep the calibration windows' activations in CPU memory between layers (for models whose activations do not fit beside them on the device)",
@@ -583,11 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--criterion", default="amber", help="which features survive (default: amber)")
     se.add_argument("--mitigation", default="none", help="error mitigation (default: none)")
     se.add_argument("--calib-data", default=DEFAULT_CALIB, help=f"calibration text (default: {DEFAULT_CALIB})")
-    se.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default: 8)")
-    se.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default: 512)")
+    se.add_argument("--calib-windows", type=_whole(1), default=8, help="calibration windows (default: 8)")
+    se.add_argument("--seqlen", type=_whole(2), default=512, help="window length in tokens (default: 512)")
     se.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
     se.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    se.add_argument("--target-fraction", type=float, default=None, help="also choose layers to keep dense so this share of linear FLOPs runs sparse, e.g. 0.55")
+    se.add_argument("--target-fraction", type=_real(0.0, 1.0), default=None, help="also choose layers to keep dense so this share of linear FLOPs runs sparse, e.g. 0.55")
     se.add_argument("--order", default="score", choices=["score", "score-per-flop"], help="greedy order of the budget (default: score)")
     se.add_argument("--out", default="sensitivity.json", help="JSON record, written atomically (default: sensitivity.json)")
     se.add_argument("--png", default=None, help="heat map PNG (default: beside --out; needs matplotlib)")
@@ -617,9 +693,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_options(argv: list[str]) -> frozenset[str]:
+    """The destinations of the options typed in ``argv`` (whatever their values), found by
+    parsing it again with every default suppressed."""
+    parser = build_parser()
+    stack = [parser]
+    while stack:
+        current = stack.pop()
+        current._defaults.clear()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            elif action.dest != argparse.SUPPRESS:
+                action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        args = build_parser().parse_args(argv)
+        args.given = given_options(argv)
         args.func(args)
     except ActsparseError as error:
         print(f"actsparse: error: {error}", file=sys.stderr)

@@ -9,9 +9,12 @@ To add a source, write a loader `(arg: str | None) -> TextSource` and add it to
 LOADERS. Each source lists its `parts`, so overlapping text can be caught.
 """
 
+import hashlib
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from actsparse.data import brown
@@ -28,6 +31,36 @@ WIKITEXT_SPLITS = ("test", "validation", "train")
 _TRUE = {"1", "on", "yes", "true"}
 
 
+SHINGLE = 13  # words per passage compared between texts
+SAMPLE = 8  # one passage in SAMPLE is kept (by its hash), so a copied stretch of ~100 words is caught
+STORED_SAMPLE = 512  # the thinner sample a calibrated state keeps of its calibration text
+_WORD = re.compile(r"\w+")
+
+
+def text_fingerprints(text: str, sample: int = SAMPLE) -> frozenset[int]:
+    """64-bit hashes of the text's passages of ``SHINGLE`` consecutive words, normalised (lower case,
+    punctuation and whitespace dropped), keeping those whose hash is divisible by ``sample``."""
+    words = _WORD.findall(text.lower())
+    found = set()
+    for start in range(max(0, len(words) - SHINGLE + 1)):
+        digest = int.from_bytes(hashlib.blake2b(" ".join(words[start : start + SHINGLE]).encode(), digest_size=8).digest(), "big")
+        if digest % sample == 0:
+            found.add(digest)
+    if not found and words:  # a text too short for a passage: the whole text is its one passage
+        found.add(int.from_bytes(hashlib.blake2b(" ".join(words).encode(), digest_size=8).digest(), "big"))
+    return frozenset(found)
+
+
+def shared_passages(a: frozenset[int], b: frozenset[int]) -> int:
+    """How many sampled passages two fingerprint sets share, when that is more than chance (else 0).
+
+    Independent natural texts share at most a stray quotation; sharing at least 2 passages
+    and 0.5% of the smaller sample means one text contains part of the other.
+    """
+    shared = len(a & b)
+    return shared if shared >= max(2, 0.005 * min(len(a), len(b))) or (shared and min(len(a), len(b)) == 1) else 0
+
+
 @dataclass(frozen=True)
 class TextSource:
     """Loaded text, its canonical spec, and the parts it is made of."""
@@ -35,6 +68,11 @@ class TextSource:
     spec: str
     text: str = field(repr=False)
     parts: frozenset[str]
+
+    @cached_property
+    def fingerprints(self) -> frozenset[int]:
+        """``text_fingerprints`` of the text (computed once)."""
+        return text_fingerprints(self.text)
 
 
 def _brown(arg: str | None) -> TextSource:
@@ -134,12 +172,37 @@ def load_text(spec: str) -> TextSource:
     raise ActsparseError(f"unknown text source {spec!r} (not a source name or an existing file); use {FORMS}")
 
 
-def check_disjoint(eval_source: TextSource, calib_source: TextSource) -> None:
-    """Raise if evaluation and calibration text share a part; they must never overlap."""
+def check_disjoint(eval_source: TextSource, calib_source: TextSource, calib_sample: frozenset[int] | None = None) -> None:
+    """Raise if evaluation and calibration text overlap: a shared part, or shared content whatever the names.
+
+    Content is compared by ``text_fingerprints`` (see ``shared_passages``), so a copy of the
+    evaluation text under another name, or a file holding part of it, is refused too.
+    ``calib_sample``: the calibration text's fingerprints sampled at ``STORED_SAMPLE`` (what a
+    calibrated state keeps), used instead of its text.
+    """
+    fix = (
+        f"calibrate on a source that shares no text with the evaluation text "
+        f"(e.g. calibrate on {DEFAULT_CALIB} to evaluate on {DEFAULT_EVAL})"
+    )
     shared = sorted(eval_source.parts & calib_source.parts)
     if shared:
         raise ActsparseError(
             f"evaluation text ({eval_source.spec}) and calibration text ({calib_source.spec}) "
-            f"overlap in {', '.join(shared)}; calibrate on a source that shares no part with "
-            f"the evaluation text (e.g. calibrate on {DEFAULT_CALIB} to evaluate on {DEFAULT_EVAL})"
+            f"overlap in {', '.join(shared)}; {fix}"
         )
+    if calib_sample is not None:
+        ours = frozenset(f for f in eval_source.fingerprints if f % STORED_SAMPLE == 0)
+        theirs = frozenset(calib_sample)
+    else:
+        ours, theirs = eval_source.fingerprints, calib_source.fingerprints
+    count = shared_passages(ours, theirs)
+    if count:
+        raise ActsparseError(
+            f"evaluation text ({eval_source.spec}) and calibration text ({calib_source.spec}) share text "
+            f"({count} of {len(ours)} sampled {SHINGLE}-word passages of the evaluation text); {fix}"
+        )
+
+
+def stored_sample(source: TextSource) -> list[str]:
+    """The fingerprints a calibrated state keeps of its calibration text (hex strings, sorted)."""
+    return sorted(f"{f:016x}" for f in source.fingerprints if f % STORED_SAMPLE == 0)

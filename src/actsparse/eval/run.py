@@ -86,6 +86,7 @@ class Evaluator:
         from actsparse.models.loading import load_model, model_info, tokenizer_adds_bos
 
         self.settings, self.progress = settings, progress
+        self.source = load_text(settings.data)  # a bad text is refused before the model loads
         start = time.perf_counter()
         if model is None:
             model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.resolved_device())
@@ -93,7 +94,6 @@ class Evaluator:
         self.load_seconds = time.perf_counter() - start
         self.info = model_info(model)
         self.bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-        self.source = load_text(settings.data)
         self.windows = make_windows(encode(tokenizer, self.source.text), settings.seqlen, settings.max_tokens)
         self._dense: tuple[Perplexity, float] | None = None
         self._stats = None
@@ -194,7 +194,10 @@ class Evaluator:
         try:
             record["calibration"] = {"data": calib_spec, "data_parts": sorted(self._calibration_tokens()[0].parts), **calibration.to_dict()}
             if save:
-                record["state"] = str(save_state(self.model, save, calibration={"data": calib_spec, "data_parts": record["calibration"]["data_parts"]}))
+                from actsparse.data.sources import stored_sample
+
+                described = {"data": calib_spec, "data_parts": record["calibration"]["data_parts"], "fingerprints": stored_sample(self._calibration_tokens()[0])}
+                record["state"] = str(save_state(self.model, save, calibration=described))
             report = SparsifyReport.of(self.model, sites)
             sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation}")
             measured = self._extra(extra)
@@ -203,26 +206,31 @@ class Evaluator:
         causal = get_criterion(config.criterion).causal and get_mitigation(config.mitigation).causal
         return self._complete(record, sparse, start, causal, config, report, measured)
 
-    def run_state(self, directory, expect: SparsityConfig | None = None, with_dense: bool = True, extra: Extra = None) -> dict:
-        """Evaluate a calibrated state saved by ``actsparse calibrate`` / ``save_state`` (its own config).
+    def run_state(
+        self, directory, expect: SparsityConfig | None = None, with_dense: bool = True, extra: Extra = None, backend: str | None = None
+    ) -> dict:
+        """Evaluate a calibrated state saved by ``actsparse calibrate`` / ``save_state`` (its own config;
+        ``backend`` overrides its backend).
 
-        Refused when the state's calibration text overlaps the evaluation text.
+        Refused, before the dense pass, when the state is damaged, altered or made for another
+        model, and when its calibration text overlaps the evaluation text (by name, and by
+        content where the state keeps its calibration text's fingerprints).
         """
-        from actsparse.calibration.state import load_state_, read_state_meta
+        from actsparse.calibration.state import check_state, load_state_
         from actsparse.data.sources import TextSource
         from actsparse.models.discovery import find_linear_sites
         from actsparse.sparsify import SparsifyReport
 
-        meta = read_state_meta(directory)
+        meta = check_state(self.model, directory)
         calib = meta.get("calibration", {})
-        if calib.get("data_parts"):
-            check_disjoint(self.source, TextSource(calib.get("data", "?"), "", frozenset(calib["data_parts"])))
+        sample = frozenset(int(f, 16) for f in calib["fingerprints"]) if calib.get("fingerprints") else None
+        check_disjoint(self.source, TextSource(calib.get("data", "?"), "", frozenset(calib.get("data_parts") or ())), calib_sample=sample)
         record = self._record("activations", with_dense)
         record["calibration"] = {k: calib.get(k) for k in ("data", "windows", "seqlen", "seconds", "options")}
         record["state"] = str(directory)
         sites = find_linear_sites(self.model)  # before the swap
         start = time.perf_counter()
-        config = load_state_(self.model, directory, expect=expect)
+        config = load_state_(self.model, directory, expect=expect, backend=backend)
         try:
             report = SparsifyReport.of(self.model, sites)
             sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation} (state)")
