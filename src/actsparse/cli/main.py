@@ -75,7 +75,8 @@ def add_sparsity_options(parser: argparse.ArgumentParser, weights: bool = True) 
     group.add_argument("--roles", type=_csv, default=None, help="sparsify only these roles, e.g. q,gate,down (default: all)")
     group.add_argument("--layers", type=_ints, default=None, help="sparsify only these decoder layers, e.g. 0,1,2 (default: all)")
     group.add_argument("--skip", type=_csv, default=(), help="skip entries ROLE, ROLE@LAYERS or @LAYERS, e.g. k,v,q@19,21")
-    group.add_argument("--seed", type=int, default=0, help="seed of the random criterion, or with --prune weights of the calibration windows chosen (default: 0)")
+    seed_help = "seed of the random criterion, or with --prune weights of the calibration windows chosen" if weights else "seed of the random criterion and of the calibration windows chosen"
+    group.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
     group.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="auto: Triton kernels on CUDA where supported (default)")
     if weights:
         group.add_argument("--prune", default="activations", choices=["activations", "weights"],
@@ -93,8 +94,9 @@ def add_eval_options(parser: argparse.ArgumentParser, evaluation: bool = True) -
     group.add_argument("--model", default=DEFAULT_MODEL, help=f"alias (smollm2-135m, gemma3-270m), local directory or hub id (default: {DEFAULT_MODEL})")
     group.add_argument("--data", default=DEFAULT_EVAL, help=f"evaluation text: brown:CATEGORY[+...], wikitext2, or a text file (default: {DEFAULT_EVAL})")
     group.add_argument("--calib-data", default=DEFAULT_CALIB, help=f"calibration text, never overlapping --data (default: {DEFAULT_CALIB})")
-    group.add_argument("--calib-windows", type=_whole(1), default=None,
-                       help="calibration windows for criteria/mitigations that need statistics (default: 32), or for wanda/sparsegpt weight pruning (default: 128)")
+    windows_help = ("calibration windows for criteria/mitigations that need statistics (default: 32), or for wanda/sparsegpt weight pruning (default: 128)"
+                    if evaluation else "calibration windows (default: 32)")  # fmt: skip
+    group.add_argument("--calib-windows", type=_whole(1), default=None, help=windows_help)
     group.add_argument("--seqlen", type=_whole(2), default=512, help="window length in tokens (default: 512)")
     if evaluation:
         group.add_argument("--max-tokens", type=_whole(1), default=None, help="evaluate only the first N tokens' worth of windows")
