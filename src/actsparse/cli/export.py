@@ -23,14 +23,15 @@ def add_export_command(commands) -> None:
 
 def cmd_export(args) -> None:
     from actsparse.calibration.mitigations import ensure_mitigation
-    from actsparse.cli.main import _state_expect, config_from, settings_from, weight_config_from
+    from actsparse.calibration.state import read_state_meta, state_config
+    from actsparse.cli.main import check_state_options, config_from, preflight, settings_from, weight_config_from
     from actsparse.hf.export import export
 
     state, config = None, None
     if args.state:
         if args.prune == "weights" or args.method is not None:
             raise ActsparseError("--state exports a calibrated activation-sparsity state; it cannot be combined with --prune weights / --method")
-        _state_expect(args)  # options given must match the state
+        preflight(args, check_state_options(args, state_config(read_state_meta(args.state))), calibrated=False)  # options given must match the state
         state = args.state
     elif args.prune == "weights":
         config = weight_config_from(args)
@@ -39,6 +40,8 @@ def cmd_export(args) -> None:
             raise ActsparseError("--method chooses a weight pruning method and needs --prune weights; for activations use --criterion")
         ensure_mitigation(args.mitigation)
         config = config_from(args)
+    if config is not None:
+        preflight(args, config)  # everything checked before the model loads
     record = export(settings_from(args), args.out, config=config, state=state, progress=not args.no_progress)
     label = "pruned" if record["target"] == "weights" else "sparse"
     print(f"model      {record['model']}")
