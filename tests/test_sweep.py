@@ -329,3 +329,27 @@ def test_sweep_leaves_runs_another_process_holds(tmp_path):
     assert set(summary.done) == {spec.runs[0].key, spec.runs[2].key}
     assert store.keys() == {spec.runs[0].key, spec.runs[2].key}
     assert set(store.claims()) == {spec.runs[1].key}
+
+
+def test_sweep_workers_processes_do_each_run_once(tmp_path, capsys, monkeypatch):
+    from actsparse.cli.main import main
+
+    model_dir = save_tiny_model_dir(tmp_path / "tiny")
+    grids = '- {target: activations, patterns: ["2:4", "8:16", "4:8"], criteria: [magnitude, amber], mitigations: [none]}\n'
+    path = _write_sweep(tmp_path, model_dir, grids)
+    data = yaml.safe_load(path.read_text())
+    data["settings"]["max_tokens"] = 2048  # short runs: the test is about who runs what
+    path.write_text(yaml.safe_dump(data))
+    store = tmp_path / "store.jsonl"
+    expected = sorted(run.key for run in load_sweep(path).runs)
+    Store(store).append({"key": expected[0], "dense_ppl": 1.0, "sparse_ppl": 1.0})  # one run done before
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p))
+    assert main(["sweep", str(path), "--out", str(store), "--workers", "2", "--tasks", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "[w0] started" in out and "[w1] started" in out and "CPU" in out
+    records = read_records(store)
+    assert sorted(r["key"] for r in records) == expected  # every run stored exactly once across the workers
+    assert Store(store).claims() == {}
+    workers = {r["worker"] for r in records[1:]}
+    assert len(workers) == 2 and all(not w.endswith(f":{os.getpid()}") for w in workers)  # both child processes took runs
+    assert f"{len(expected) - 1} runs done now by 2 workers, 1 were already" in out

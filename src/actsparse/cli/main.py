@@ -553,6 +553,10 @@ def cmd_sweep(args) -> None:
     out = args.out or spec.store
     if not out:
         raise ActsparseError(f"no results store: give --out FILE.jsonl (or `store:` in {args.file})")
+    if args.workers is not None and not args.dry_run:
+        from actsparse.cli.sweep_workers import run_sweep_workers
+
+        return run_sweep_workers(args, out, spec)
     if args.dry_run:
         done = Store(out).keys()
         for run in spec.runs:
@@ -605,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default=None, metavar="FILE.jsonl", help="results store (default: the file's `store:`)")
     sw.add_argument("--tasks", type=_csv, default=None, help="override the file's lm-eval tasks; 'none' runs perplexity (and generation) only")
     sw.add_argument("--device", default=None, help="override the file's device (cpu, cuda, ...); not part of the run keys")
+    sw.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="run N sweep processes on the one store, one per GPU (CUDA_VISIBLE_DEVICES), or N CPU processes without CUDA")
     sw.add_argument("--dry-run", action="store_true", help="list the runs, which are done and which to do; run nothing")
     sw.add_argument("--keep-going", action="store_true", help="a failing run is reported and skipped instead of stopping the sweep")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar; one line per finished run")

@@ -114,6 +114,7 @@ def run_sweep(
                     raise
                 record["run_seconds"] = time.perf_counter() - start
                 record["sweep"] = spec.name
+                record["worker"] = worker
                 if store.append(record):
                     summary.done.append(run.key)
                 else:
