@@ -177,3 +177,39 @@ def test_cli_export_dynamic_state_and_weights(tmp_path, capsys, tiny_dir):
     actsparse.verify_pattern(pruned, "2:4", list(config["actsparse_weight_pruning"]["layers"]))
     code, _, err = _cli(capsys, "export", *common, "--state", str(tmp_path / "state"), "--prune", "weights", "--out", str(tmp_path / "x"))
     assert code == 2 and "--state" in err and not (tmp_path / "x").exists()
+
+
+def test_lm_eval_command_line_scores_the_sparse_checkpoint(tmp_path):
+    """`python -m actsparse.harness run --model hf --model_args pretrained=CKPT` scores what evaluate_tasks scores in memory."""
+    pytest.importorskip("lm_eval")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from actsparse.data.sources import TextSource
+    from actsparse.eval.lmeval import TaskSettings, evaluate_tasks, prepare_tasks
+
+    from conftest import save_tiny_model_dir, vocab_text
+
+    model_dir = save_tiny_model_dir(tmp_path / "tiny")
+    source = TextSource("file:eval.txt", vocab_text(documents=8, sentences=20, seed=5), frozenset({"file:eval.txt"}))
+    prepared = prepare_tasks(TaskSettings(tasks=("actsparse_lastword",), task_dir=str(tmp_path / "tasks"), batch_size=4, limit=8), source)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    sparsify_(model, SparsityConfig(pattern="2:4", criterion="amber", mitigation="var"))
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    (name,) = prepared.names
+    expected = evaluate_tasks(model, tokenizer, prepared)["tasks"][name]["perplexity"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH")) if p),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    command = [sys.executable, "-m", "actsparse.harness", "run", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'ckpt'},dtype=float32",
+               "--tasks", name, "--include_path", str(tmp_path / "tasks"), "--limit", "8", "--batch_size", "4", "--device", "cpu",
+               "--output_path", str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (path,) = list((tmp_path / "out").rglob("results_*.json"))
+    scores = json.loads(path.read_text())["results"][name]
+    assert scores["perplexity,none"] == pytest.approx(expected, rel=1e-4)
