@@ -153,9 +153,16 @@ def workspace_for(k: int, o: int, plans, device) -> Workspace:
     )
 
 
+LAST_LAUNCH: dict = {}  # the last compiled kernel launched (benchmarks read its registers and spills)
+
+
 def sparse_gemv(x, wt, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, shift=None, var=False, bias=None,
-                row_sum=None, out=None) -> torch.Tensor:
-    """Launch the kernel (see the module docstring); ``ws`` must fit ``plan`` (:func:`workspace_for`)."""
+                row_sum=None, out=None, phases: int = 3) -> torch.Tensor:
+    """Launch the kernel (see the module docstring); ``ws`` must fit ``plan`` (:func:`workspace_for`).
+
+    ``phases`` is for benchmarks only: 1 = select only (no weight rows read), 2 = stream a fixed
+    half of the rows without selecting (wrong results), 3 = the real kernel.
+    """
     check_args(x, wt, n, m)
     rows, k = x.shape
     o = wt.shape[1]
@@ -169,7 +176,7 @@ def sparse_gemv(x, wt, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, shif
     if out is None:
         out = torch.empty(rows, o, dtype=x.dtype, device=x.device)
     dummy = ws.partials
-    _sparse_gemv_kernel[(tiles, split)](
+    LAST_LAUNCH["kernel"] = _sparse_gemv_kernel[(tiles, split)](
         x, dummy if vector is None else vector, dummy if shift is None else shift, wt,
         dummy if bias is None else bias, dummy if row_sum is None else row_sum, out,
         ws.partials, ws.stats, ws.counters, ws.rows, ws.values,
@@ -177,7 +184,7 @@ def sparse_gemv(x, wt, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, shif
         N=n, M=m, M_P2=_pow2(m), CHUNK=plan.chunk, SPLIT=split, BLOCK_B=_pow2(rows), BLOCK_K=plan.block_k,
         BLOCK_O=plan.block_o, STAGES=plan.stages, HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None,
         HAS_BIAS=bias is not None, VAR=bool(var), EVEN_O=o % plan.block_o == 0, INTERPRET=not x.is_cuda,
-        PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native",
+        PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native", PHASES=phases,
         num_warps=plan.num_warps,
     )
     return out
@@ -279,7 +286,7 @@ if triton is not None:
         N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr,
         HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, VAR: tl.constexpr,
-        EVEN_O: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+        EVEN_O: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, PHASES: tl.constexpr = 3,
     ):
         G: tl.constexpr = CHUNK // M
         MAXB: tl.constexpr = 4
@@ -305,20 +312,31 @@ if triton is not None:
         sums_xx = tl.zeros((BLOCK_B,), dtype=tl.float32)
         sums_p = tl.zeros((BLOCK_B,), dtype=tl.float32)
         sums_pp = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        for b in tl.static_range(BLOCK_B):
-            dense, pruned, keep = _select(x_ptr, v, shift_ptr, b, cols_k, ok, B, K, N, M_P2, HAS_VECTOR, HAS_SHIFT)
-            union = union | (keep & (pruned != 0))
-            tl.store(vals_ptr + (prog * MAXB + b) * CHUNK_CAP + (cols_k - lo), pruned, mask=ok)
-            if VAR:
-                at = toks == b
-                sums_x += tl.where(at, tl.sum(tl.sum(dense, axis=1), axis=0), 0.0)
-                sums_xx += tl.where(at, tl.sum(tl.sum(dense * dense, axis=1), axis=0), 0.0)
-                sums_p += tl.where(at, tl.sum(tl.sum(pruned, axis=1), axis=0), 0.0)
-                sums_pp += tl.where(at, tl.sum(tl.sum(pruned * pruned, axis=1), axis=0), 0.0)
+        if PHASES != 2:
+            for b in tl.static_range(BLOCK_B):
+                dense, pruned, keep = _select(x_ptr, v, shift_ptr, b, cols_k, ok, B, K, N, M_P2, HAS_VECTOR, HAS_SHIFT)
+                union = union | (keep & (pruned != 0))
+                tl.store(vals_ptr + (prog * MAXB + b) * CHUNK_CAP + (cols_k - lo), pruned, mask=ok)
+                if VAR:
+                    at = toks == b
+                    sums_x += tl.where(at, tl.sum(tl.sum(dense, axis=1), axis=0), 0.0)
+                    sums_xx += tl.where(at, tl.sum(tl.sum(dense * dense, axis=1), axis=0), 0.0)
+                    sums_p += tl.where(at, tl.sum(tl.sum(pruned, axis=1), axis=0), 0.0)
+                    sums_pp += tl.where(at, tl.sum(tl.sum(pruned * pruned, axis=1), axis=0), 0.0)
+        else:  # benchmark: no selection
+            for b in tl.static_range(BLOCK_B):
+                raw = tl.load(x_ptr + b * K + cols_k, mask=ok & (b < B), other=0.0).to(tl.float32)
+                tl.store(vals_ptr + (prog * MAXB + b) * CHUNK_CAP + (cols_k - lo), raw, mask=ok)
         flags = union.to(tl.int32)
         per_group = tl.sum(flags, axis=1)
         slot = (tl.cumsum(per_group, axis=0) - per_group)[:, None] + tl.cumsum(flags, axis=1) - 1
         count = tl.sum(per_group, axis=0)
+        if PHASES == 2:  # benchmark: a fixed half of the rows, as if selected
+            union = ok & ((lanes % 2) == 0)[None, :]
+            slot = groups[:, None] * (M_P2 // 2) + lanes[None, :] // 2
+            count = tl.sum(tl.sum(union.to(tl.int32), axis=1), axis=0)
+        if PHASES == 1:
+            count = count * 0
         tl.store(rows_ptr + prog * CHUNK_CAP + slot, cols_k, mask=union)
         tl.debug_barrier()  # the compacted rows and values are read back by other threads of this program
 
