@@ -92,12 +92,11 @@ def plans_for(k, o, rows, m, sweep):
 
 def _compile(job):
     k, o, rows, n, m, plan = job
-    from actsparse.kernels.sparse_gemv import GemvPlan, sparse_gemv, workspace_for
+    from actsparse.kernels.sparse_gemv import GemvPlan, sparse_gemv, tile_weight, workspace_for
 
     plan = GemvPlan(*plan)
     weight, xs = make_case(k, o, rows, 1, 0)
-    wt = weight.t().contiguous()
-    sparse_gemv(xs[0], wt, n, m, workspace_for(k, o, [plan], "cuda"), plan)
+    sparse_gemv(xs[0], tile_weight(weight, plan.block_o), o, n, m, workspace_for(k, o, [plan], "cuda"), plan)
     torch.cuda.synchronize()
     return True
 
@@ -111,22 +110,22 @@ def precompile(jobs, workers=12):
 
 
 def bench_case(k, o, rows, n, m, plans, inputs=4):
-    from actsparse.kernels.sparse_gemv import sparse_gemv, sparse_gemv_reference, workspace_for
+    from actsparse.kernels.sparse_gemv import sparse_gemv, sparse_gemv_reference, tile_weight, workspace_for
 
     weight, xs = make_case(k, o, rows, inputs, seed=k * 7 + o + rows)
-    wt = weight.t().contiguous()
     dense = time_us([lambda x=x: F.linear(x, weight) for x in xs])
     results = []
     for plan in plans:
         ws = workspace_for(k, o, [plan], "cuda")
+        wt = tile_weight(weight, plan.block_o)
         for x in xs:  # check before timing
-            y = sparse_gemv(x, wt, n, m, ws, plan)
-            ref = sparse_gemv_reference(x, wt, n, m)
+            y = sparse_gemv(x, wt, o, n, m, ws, plan)
+            ref = sparse_gemv_reference(x, weight, n, m)
             err = float((y.float() - ref.float()).norm() / ref.float().norm())
             if not err < 1e-2:
                 raise SystemExit(f"WRONG: {k}->{o} rows={rows} {n}:{m} {plan}: rel err {err:.3g}")
         outs = [torch.empty(rows, o, dtype=torch.bfloat16, device="cuda") for _ in xs]
-        sparse = time_us([lambda x=x, out=out: sparse_gemv(x, wt, n, m, ws, plan, out=out) for x, out in zip(xs, outs)])
+        sparse = time_us([lambda x=x, out=out: sparse_gemv(x, wt, o, n, m, ws, plan, out=out) for x, out in zip(xs, outs)])
         results.append({"plan": list(plan), "sparse_us": sparse})
     best = min(results, key=lambda r: r["sparse_us"])
     kept = 1 - (1 - n / m) ** rows if rows > 1 else n / m  # expected share of rows read (independent tokens)

@@ -42,13 +42,13 @@ def main():
     for k, o, rows, n, m, plan in CASES:
         plan = sg.GemvPlan(*plan)
         weight, xs = make_case(k, o, rows, 4, seed=1)
-        wt = weight.t().contiguous()
+        wt = sg.tile_weight(weight, plan.block_o)
         ws = sg.workspace_for(k, o, [plan], "cuda")
         dense = time_us([lambda x=x: F.linear(x, weight) for x in xs])
         times = {}
         for phases in (1, 2, 3):
             outs = [torch.empty(rows, o, dtype=x.dtype, device="cuda") for x in xs]
-            times[phases] = time_us([lambda x=x, out=out: sg.sparse_gemv(x, wt, n, m, ws, plan, out=out, phases=phases)
+            times[phases] = time_us([lambda x=x, out=out: sg.sparse_gemv(x, wt, o, n, m, ws, plan, out=out, phases=phases)
                                      for x, out in zip(xs, outs)])
         kern = sg.LAST_LAUNCH["kernel"]
         print(f"{k:>6} -> {o:<6} {rows:>4} {n:>2}:{m:<2} {str(tuple(plan)):>26} {dense:>6.1f} {times[1]:>7.1f} {times[2]:>7.1f} "

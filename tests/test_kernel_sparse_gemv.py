@@ -22,6 +22,8 @@ from actsparse.kernels.sparse_gemv import (  # noqa: E402
     sm_count,
     sparse_gemv,
     sparse_gemv_reference,
+    tile_weight,
+    untile_weight,
     workspace_for,
 )
 from actsparse.kernels.sparsify import triton_available  # noqa: E402
@@ -47,12 +49,14 @@ def case(rows, k, o, dtype, seed=0, ties=False):
 
 
 def run(x, weight, n, m, plan, **options):
-    wt = weight.t().contiguous()
-    ws = workspace_for(wt.shape[0], wt.shape[1], [plan], x.device)
-    out = torch.full((x.shape[0], wt.shape[1]), float("nan"), dtype=x.dtype, device=x.device)  # poisoned
-    y = sparse_gemv(x, wt, n, m, ws, plan, out=out, **options)
+    o, k = weight.shape
+    wt = tile_weight(weight, plan.block_o)
+    assert torch.equal(untile_weight(wt, o), weight)
+    ws = workspace_for(k, o, [plan], x.device)
+    out = torch.full((x.shape[0], o), float("nan"), dtype=x.dtype, device=x.device)  # poisoned
+    y = sparse_gemv(x, wt, o, n, m, ws, plan, out=out, **options)
     assert int(ws.counters.abs().sum()) == 0, "arrival counters must be back at zero"
-    return y, sparse_gemv_reference(x, wt, n, m, **options)
+    return y, sparse_gemv_reference(x, weight, n, m, **options)
 
 
 def rel_err(a, b):
@@ -93,11 +97,10 @@ def test_options_and_dtypes(dtype, option, plan):
 def test_ties_go_to_the_lower_index_as_in_the_mask_code():
     """With many equal magnitudes the kept set is exactly keep_mask's (fp32: any other choice shows)."""
     x, weight, _, _ = case(3, 64, 40, torch.float32, seed=3, ties=True)
-    wt = weight.t().contiguous()
     plan = GemvPlan(64, 16, 16, 4, 1)
     y, _ = run(x, weight, 2, 4, plan)
     mask = keep_mask(x.abs().float(), NM(2, 4))
-    expected = torch.where(mask, x, torch.zeros((), device=x.device)) @ wt
+    expected = torch.where(mask, x, torch.zeros((), device=x.device)) @ weight.t()
     assert torch.allclose(y, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -120,12 +123,12 @@ def test_all_zero_groups_and_zero_rows():
 
 def test_same_inputs_give_bit_identical_outputs():
     x, weight, bias, vector = case(2, 256, 64, torch.bfloat16, seed=11)
-    wt = weight.t().contiguous()
     plan = GemvPlan(32, 32, 16, 4, 1)
+    wt = tile_weight(weight, plan.block_o)
     ws = workspace_for(256, 64, [plan], x.device)
-    first = sparse_gemv(x, wt, 8, 16, ws, plan, vector=vector, var=True, bias=bias)
+    first = sparse_gemv(x, wt, 64, 8, 16, ws, plan, vector=vector, var=True, bias=bias)
     for _ in range(3 if not GPU else 2000):
-        again = sparse_gemv(x, wt, 8, 16, ws, plan, vector=vector, var=True, bias=bias)
+        again = sparse_gemv(x, wt, 64, 8, 16, ws, plan, vector=vector, var=True, bias=bias)
         assert torch.equal(again, first)
 
 
@@ -134,7 +137,7 @@ def test_default_plans_and_the_weight_holder_through_the_op():
     gw = GemvWeight(weight, bias)
     for rows in (1, 2, 4):
         y = gw(x[:rows], 8, 16, vector=vector)
-        ref = sparse_gemv_reference(x[:rows], gw.wt, 8, 16, vector=vector, bias=bias)
+        ref = sparse_gemv_reference(x[:rows], weight, 8, 16, vector=vector, bias=bias)
         assert rel_err(y, ref) < 1e-5
         plan = gw.plan(rows, 16)
         assert plan.chunk % 16 == 0 and plan == gemv_plan(192, 72, 16, rows, sm_count(gw.device))
@@ -145,9 +148,11 @@ def test_bad_arguments_are_refused():
     plan = GemvPlan(32, 16, 16, 4, 1)
     ws = workspace_for(64, 32, [plan], x.device)
     with pytest.raises(ValueError, match="rows"):
-        sparse_gemv(x, weight.t().contiguous(), 2, 4, ws, plan)
+        sparse_gemv(x, tile_weight(weight, 32), 32, 2, 4, ws, plan)
     with pytest.raises(ValueError, match="does not divide"):
-        sparse_gemv(x[:1, :60], weight[:, :60].t().contiguous(), 2, 8, ws, plan)
+        sparse_gemv(x[:1, :60], tile_weight(weight[:, :60], 32), 32, 2, 8, ws, plan)
+    with pytest.raises(ValueError, match="tile_weight"):
+        sparse_gemv(x[:1], tile_weight(weight, 16), 32, 2, 4, ws, plan)
     with pytest.raises(ValueError, match="power of two"):
         gemv_plan(64, 32, 4, 1, 4, chunk=12)
 
@@ -159,5 +164,5 @@ def test_llama_shapes_on_the_gpu(k, o, rows):
     x, weight, bias, vector = case(rows, k, o, torch.bfloat16, seed=k + o + rows)
     gw = GemvWeight(weight, bias)
     y = gw(x, 8, 16, vector=vector, var=True)
-    ref = sparse_gemv_reference(x, gw.wt, 8, 16, vector=vector, var=True, bias=bias)
+    ref = sparse_gemv_reference(x, weight, 8, 16, vector=vector, var=True, bias=bias)
     assert rel_err(y, ref) < 1e-2

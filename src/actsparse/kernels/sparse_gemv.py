@@ -92,11 +92,31 @@ def gemv_plan(k: int, o: int, m: int, rows: int, sm_count: int, *, block_o: int 
     return GemvPlan(block_o, chunk, block_k, num_warps, stages)
 
 
+def tile_weight(weight: torch.Tensor, block_o: int) -> torch.Tensor:
+    """``W`` ``[O, K]`` as column tiles of ``Wt``: ``[ceil(O / block_o), K, block_o]``, zero-padded.
+
+    Tile ``j`` holds ``Wt[:, j*block_o:(j+1)*block_o]`` contiguously, so the rows one program
+    reads lie in one contiguous region (``block_o * 2`` bytes each in 16-bit types) instead of a
+    row stride of ``O`` apart: the skipped rows cost far less DRAM efficiency.
+    """
+    o, k = weight.shape
+    tiles = -(-o // block_o)
+    padded = torch.zeros(tiles * block_o, k, dtype=weight.dtype, device=weight.device)
+    padded[:o] = weight.detach()
+    return padded.reshape(tiles, block_o, k).transpose(1, 2).contiguous()
+
+
+def untile_weight(tiled: torch.Tensor, o: int) -> torch.Tensor:
+    """The ``[O, K]`` weight back from :func:`tile_weight`'s layout."""
+    tiles, k, block_o = tiled.shape
+    return tiled.transpose(1, 2).reshape(tiles * block_o, k)[:o]
+
+
 def check_args(x: torch.Tensor, wt: torch.Tensor, n: int, m: int) -> None:
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
         raise ValueError(f"x must be [rows, K] with 1 <= rows <= {MAX_ROWS}, got shape {tuple(x.shape)}")
-    if wt.dim() != 2 or wt.shape[0] != x.shape[1]:
-        raise ValueError(f"Wt must be [K={x.shape[1]}, O], got shape {tuple(wt.shape)}")
+    if wt.dim() != 3 or wt.shape[1] != x.shape[1]:
+        raise ValueError(f"the tiled weight must be [tiles, K={x.shape[1]}, block_o], got shape {tuple(wt.shape)}")
     if x.dtype != wt.dtype:
         raise ValueError(f"x is {x.dtype} but the weight is {wt.dtype}")
     if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m <= MAX_M):
@@ -105,8 +125,8 @@ def check_args(x: torch.Tensor, wt: torch.Tensor, n: int, m: int) -> None:
         raise ValueError(f"M={m} does not divide the input width K={x.shape[1]}")
 
 
-def sparse_gemv_reference(x, wt, n, m, *, vector=None, shift=None, var=False, bias=None, row_sum=None):
-    """Plain PyTorch: the function the kernel computes (float32 sums), in x's dtype."""
+def sparse_gemv_reference(x, weight, n, m, *, vector=None, shift=None, var=False, bias=None, row_sum=None):
+    """Plain PyTorch: the function the kernel computes (float32 sums), in x's dtype; ``weight`` ``[O, K]``."""
     xf = x.float()
     xs = x if shift is None else (xf - shift.float()[:, None]).to(x.dtype)
     scores = xs.float().abs()
@@ -116,7 +136,7 @@ def sparse_gemv_reference(x, wt, n, m, *, vector=None, shift=None, var=False, bi
     order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[:, :n], True).reshape(x.shape)
     p = torch.where(keep, xs.float(), torch.zeros((), device=x.device))
-    y = p @ wt.float()
+    y = p @ weight.float().t()
     if var:
         scale = (xf.var(dim=-1, keepdim=True) / p.var(dim=-1, keepdim=True).clamp_min(VAR_EPS)).sqrt()
         y = y * scale
@@ -156,16 +176,19 @@ def workspace_for(k: int, o: int, plans, device) -> Workspace:
 LAST_LAUNCH: dict = {}  # the last compiled kernel launched (benchmarks read its registers and spills)
 
 
-def sparse_gemv(x, wt, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, shift=None, var=False, bias=None,
+def sparse_gemv(x, wt, o, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, shift=None, var=False, bias=None,
                 row_sum=None, out=None, phases: int = 3) -> torch.Tensor:
-    """Launch the kernel (see the module docstring); ``ws`` must fit ``plan`` (:func:`workspace_for`).
+    """Launch the kernel (see the module docstring) on ``wt = tile_weight(W, plan.block_o)`` with ``o`` outputs.
+
+    ``ws`` must fit ``plan`` (:func:`workspace_for`).
 
     ``phases`` is for benchmarks only: 1 = select only (no weight rows read), 2 = stream a fixed
     half of the rows without selecting (wrong results), 3 = the real kernel.
     """
     check_args(x, wt, n, m)
     rows, k = x.shape
-    o = wt.shape[1]
+    if wt.shape != (-(-o // plan.block_o), k, plan.block_o):
+        raise ValueError(f"the tiled weight {tuple(wt.shape)} does not match O={o} and block_o={plan.block_o}; use tile_weight")
     if shift is not None and row_sum is None:
         raise ValueError("a shift needs the weight's row sums (W 1) for its rank-1 term")
     tiles, split = -(-o // plan.block_o), -(-k // plan.chunk)
@@ -183,7 +206,7 @@ def sparse_gemv(x, wt, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, shif
         rows, k, o, ws.rows.shape[1],
         N=n, M=m, M_P2=_pow2(m), CHUNK=plan.chunk, SPLIT=split, BLOCK_B=_pow2(rows), BLOCK_K=plan.block_k,
         BLOCK_O=plan.block_o, STAGES=plan.stages, HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None,
-        HAS_BIAS=bias is not None, VAR=bool(var), EVEN_O=o % plan.block_o == 0, INTERPRET=not x.is_cuda,
+        HAS_BIAS=bias is not None, VAR=bool(var), INTERPRET=not x.is_cuda,
         PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native", PHASES=phases,
         num_warps=plan.num_warps,
     )
@@ -201,20 +224,21 @@ def sparse_gemv(x, wt, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, shif
 def _sparse_gemv_op(
     x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, row_sum: torch.Tensor | None,
     vector: torch.Tensor | None, shift: torch.Tensor | None, partials: torch.Tensor, stats: torch.Tensor,
-    counters: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, n: int, m: int, var: bool,
+    counters: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, out_features: int, n: int, m: int, var: bool,
     block_o: int, chunk: int, block_k: int, num_warps: int, stages: int,
 ) -> torch.Tensor:
     if triton is not None and (x.is_cuda or _interpreting()):
-        return sparse_gemv(x, wt, n, m, Workspace(partials, stats, counters, rows, values),
+        return sparse_gemv(x, wt, out_features, n, m, Workspace(partials, stats, counters, rows, values),
                            GemvPlan(block_o, chunk, block_k, num_warps, stages), vector=vector, shift=shift,
                            var=var, bias=bias, row_sum=row_sum)
-    return sparse_gemv_reference(x, wt, n, m, vector=vector, shift=shift, var=var, bias=bias, row_sum=row_sum)
+    return sparse_gemv_reference(x, untile_weight(wt, out_features), n, m, vector=vector, shift=shift, var=var,
+                                 bias=bias, row_sum=row_sum)
 
 
 @_sparse_gemv_op.register_fake
-def _(x, wt, bias, row_sum, vector, shift, partials, stats, counters, rows, values, n, m, var, block_o, chunk,
-      block_k, num_warps, stages):
-    return x.new_empty(x.shape[0], wt.shape[1])
+def _(x, wt, bias, row_sum, vector, shift, partials, stats, counters, rows, values, out_features, n, m, var, block_o,
+      chunk, block_k, num_warps, stages):
+    return x.new_empty(x.shape[0], out_features)
 
 
 def _interpreting() -> bool:
@@ -251,9 +275,9 @@ if triton is not None:
         return dense, tl.where(keep, xs, 0.0), keep
 
     @triton.jit
-    def _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, lo, steps_to, count, cols, col_ok, B, O, CHUNK_CAP,
-                MAXB: tl.constexpr, TOKP: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                EVEN_O: tl.constexpr, PRECISION: tl.constexpr):
+    def _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, lo, steps_to, count, cols, col_ok, B, K, CHUNK_CAP,
+                MAXB: tl.constexpr, TOKP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+                STAGES: tl.constexpr, PRECISION: tl.constexpr):
         """``acc += vals[:, rows] @ Wt[rows]`` over the ``count`` compacted rows, ``BLOCK_K`` rows a step.
 
         The token rows are padded to ``TOKP`` so the step is one tensor-core product; the weight rows
@@ -267,11 +291,7 @@ if triton is not None:
             ks = tl.load(rows_ptr + prog * CHUNK_CAP + rs, mask=rok, other=0)
             xv = tl.load(vals_ptr + (prog * MAXB + toks[:, None]) * CHUNK_CAP + (ks - lo)[None, :],
                          mask=tok_ok[:, None] & rok[None, :], other=0.0)
-            w_ptrs = wt_ptr + ks.to(tl.int64)[:, None] * O + cols[None, :]
-            if EVEN_O:
-                w = tl.load(w_ptrs, mask=rok[:, None], other=0.0)
-            else:
-                w = tl.load(w_ptrs, mask=rok[:, None] & col_ok[None, :], other=0.0)
+            w = tl.load(wt_ptr + ks.to(tl.int64)[:, None] * BLOCK_O + cols[None, :], mask=rok[:, None], other=0.0)
             if PRECISION == "ieee":  # float32 inputs (and the interpreter, whose 16-bit dot is unreliable)
                 acc = tl.dot(xv, w.to(tl.float32), acc, input_precision="ieee")
             else:
@@ -286,7 +306,7 @@ if triton is not None:
         N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr,
         HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, VAR: tl.constexpr,
-        EVEN_O: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, PHASES: tl.constexpr = 3,
+        INTERPRET: tl.constexpr, PRECISION: tl.constexpr, PHASES: tl.constexpr = 3,
     ):
         G: tl.constexpr = CHUNK // M
         MAXB: tl.constexpr = 4
@@ -341,15 +361,17 @@ if triton is not None:
         tl.debug_barrier()  # the compacted rows and values are read back by other threads of this program
 
         # 2. Stream the needed weight rows.
-        cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        local = tl.arange(0, BLOCK_O)
+        cols = pid_o * BLOCK_O + local
         col_ok = cols < O
+        tile_ptr = wt_ptr + pid_o.to(tl.int64) * K * BLOCK_O  # this column tile's rows, contiguous
         acc = tl.zeros((TOKP, BLOCK_O), dtype=tl.float32)
         if INTERPRET:  # the interpreter's loop bounds must be Python ints; the tail is masked anyway
-            acc = _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, lo, CHUNK, count, cols, col_ok, B, O, CHUNK_CAP,
-                          MAXB, TOKP, BLOCK_K, STAGES, EVEN_O, PRECISION)
+            acc = _stream(acc, tile_ptr, rows_ptr, vals_ptr, prog, lo, CHUNK, count, local, col_ok, B, K, CHUNK_CAP,
+                          MAXB, TOKP, BLOCK_K, BLOCK_O, STAGES, PRECISION)
         else:
-            acc = _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, lo, count, count, cols, col_ok, B, O, CHUNK_CAP,
-                          MAXB, TOKP, BLOCK_K, STAGES, EVEN_O, PRECISION)
+            acc = _stream(acc, tile_ptr, rows_ptr, vals_ptr, prog, lo, count, count, local, col_ok, B, K, CHUNK_CAP,
+                          MAXB, TOKP, BLOCK_K, BLOCK_O, STAGES, PRECISION)
 
         # 3. Finish: this program alone, or the last of its tile to arrive.
         rows16 = tl.arange(0, TOKP)
@@ -409,15 +431,18 @@ def sm_count(device: torch.device) -> int:
 
 
 class GemvWeight:
-    """A layer's weight stored transposed for :func:`sparse_gemv`, with its plans and one workspace.
+    """A layer's weight in :func:`tile_weight`'s layout for :func:`sparse_gemv`, with its plans and workspace.
 
-    ``weight`` ``[O, K]``; ``row_sum`` ``W 1`` (float32) when a shift is used. The workspace is
-    made on first use and reused: warm up once before CUDA-graph capture, and use one stream at a
-    time per weight.
+    ``weight`` ``[O, K]``; ``row_sum`` ``W 1`` (float32) when a shift is used. The column tile
+    width is fixed per weight (the default plan's); the workspace is made on first use and
+    reused: warm up once before CUDA-graph capture, and use one stream at a time per weight.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, row_sum: torch.Tensor | None = None):
-        self.wt = weight.detach().t().contiguous()
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, row_sum: torch.Tensor | None = None,
+                 block_o: int | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.block_o = block_o or gemv_plan(self.in_features, self.out_features, 1, 1, 1).block_o
+        self.tiled = tile_weight(weight, self.block_o)
         self.bias = None if bias is None else bias.detach()
         self.row_sum = None if row_sum is None else row_sum.detach().float()
         self.plans: dict[tuple[int, int], GemvPlan] = {}
@@ -425,23 +450,24 @@ class GemvWeight:
 
     @property
     def device(self) -> torch.device:
-        return self.wt.device
+        return self.tiled.device
 
     def plan(self, rows: int, m: int) -> GemvPlan:
         key = (rows, m)
         if key not in self.plans:
-            k, o = self.wt.shape
-            self.plans[key] = gemv_plan(k, o, m, rows, sm_count(self.device))
+            self.plans[key] = gemv_plan(self.in_features, self.out_features, m, rows, sm_count(self.device),
+                                        block_o=self.block_o)
         return self.plans[key]
 
     def workspace(self, m: int) -> Workspace:
         if m not in self._workspace:
-            k, o = self.wt.shape
-            self._workspace[m] = workspace_for(k, o, [self.plan(rows, m) for rows in range(1, MAX_ROWS + 1)], self.device)
+            plans = [self.plan(rows, m) for rows in range(1, MAX_ROWS + 1)]
+            self._workspace[m] = workspace_for(self.in_features, self.out_features, plans, self.device)
         return self._workspace[m]
 
     def __call__(self, x: torch.Tensor, n: int, m: int, *, vector=None, shift=None, var: bool = False) -> torch.Tensor:
         ws, plan = self.workspace(m), self.plan(x.shape[0], m)
         return torch.ops.actsparse.sparse_gemv(
-            x.contiguous(), self.wt, self.bias, self.row_sum, vector, shift, *ws, n, m, bool(var), *plan
+            x.contiguous(), self.tiled, self.bias, self.row_sum, vector, shift, *ws, self.out_features, n, m, bool(var),
+            *plan
         )

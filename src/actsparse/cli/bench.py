@@ -1,0 +1,94 @@
+"""``actsparse bench``: does this config make my model faster? Dense and sparse in one process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from actsparse.errors import ActsparseError
+
+
+def _positive_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 512,1024, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 512,1024, got '{text}'")
+    return values
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    from actsparse.eval.speed import MODES
+
+    modes = tuple(part.strip() for part in text.split(",") if part.strip())
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode '{bad[0] if bad else text}'; use {', '.join(MODES)}")
+    return modes
+
+
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value
+
+
+def add_bench_command(commands) -> None:
+    from actsparse.cli.main import add_sparsity_options
+    from actsparse.eval.speed import PRESETS
+
+    be = commands.add_parser(
+        "bench", help="prefill latency and decode tokens/s, dense against sparse",
+        description="Time the model dense and then sparsified with the given config, in one process: prefill latency at each "
+        "--prefill length and decode tokens/s at each --batch after a prompt, in eager mode and as CUDA graphs (static KV cache). "
+        "Every sparse layer's fast path is checked against the PyTorch reference first. Prints a table; --json writes the "
+        "measurements with the config, GPU and versions.",
+    )  # fmt: skip
+    add_sparsity_options(be, weights=False)
+    be.add_argument("--model", default="tiny-llama",
+                    help=f"a shape preset with random weights ({', '.join(PRESETS)}), an alias, a local directory or a hub id (default: tiny-llama)")
+    be.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="(default: bfloat16)")
+    be.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    be.add_argument("--prefill", type=_positive_list, default=None, help="prompt lengths to time (default: 512,1024,...,16384 on CUDA, 32,128 on the CPU)")
+    be.add_argument("--batch", type=_positive_list, default=(1, 2, 4), help="decode batch sizes (default: 1,2,4)")
+    be.add_argument("--prompt", type=_whole, default=128, help="prompt tokens before decoding (default: 128)")
+    be.add_argument("--steps", type=_whole, default=64, help="decode steps timed (default: 64)")
+    be.add_argument("--modes", type=_modes, default=("eager", "graph"), help="eager, graph (default: both; graph needs CUDA)")
+    be.add_argument("--repeats", type=_whole, default=5, help="timed repeats, median reported (default: 5)")
+    be.add_argument("--num-layers", type=_whole, default=None, help="presets only: fewer decoder layers, for a quick run")
+    be.add_argument("--json", default=None, metavar="FILE", help="write the results here (atomically)")
+    be.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> None:
+    import torch
+
+    from actsparse.cli.main import config_from
+    from actsparse.eval.results import write_json_atomic
+    from actsparse.eval.speed import DTYPES, PRESETS, BenchOptions, preset_model, run_bench
+    from actsparse.models.loading import load_model
+
+    config = config_from(args)  # checked before anything loads
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ActsparseError(f"--device {args.device} but no CUDA device is available; fix: use --device cpu")
+    prefill = args.prefill or ((512, 1024, 2048, 4096, 8192, 16384) if device.type == "cuda" else (32, 128))
+    options = BenchOptions(prefill=prefill, batches=args.batch, prompt=args.prompt, steps=args.steps, modes=args.modes,
+                           repeats=args.repeats, layers=args.num_layers, seed=args.seed)
+    if args.model in PRESETS:
+        model = preset_model(args.model, DTYPES[args.dtype], device, layers=args.num_layers, seed=args.seed)
+    else:
+        if args.num_layers is not None:
+            raise ActsparseError("--num-layers applies to the shape presets only; fix: drop it or use a preset")
+        model, _ = load_model(args.model, dtype=args.dtype, device=str(device))
+    result = run_bench(model, args.model, config, options)
+    print(result.table())
+    if args.json:
+        write_json_atomic(args.json, result.to_dict())
+        print(f"wrote {args.json}")

@@ -1,0 +1,314 @@
+"""Does sparsity make this model faster? Dense and sparse timed in one process.
+
+:func:`run_bench` measures, for a model and a sparsity config:
+
+- **prefill**: the latency of one forward pass over a prompt of ``T`` tokens (only the last
+  position's logits, as generation needs), for each ``T``;
+- **decode**: tokens per second of greedy decoding after a prompt, at each batch size, through a
+  static KV cache.
+
+Each in the modes users run: ``eager`` (an ordinary HF forward per call) and ``graph`` (the
+same forward captured once as a CUDA graph and replayed; decode uses HF's ``StaticCache``, and
+the step's position and next token live on the GPU, so a replay is one whole step). The dense
+model is timed first, then the same weights sparsified, with the same inputs. Before timing,
+every distinct sparse layer's fast path is checked against the PyTorch reference of the same
+config (rows 1, 2 and 16), and the first logits of both are compared.
+
+Models: anything :func:`actsparse.load_model` takes, or a random-weight shape preset
+(:data:`PRESETS`: ``llama3-8b``, ``qwen2.5-7b`` and the small ``tiny-llama`` for CPU tests).
+Timing uses CUDA events (host clock on the CPU), warm-up calls first, medians of repeats, and
+fresh random token ids per repeat.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from actsparse.config import SparsityConfig
+from actsparse.errors import ActsparseError
+from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
+
+PRESETS = {
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, num_hidden_layers=32, vocab_size=128256, rope_theta=500000.0),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                       num_key_value_heads=4, num_hidden_layers=28, vocab_size=152064, rope_theta=1000000.0),
+    "tiny-llama": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                       num_key_value_heads=2, num_hidden_layers=2, vocab_size=512),
+}
+MODES = ("eager", "graph")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class BenchOptions:
+    prefill: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
+    batches: tuple[int, ...] = (1, 2, 4)
+    prompt: int = 128
+    steps: int = 64
+    modes: tuple[str, ...] = MODES
+    repeats: int = 5
+    warmup: int = 2
+    layers: int | None = None  # presets: fewer decoder layers (quick runs)
+    seed: int = 0
+
+    def __post_init__(self):
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise ActsparseError(f"unknown bench mode {bad[0]!r}; fix: use {', '.join(MODES)}")
+        for name in ("prompt", "steps", "repeats"):
+            if getattr(self, name) < 1:
+                raise ActsparseError(f"bench {name} must be at least 1, got {getattr(self, name)}")
+        if any(t < 1 for t in self.prefill) or any(b < 1 for b in self.batches):
+            raise ActsparseError("prefill lengths and batch sizes must be positive integers")
+
+
+@dataclass
+class Measurement:
+    phase: str  # prefill | decode
+    mode: str
+    size: int  # T for prefill, batch for decode
+    dense: float  # ms per prefill, or tokens/s for decode
+    sparse: float
+
+    @property
+    def speedup(self) -> float:
+        """Dense time / sparse time (prefill), sparse tokens/s / dense tokens/s (decode)."""
+        if self.phase == "prefill":
+            return self.dense / self.sparse
+        return self.sparse / self.dense
+
+
+@dataclass
+class BenchResult:
+    model: str
+    config: dict
+    device: str
+    versions: dict
+    checks: dict = field(default_factory=dict)
+    measurements: list[Measurement] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for entry, m in zip(out["measurements"], self.measurements):
+            entry["speedup"] = m.speedup
+        return out
+
+    def table(self) -> str:
+        lines = [f"{self.model} on {self.device}; {self.config.get('pattern')} {self.config.get('criterion')} "
+                 f"{self.config.get('mitigation')}",
+                 f"{'phase':<8} {'mode':<6} {'size':>6} {'dense':>12} {'sparse':>12} {'speedup':>8}"]
+        for m in self.measurements:
+            unit = "ms" if m.phase == "prefill" else "tok/s"
+            lines.append(f"{m.phase:<8} {m.mode:<6} {m.size:>6} {m.dense:>9.2f} {unit:<2} {m.sparse:>9.2f} {unit:<2} "
+                         f"{m.speedup:>7.2f}x")
+        lines += [f"skipped: {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def preset_model(name: str, dtype: torch.dtype, device: torch.device, layers: int | None = None, seed: int = 0):
+    """A random-weight causal LM of a named shape, built directly on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name not in PRESETS:
+        raise ActsparseError(f"unknown preset {name!r}; fix: use one of {', '.join(PRESETS)}")
+    spec = dict(PRESETS[name])
+    if layers is not None:
+        spec["num_hidden_layers"] = layers
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+class Timer:
+    """Milliseconds of ``fn()``: CUDA events on CUDA, the host clock elsewhere; median of ``repeats``."""
+
+    def __init__(self, device: torch.device, warmup: int, repeats: int):
+        self.cuda = device.type == "cuda"
+        self.warmup, self.repeats = warmup, repeats
+
+    def __call__(self, fn, before=None) -> float:
+        for _ in range(self.warmup):
+            before and before()
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            before and before()
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def _graph(fn):
+    """``fn`` captured as a CUDA graph after warm-up calls on a side stream (workspaces made outside)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+class Decoder:
+    """Greedy decoding of ``batch`` sequences after a prompt, one step per call, through a static cache."""
+
+    def __init__(self, model, batch: int, prompt: int, steps: int, generator: torch.Generator):
+        from transformers import StaticCache
+
+        self.model, self.batch, self.prompt, self.steps = model, batch, prompt, steps
+        device = next(model.parameters()).device
+        vocab = model.config.vocab_size
+        self.prompt_ids = torch.randint(0, vocab, (batch, prompt), generator=generator).to(device)
+        self.cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 4)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def start(self):
+        """Reset the cache and run the prompt (eagerly): the next call decodes position ``prompt``."""
+        self.cache.reset()
+        positions = torch.arange(self.prompt, device=self.token.device)
+        out = self.model(input_ids=self.prompt_ids, past_key_values=self.cache, cache_position=positions,
+                         use_cache=True, logits_to_keep=1)
+        self.token.copy_(out.logits[:, -1:].argmax(dim=-1))
+        self.position.fill_(self.prompt)
+
+    @torch.no_grad()
+    def step(self):
+        out = self.model(input_ids=self.token, past_key_values=self.cache, cache_position=self.position,
+                         position_ids=self.position.expand(self.batch, 1), use_cache=True)
+        self.token.copy_(out.logits[:, -1:].argmax(dim=-1))
+        self.position.add_(1)
+
+
+def decode_tokens_per_s(model, batch, options: BenchOptions, mode: str, timer: Timer, generator) -> float:
+    decoder = Decoder(model, batch, options.prompt, options.steps, generator)
+    if mode == "graph":
+        decoder.start()
+        graph = _graph(decoder.step)
+
+        def run():
+            for _ in range(options.steps):
+                graph.replay()
+    else:
+        def run():
+            for _ in range(options.steps):
+                decoder.step()
+    ms = timer(run, before=decoder.start)
+    return batch * options.steps / (ms / 1e3)
+
+
+def prefill_ms(model, length, mode: str, timer: Timer, generator) -> float:
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(device)
+    fresh = lambda: ids.copy_(torch.randint(0, model.config.vocab_size, ids.shape, generator=generator))  # noqa: E731
+
+    @torch.no_grad()
+    def forward():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    if mode == "graph":
+        graph = _graph(forward)
+        return timer(graph.replay, before=fresh)
+    return timer(forward, before=fresh)
+
+
+@torch.no_grad()
+def check_fast_path(model, config: SparsityConfig, generator) -> dict:
+    """Every distinct sparse layer: fast path vs the PyTorch reference of its config, on fresh rows."""
+    worst = {}
+    seen = set()
+    for layer in sparse_layers(model).values():
+        key = (layer.in_features, layer.out_features, layer.bias is not None, layer.criterion.name)
+        if key in seen or layer.backend == "torch":
+            continue
+        seen.add(key)
+        for rows in (1, 2, 16):
+            x = torch.randn(rows, layer.in_features, generator=generator).to(layer.weight)
+            fast = layer(x).float()
+            backend, layer.backend = layer.backend, "torch"
+            try:
+                ref = layer(x).float()
+            finally:
+                layer.backend = backend
+            err = float((fast - ref).norm() / ref.norm().clamp_min(1e-12))
+            worst[rows] = max(worst.get(rows, 0.0), err)
+    tolerance = 2e-2 if next(model.parameters()).dtype != torch.float32 else 1e-4
+    bad = {rows: err for rows, err in worst.items() if not err < tolerance}
+    if bad:
+        raise ActsparseError(f"the fast path disagrees with the reference (relative error {bad} > {tolerance}); "
+                             "fix: report this, and bench with --backend torch meanwhile")
+    return {"layer_rel_err": worst, "tolerance": tolerance, "layers_checked": len(seen)}
+
+
+def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -> BenchResult:
+    """Dense, then sparse (``sparsify_`` with ``config``), prefill and decode in every mode; model left dense."""
+    import transformers
+
+    import actsparse
+
+    device = next(model.parameters()).device
+    result = BenchResult(
+        model=name, config=config.to_dict(),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        versions={"actsparse": actsparse.__version__, "torch": torch.__version__,
+                  "transformers": transformers.__version__, "dtype": str(next(model.parameters()).dtype)},
+    )
+    modes = list(options.modes)
+    if device.type != "cuda" and "graph" in modes:
+        modes.remove("graph")
+        result.skipped.append("graph mode: needs CUDA")
+    timer = Timer(device, options.warmup, options.repeats)
+    timings: dict[str, dict] = {}
+    for label in ("dense", "sparse"):
+        if label == "sparse":
+            report = sparsify_(model, config)
+            if not report.sparse:
+                raise ActsparseError("the config sparsifies no layer of this model; fix: check --roles/--layers/--skip")
+            result.checks = check_fast_path(model, config, torch.Generator().manual_seed(options.seed + 1))
+            result.checks["sparse_flop_fraction"] = report.sparse_flop_fraction
+        generator = torch.Generator().manual_seed(options.seed)
+        for mode in modes:
+            cases = [("prefill", t) for t in options.prefill] + [("decode", b) for b in options.batches]
+            for phase, size in cases:
+                try:
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message=".*past_key_values.*")
+                        if phase == "prefill":
+                            value = prefill_ms(model, size, mode, timer, generator)
+                        else:
+                            value = decode_tokens_per_s(model, size, options, mode, timer, generator)
+                except (RuntimeError, torch.OutOfMemoryError) as error:  # reported, not hidden: the row is left out
+                    result.skipped.append(f"{label} {phase} {mode} {size}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+                    continue
+                timings.setdefault((phase, mode, size), {})[label] = value
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    unsparsify_(model)
+    for (phase, mode, size), pair in timings.items():
+        if len(pair) == 2:
+                result.measurements.append(Measurement(phase, mode, size, pair["dense"], pair["sparse"]))
+    return result
+
