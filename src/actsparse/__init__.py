@@ -29,11 +29,14 @@ from actsparse.hf import install_hook as _install_hf_hook
 _install_hf_hook()  # `quant_method: "actsparse"` checkpoints load with AutoModelForCausalLM.from_pretrained
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
-    """Load an alias (smollm2-135m, gemma3-270m), a local directory or a hub id: ``(model, tokenizer)``."""
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", **placement):
+    """Load an alias (smollm2-135m, gemma3-270m), a local directory or a hub id: ``(model, tokenizer)``.
+
+    ``device_map="auto"`` (and ``max_memory``, ``offload_folder``) spreads it over several
+    devices, the CPU and disk with accelerate."""
     from actsparse.models.loading import load_model as _load
 
-    return _load(name, dtype=dtype, device=device)
+    return _load(name, dtype=dtype, device=device, **placement)
 
 
 __all__ = [

@@ -14,6 +14,7 @@ from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import LinearSite, find_linear_sites
+from actsparse.models.placement import bridge_offload_, onloaded
 from actsparse.selection import choose_sites
 
 SPARSITY_ATTR = "_actsparse_config"  # the SparsityConfig a model was sparsified with, set by sparsify_
@@ -86,10 +87,12 @@ def sparsify_(
             )
     for index, site in enumerate(chosen):
         original = model.get_submodule(site.name)
-        layer = SparseLinear(
-            original, pattern, criterion, mitigation, name=site.name, stats=(stats or {}).get(site.name), seed=config.seed + index,
-            backend=config.backend, prefill_only=config.prefill_only,
-        )
+        with onloaded(original):  # an offloaded layer's weights on hand while its buffers are computed
+            layer = SparseLinear(
+                original, pattern, criterion, mitigation, name=site.name, stats=(stats or {}).get(site.name), seed=config.seed + index,
+                backend=config.backend, prefill_only=config.prefill_only,
+            )
+        bridge_offload_(layer, original)
         _set_module(model, site.name, layer)
     if chosen:
         mark_sparsified_(model, config)

@@ -124,6 +124,7 @@ def measure_sensitivity(
     ``stats`` (``actsparse.collect_input_stats``) is needed by criteria and mitigations that
     need calibration statistics. The model must be dense (not sparsified).
     """
+    from actsparse.models.placement import bridge_offload_, onloaded
     from actsparse.sparsify import sparse_layers
 
     if sparse_layers(model):
@@ -137,10 +138,12 @@ def measure_sensitivity(
     wrappers, sums = {}, {}
     for index, site in enumerate(chosen):
         module = model.get_submodule(site.name)
-        wrappers[site.name] = SparseLinear(
-            module, pattern_obj, criterion_obj, mitigation_obj, name=site.name, stats=(stats or {}).get(site.name), seed=index,
-            backend="torch",
-        )
+        with onloaded(module):
+            wrappers[site.name] = SparseLinear(
+                module, pattern_obj, criterion_obj, mitigation_obj, name=site.name, stats=(stats or {}).get(site.name), seed=index,
+                backend="torch",
+            )
+        bridge_offload_(wrappers[site.name], module)
         sums[site.name] = [0.0, 0.0]  # sum (Y - Y')^2, sum Y^2
 
     def hook(module, args, output, name):

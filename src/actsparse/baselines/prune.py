@@ -303,6 +303,7 @@ def prune_weights_(
     BOS + window. ``cache_device`` holds one decoder layer's inputs for all windows.
     The original weights are not kept: copy them first to undo (``snapshot_weights``).
     """
+    from actsparse.models.placement import keep_onloaded_, layer_device, onloaded
     from actsparse.sparsify import sparse_layers
 
     config = config or WeightPruneConfig()
@@ -321,9 +322,11 @@ def prune_weights_(
 
     def prune_site(site: LinearSite, inputs: LayerInputs | None) -> None:
         module = model.get_submodule(site.name)
-        pruned = pruner.prune(get_weight(module).float().clone(), inputs, pattern)
-        set_weight_(module, pruned)
-        density[site.name] = get_weight(module).count_nonzero().item() / get_weight(module).numel()
+        with onloaded(module):  # an offloaded layer: its weights on hand, the pruned ones kept (in CPU memory)
+            pruned = pruner.prune(get_weight(module).float().clone(), inputs, pattern)
+            set_weight_(module, pruned)
+            density[site.name] = get_weight(module).count_nonzero().item() / get_weight(module).numel()
+            keep_onloaded_(module)
 
     used = 0
     _, layers = find_decoder_layers(model)
@@ -344,12 +347,16 @@ def prune_weights_(
             )
         windows = _as_windows(calib_windows)
         used = len(windows)
-        device = next(model.parameters()).device
+        from actsparse.models.placement import input_device
+
+        device = input_device(model)
         inputs, calls = capture_layer_inputs(model, windows, bos_id=bos_id, cache_device=cache_device)
         last = max(by_layer)
+        model_device = device
         for index, layer in enumerate(layers):
             if index > last:
                 break
+            device = layer_device(layer, model_device)  # each decoder layer on its own device (device_map)
             for stage in sorted({STAGE.get(s.role, 99) for s in by_layer.get(index, [])}):
                 group = [s for s in by_layer[index] if STAGE.get(s.role, 99) == stage]
                 modules = {s.name: model.get_submodule(s.name) for s in group}

@@ -15,7 +15,9 @@ from actsparse.models.discovery import LinearSite, find_linear_sites
 def forward_window(model: nn.Module, window: torch.Tensor, bos_id: int | None = None):
     """Run one window of token ids through ``model`` (BOS first when ``bos_id`` is given), no KV cache."""
     ids = window if bos_id is None else torch.cat([window.new_tensor([bos_id]), window])
-    return model(ids.unsqueeze(0).to(next(model.parameters()).device), use_cache=False)
+    from actsparse.models.placement import input_device
+
+    return model(ids.unsqueeze(0).to(input_device(model)), use_cache=False)
 
 
 @torch.no_grad()

@@ -271,6 +271,7 @@ def calibrate_(
     ``cuda_graph``: train the learned mitigations with each step replayed as a CUDA graph
     (default: on CUDA; ``False`` launches every kernel eagerly, for debugging).
     """
+    from actsparse.models.placement import bridge_offload_, layer_device, onloaded
     from actsparse.sparsify import mark_sparsified_, sparse_layers, unsparsify_
 
     options = options or CalibrationOptions()
@@ -301,7 +302,9 @@ def calibrate_(
     if criterion.needs_calibration:
         needs.add("norms")  # clact: its channel norms come from this layer's calibration inputs
     learned = is_learned(mitigation.name)
-    device = next(model.parameters()).device
+    from actsparse.models.placement import input_device
+
+    device = model_device = input_device(model)
     cuda_graph = use_cuda_graph(cuda_graph, device)  # checked before any work
     cache_device = device if cache_device is None else cache_device
     _, layers = find_decoder_layers(model)
@@ -312,6 +315,7 @@ def calibrate_(
         for index, layer in enumerate(layers):
             if index > last:
                 break
+            device = layer_device(layer, model_device)  # each decoder layer on its own device (device_map)
             group = by_layer.get(index, [])
             if not group:
                 if index < last:
@@ -322,10 +326,12 @@ def calibrate_(
             modules = {s.name: model.get_submodule(s.name) for s in group}
             targets, stats = _dense_pass(layer, calls[index], inputs, modules, needs, device, cache_device)
             for site in group:
-                sparse = SparseLinear(
-                    modules[site.name], pattern, criterion, mitigation, name=site.name, stats=stats[site.name],
-                    seed=seeds[site.name], backend=config.backend, prefill_only=config.prefill_only,
-                )  # fmt: skip
+                with onloaded(modules[site.name]):
+                    sparse = SparseLinear(
+                        modules[site.name], pattern, criterion, mitigation, name=site.name, stats=stats[site.name],
+                        seed=seeds[site.name], backend=config.backend, prefill_only=config.prefill_only,
+                    )  # fmt: skip
+                bridge_offload_(sparse, modules[site.name])
                 own_feature_vector(sparse)  # clact's norms are saved with the state
                 sparse.stats = None  # the statistics are folded into the mitigation's tensors
                 _set_module(model, site.name, sparse)

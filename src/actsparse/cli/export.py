@@ -42,7 +42,7 @@ def cmd_export(args) -> None:
         config = config_from(args)
     if config is not None:
         preflight(args, config)  # everything checked before the model loads
-    record = export(settings_from(args), args.out, config=config, state=state, progress=not args.no_progress)
+    record = export(settings_from(args), args.out, config=config, state=state, progress=not args.no_progress, placement=placement_from(args))
     label = "pruned" if record["target"] == "weights" else "sparse"
     print(f"model      {record['model']}")
     print(f"data       {record['data']}  {record['tokens']} tokens")

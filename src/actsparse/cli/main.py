@@ -103,7 +103,14 @@ def add_eval_options(parser: argparse.ArgumentParser, evaluation: bool = True) -
         group.add_argument("--batch-size", type=_whole(1), default=1, help="windows per forward pass (default: 1)")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_placement_options(group)
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_placement_options(group) -> None:
+    from actsparse.cli.placement import add_placement_options as add
+
+    add(group)
 
 
 def add_task_options(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +151,12 @@ def calib_windows_from(args) -> int:
     if args.calib_windows is not None:
         return args.calib_windows
     return 128 if getattr(args, "prune", "activations") == "weights" else 32
+
+
+def placement_from(args) -> dict:
+    from actsparse.cli.placement import placement_from as read
+
+    return read(args)
 
 
 def settings_from(args):
@@ -192,7 +205,7 @@ def _evaluate(args, config, run) -> dict | None:
         from actsparse.eval.lmeval import require_lm_eval
 
         require_lm_eval()
-    evaluator = Evaluator(settings_from(args), progress=not args.no_progress)
+    evaluator = Evaluator(settings_from(args), progress=not args.no_progress, placement=placement_from(args))
     extra = _extra_from(args, evaluator)
     dense = evaluator.run_dense(extra) if extra is not None else None  # tasks and generation on the dense model first
     record = run(evaluator, config, extra)
@@ -369,7 +382,7 @@ def cmd_calibrate(args) -> None:
     preflight(args, config, calibrated=False)  # the texts are checked above
     start = time.perf_counter()
     device = EvalSettings(device=args.device).resolved_device()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, **placement_from(args))
     bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
     windows = make_windows(encode(tokenizer, calib.text), args.seqlen)
     if len(windows) == 0:
@@ -496,7 +509,7 @@ def cmd_sensitivity(args) -> None:
         choose_sites(SparsityConfig(pattern=args.pattern, criterion=args.criterion, mitigation=args.mitigation), find_linear_sites(skeleton))
     start = time.perf_counter()
     device = settings.resolved_device()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, **placement_from(args))
     bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
     windows = make_windows(encode(tokenizer, calib.text), args.seqlen)[: args.calib_windows]
     stats = None
@@ -673,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--seqlen", type=_whole(2), default=512, help="window length in tokens (default: 512)")
     se.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
     se.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_placement_options(se)
     se.add_argument("--target-fraction", type=_real(0.0, 1.0), default=None, help="also choose layers to keep dense so this share of linear FLOPs runs sparse, e.g. 0.55")
     se.add_argument("--order", default="score", choices=["score", "score-per-flop"], help="greedy order of the budget (default: score)")
     se.add_argument("--out", default="sensitivity.json", help="JSON record, written atomically (default: sensitivity.json)")

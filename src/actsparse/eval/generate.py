@@ -44,7 +44,9 @@ class GenerateSettings:
 @torch.no_grad()
 def greedy_continuations(model, tokenizer, settings: GenerateSettings = GenerateSettings()) -> list[dict]:
     """``[{"prompt": ..., "continuation": ...}]``: each prompt's greedy continuation, decoded without special tokens."""
-    device = next(model.parameters()).device
+    from actsparse.models.placement import input_device
+
+    device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     for prompt in settings.prompts:

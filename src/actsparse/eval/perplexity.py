@@ -60,7 +60,9 @@ def perplexity(
     With ``bos_id`` the input is BOS + window and every window token is predicted;
     without, the first token of each window is context only.
     """
-    device = next(model.parameters()).device
+    from actsparse.models.placement import input_device
+
+    device = input_device(model)
     total_nll, total_tokens = 0.0, 0
     bar = tqdm(total=len(windows), desc=desc, unit="window", disable=not progress)
     for start in range(0, len(windows), batch_size):

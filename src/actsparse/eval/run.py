@@ -82,14 +82,14 @@ class EvalSettings:
 class Evaluator:
     """One model and one evaluation text; evaluates configs against a shared dense baseline."""
 
-    def __init__(self, settings: EvalSettings, model=None, tokenizer=None, progress: bool = True):
+    def __init__(self, settings: EvalSettings, model=None, tokenizer=None, progress: bool = True, placement: dict | None = None):
         from actsparse.models.loading import load_model, model_info, tokenizer_adds_bos
 
         self.settings, self.progress = settings, progress
         self.source = load_text(settings.data)  # a bad text is refused before the model loads
         start = time.perf_counter()
         if model is None:
-            model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.resolved_device())
+            model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.resolved_device(), **(placement or {}))
         self.model, self.tokenizer = model, tokenizer
         self.load_seconds = time.perf_counter() - start
         self.info = model_info(model)
@@ -284,6 +284,9 @@ class Evaluator:
     def _record(self, target: str, with_dense: bool, **fields) -> dict:
         """A record's common head: model, data, target (and ``fields``), plus the dense perplexity when asked."""
         record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": target, **fields}
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map and (len(set(device_map.values())) > 1 or "disk" in device_map.values()):  # placed over devices / offloaded
+            record["device_map"] = {name: str(device) for name, device in device_map.items()}
         if with_dense:
             dense, dense_seconds = self.dense()
             record["dense_ppl"], record["dense_seconds"] = dense.ppl, dense_seconds

@@ -21,7 +21,7 @@ CARD_FILE = "README.md"
 RECORD_FILE = "actsparse_export.json"
 
 
-def export(settings, out: str | Path, *, config=None, state: str | Path | None = None, progress: bool = True) -> dict:
+def export(settings, out: str | Path, *, config=None, state: str | Path | None = None, progress: bool = True, placement: dict | None = None) -> dict:
     """Export ``settings.model`` sparsified by ``config`` (a ``SparsityConfig`` or a
     ``WeightPruneConfig``) or by a calibrated ``state`` directory into ``out``; returns the
     evaluation record (also written as ``actsparse_export.json``)."""
@@ -34,7 +34,7 @@ def export(settings, out: str | Path, *, config=None, state: str | Path | None =
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ActsparseError(f"{out} exists and is not a directory; choose another --out")
-    evaluator = Evaluator(settings, progress=progress)
+    evaluator = Evaluator(settings, progress=progress, placement=placement)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:

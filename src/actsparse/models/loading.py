@@ -404,8 +404,14 @@ def model_skeleton(name: str):
         return None
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
-    """Load (model, tokenizer) from an alias, a local directory, or a hub id; model is in eval mode."""
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", *, device_map=None, max_memory: dict | None = None,
+               offload_folder: str | None = None):
+    """Load (model, tokenizer) from an alias, a local directory, or a hub id; model is in eval mode.
+
+    ``device_map`` (``"auto"`` or a dict, see accelerate): transformers and accelerate place the
+    model over the GPUs, the CPU and, past ``max_memory``, disk (``offload_folder``, default a
+    temporary directory); ``device`` is then not used.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -414,19 +420,26 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
         torch_device = torch.device(device)
     except RuntimeError as e:
         raise ActsparseError(f"unknown device {device!r}; fix: use 'cpu' or 'cuda' ({e})") from e
+    placement = {}
+    if device_map is not None:
+        if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise ActsparseError(f"unknown device map {device_map!r}; fix: use auto (or balanced, sequential, or a dict of module -> device)")
+        placement = {"device_map": device_map, "max_memory": max_memory,
+                     "offload_folder": offload_folder or tempfile.mkdtemp(prefix="actsparse-offload-")}  # fmt: skip
 
     location, kw = resolve_model(name)
     try:
         with _quiet_hub():
             tokenizer = AutoTokenizer.from_pretrained(location, **kw)
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **kw)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **kw, **placement)
     except (OSError, ValueError, ConnectionError) as e:
         raise _load_failed(name, location, kw, e) from e
 
-    try:
-        model.to(torch_device)
-    except (RuntimeError, AssertionError) as e:
-        raise ActsparseError(f"cannot move the model to {device!r}: {e}; fix: use device='cpu'") from e
+    if device_map is None:
+        try:
+            model.to(torch_device)
+        except (RuntimeError, AssertionError) as e:
+            raise ActsparseError(f"cannot move the model to {device!r}: {e}; fix: use device='cpu'") from e
     model.eval()
     return model, tokenizer
 
