@@ -24,7 +24,7 @@ def add_export_command(commands) -> None:
 def cmd_export(args) -> None:
     from actsparse.calibration.mitigations import ensure_mitigation
     from actsparse.calibration.state import read_state_meta, state_config
-    from actsparse.cli.main import check_state_options, config_from, preflight, settings_from, weight_config_from
+    from actsparse.cli.main import check_state_options, config_from, placement_from, preflight, settings_from, weight_config_from
     from actsparse.hf.export import export
 
     state, config = None, None
