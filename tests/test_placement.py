@@ -16,6 +16,9 @@ torch.set_num_threads(1)
 IDS = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(4))
 WINDOWS = torch.randint(3, 40, (4, 16), generator=torch.Generator().manual_seed(5))
 MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+# on a GPU machine also: the model on the GPU, its second decoder layer offloaded to CPU memory (computed on the GPU)
+GPU_MAP = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+PLACEMENTS = [("cpu", MAP)] + ([("cuda", GPU_MAP)] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")
@@ -23,21 +26,27 @@ def model_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("placed") / "tiny")
 
 
-def _pair(model_dir, tmp_path):
-    plain, _ = load_model(str(model_dir))
-    placed, _ = load_model(str(model_dir), device_map=MAP, offload_folder=str(tmp_path / "offload"))
+@pytest.fixture(params=PLACEMENTS, ids=[device for device, _ in PLACEMENTS])
+def placement(request):
+    return request.param
+
+
+def _pair(model_dir, tmp_path, placement=PLACEMENTS[0]):
+    device, device_map = placement
+    plain, _ = load_model(str(model_dir), device=device)
+    placed, _ = load_model(str(model_dir), device_map=device_map, offload_folder=str(tmp_path / "offload"))
     assert is_offloaded(placed) and placed.model.layers[1].mlp.up_proj.weight.device.type == "meta"
     return plain, placed
 
 
 def _logits(model):
     with torch.no_grad():
-        return model(IDS).logits
+        return model(IDS.to(model.get_input_embeddings().weight.device)).logits.cpu()
 
 
 @pytest.mark.parametrize("criterion,mitigation", [("amber", "var"), ("wina", "dpts"), ("magnitude", "lowrank:8")])
-def test_sparse_layers_of_an_offloaded_model(model_dir, tmp_path, criterion, mitigation):
-    plain, placed = _pair(model_dir, tmp_path)
+def test_sparse_layers_of_an_offloaded_model(model_dir, tmp_path, placement, criterion, mitigation):
+    plain, placed = _pair(model_dir, tmp_path, placement)
     config = actsparse.SparsityConfig(pattern="2:4", criterion=criterion, mitigation=mitigation)
     sparsify_(plain, config)
     sparsify_(placed, config)
@@ -49,8 +58,8 @@ def test_sparse_layers_of_an_offloaded_model(model_dir, tmp_path, criterion, mit
 
 
 @pytest.mark.parametrize("mitigation", ["lpts", "rotation"])
-def test_calibration_of_an_offloaded_model(model_dir, tmp_path, mitigation):
-    plain, placed = _pair(model_dir, tmp_path)
+def test_calibration_of_an_offloaded_model(model_dir, tmp_path, placement, mitigation):
+    plain, placed = _pair(model_dir, tmp_path, placement)
     config = actsparse.SparsityConfig(pattern="2:4", criterion="amber", mitigation=mitigation)
     options = CalibrationOptions(lr=1e-2, steps=4)
     a = calibrate_(plain, config, WINDOWS, options=options, progress=False)
@@ -63,8 +72,8 @@ def test_calibration_of_an_offloaded_model(model_dir, tmp_path, mitigation):
 
 
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
-def test_weight_pruning_of_an_offloaded_model(model_dir, tmp_path, method):
-    plain, placed = _pair(model_dir, tmp_path)
+def test_weight_pruning_of_an_offloaded_model(model_dir, tmp_path, placement, method):
+    plain, placed = _pair(model_dir, tmp_path, placement)
     config = actsparse.WeightPruneConfig(pattern="2:4", method=method)
     actsparse.prune_weights_(plain, config, WINDOWS, progress=False)
     actsparse.prune_weights_(placed, config, WINDOWS, progress=False)
@@ -73,12 +82,12 @@ def test_weight_pruning_of_an_offloaded_model(model_dir, tmp_path, method):
 
     with onloaded(placed.model.layers[1]):  # the pruned weights of the offloaded layer are what it loads
         weight = placed.model.layers[1].mlp.up_proj.weight
-        assert weight.device.type == "cpu" and (weight.reshape(-1, 4) != 0).sum(-1).max() <= 2
+        assert weight.device.type == placement[0] and (weight.reshape(-1, 4) != 0).sum(-1).max() <= 2
         torch.testing.assert_close(weight, plain.model.layers[1].mlp.up_proj.weight, rtol=1e-4, atol=1e-5)
 
 
-def test_sensitivity_of_an_offloaded_model(model_dir, tmp_path):
-    plain, placed = _pair(model_dir, tmp_path)
+def test_sensitivity_of_an_offloaded_model(model_dir, tmp_path, placement):
+    plain, placed = _pair(model_dir, tmp_path, placement)
     a = actsparse.measure_sensitivity(plain, WINDOWS, pattern="2:4", progress=False)
     b = actsparse.measure_sensitivity(placed, WINDOWS, pattern="2:4", progress=False)
     assert b.scores.keys() == a.scores.keys()
