@@ -166,3 +166,25 @@ def test_llama_shapes_on_the_gpu(k, o, rows):
     y = gw(x, 8, 16, vector=vector, var=True)
     ref = sparse_gemv_reference(x, weight, 8, 16, vector=vector, var=True, bias=bias)
     assert rel_err(y, ref) < 1e-2
+
+
+@pytest.mark.parametrize("groups, chunk_groups", [(24, 32), (40, 32), (48, 16)])
+def test_whole_rows_selected_in_sub_chunks(groups, chunk_groups):
+    """Chunks of more than 16 groups are selected 16 groups at a time, with one running row count."""
+    n, m = 2, 4
+    x, weight, bias, vector = case(2, groups * m, 48, torch.float32, seed=groups)
+    y, ref = run(x, weight, n, m, GemvPlan(16, chunk_groups * m, 16, 4, 1), bias=bias, vector=vector, var=True)
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_layers_share_one_workspace_that_only_grows():
+    from actsparse.kernels import sparse_gemv as sg
+
+    small, big = GemvWeight(torch.randn(32, 64, device=DEVICE)), GemvWeight(torch.randn(96, 256, device=DEVICE))
+    x_small, x_big = torch.randn(1, 64, device=DEVICE), torch.randn(1, 256, device=DEVICE)
+    first = small(x_small, 2, 4)
+    big(x_big, 2, 4)
+    shared = sg.shared_workspace(64, 32, [small.plan(1, 4)], torch.device(DEVICE))
+    assert shared.partials.numel() >= sg.workspace_sizes(256, 96, big.plan(1, 4))[0]
+    assert torch.equal(small(x_small, 2, 4), first)
+    assert int(shared.counters.abs().sum()) == 0

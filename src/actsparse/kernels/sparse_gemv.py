@@ -79,8 +79,9 @@ def gemv_plan(k: int, o: int, m: int, rows: int, sm_count: int, *, block_o: int 
         split = max(1, round(PROGRAMS_PER_SM * sm_count / tiles))
         groups = max(1, -(-k // (split * m)))
         chunk = m * _pow2(groups)
-    if chunk % m or (chunk // m) & (chunk // m - 1):
-        raise ValueError(f"chunk {chunk} must be M={m} times a power of two")
+    groups = chunk // m
+    if chunk % m or (groups & (groups - 1) and groups % 16):
+        raise ValueError(f"chunk {chunk} must be M={m} times a power of two or a multiple of 16")
     if block_k is None:
         block_k = 32
     if block_k < 16 or block_k & (block_k - 1):
@@ -148,29 +149,54 @@ def sparse_gemv_reference(x, weight, n, m, *, vector=None, shift=None, var=False
 
 
 class Workspace(NamedTuple):
-    """Per-layer scratch: partial sums, VAR's partial statistics, arrival counters, compacted rows."""
+    """Scratch of the kernel, flat: partial sums, VAR's partial statistics, arrival counters, compacted rows.
 
-    partials: torch.Tensor  # [split, MAX_ROWS, O] float32
-    stats: torch.Tensor  # [programs, 4, MAX_ROWS] float32
-    counters: torch.Tensor  # [tiles] int32, zero between calls
-    rows: torch.Tensor  # [programs, chunk] int32
-    values: torch.Tensor  # [programs, MAX_ROWS, chunk] float32
+    Layers that run one after another on one stream can share one workspace (the counters are
+    back at zero after every call): see :func:`shared_workspace`.
+    """
+
+    partials: torch.Tensor  # split * MAX_ROWS * O float32
+    stats: torch.Tensor  # programs * 4 * MAX_ROWS float32
+    counters: torch.Tensor  # tiles int32, zero between calls
+    rows: torch.Tensor  # programs * chunk int32
+    values: torch.Tensor  # programs * MAX_ROWS * chunk float32
+
+
+def workspace_sizes(k: int, o: int, plan: GemvPlan) -> tuple[int, int, int, int, int]:
+    """Elements each workspace tensor needs for one plan."""
+    split, tiles = -(-k // plan.chunk), -(-o // plan.block_o)
+    programs = split * tiles
+    return split * MAX_ROWS * o, programs * 4 * MAX_ROWS, tiles, programs * plan.chunk, programs * MAX_ROWS * plan.chunk
+
+
+def _allocate(sizes, device) -> Workspace:
+    f32 = dict(dtype=torch.float32, device=device)
+    partials, stats, tiles, rows, values = sizes
+    return Workspace(torch.empty(partials, **f32), torch.empty(stats, **f32), torch.zeros(tiles, dtype=torch.int32, device=device),
+                     torch.empty(rows, dtype=torch.int32, device=device), torch.empty(values, **f32))
 
 
 def workspace_for(k: int, o: int, plans, device) -> Workspace:
-    """One workspace large enough for every plan in ``plans`` (counters zeroed)."""
-    split = max(-(-k // p.chunk) for p in plans)
-    tiles = max(-(-o // p.block_o) for p in plans)
-    programs = max((-(-k // p.chunk)) * (-(-o // p.block_o)) for p in plans)
-    chunk = max(p.chunk for p in plans)
-    f32 = dict(dtype=torch.float32, device=device)
-    return Workspace(
-        torch.empty(split, MAX_ROWS, o, **f32),
-        torch.empty(programs, 4, MAX_ROWS, **f32),
-        torch.zeros(tiles, dtype=torch.int32, device=device),
-        torch.empty(programs, chunk, dtype=torch.int32, device=device),
-        torch.empty(programs, MAX_ROWS, chunk, **f32),
-    )
+    """A workspace large enough for every plan in ``plans`` (counters zeroed)."""
+    sizes = [workspace_sizes(k, o, p) for p in plans]
+    return _allocate(tuple(max(column) for column in zip(*sizes)), device)
+
+
+_SHARED: dict[str, Workspace] = {}
+_RETIRED: list[Workspace] = []  # outgrown workspaces stay allocated: a captured CUDA graph may still use them
+
+
+def shared_workspace(k: int, o: int, plans, device) -> Workspace:
+    """The device's one workspace, grown to fit ``plans`` if needed (warm up before graph capture)."""
+    key = str(torch.device(device))
+    need = tuple(max(column) for column in zip(*[workspace_sizes(k, o, p) for p in plans]))
+    have = _SHARED.get(key)
+    if have is None or any(t.numel() < n for t, n in zip(have, need)):
+        if have is not None:
+            _RETIRED.append(have)
+            need = tuple(max(n, t.numel()) for t, n in zip(have, need))
+        _SHARED[key] = _allocate(need, device)
+    return _SHARED[key]
 
 
 LAST_LAUNCH: dict = {}  # the last compiled kernel launched (benchmarks read its registers and spills)
@@ -182,8 +208,8 @@ def sparse_gemv(x, wt, o, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, s
 
     ``ws`` must fit ``plan`` (:func:`workspace_for`).
 
-    ``phases`` is for benchmarks only: 1 = select only (no weight rows read), 2 = stream a fixed
-    half of the rows without selecting (wrong results), 3 = the real kernel.
+    ``phases`` is for benchmarks only: 1 = select and finish but read no weight rows (wrong
+    results), 3 = the real kernel.
     """
     check_args(x, wt, n, m)
     rows, k = x.shape
@@ -192,8 +218,7 @@ def sparse_gemv(x, wt, o, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, s
     if shift is not None and row_sum is None:
         raise ValueError("a shift needs the weight's row sums (W 1) for its rank-1 term")
     tiles, split = -(-o // plan.block_o), -(-k // plan.chunk)
-    if (ws.partials.shape[0] < split or ws.counters.numel() < tiles or ws.rows.shape[0] < tiles * split
-            or ws.rows.shape[1] < plan.chunk or ws.partials.shape[2] != o):
+    if any(t.numel() < n for t, n in zip(ws, workspace_sizes(k, o, plan))):
         raise ValueError("the workspace is too small for this plan; make it with workspace_for")
     x = x.contiguous()
     if out is None:
@@ -203,7 +228,7 @@ def sparse_gemv(x, wt, o, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, s
         x, dummy if vector is None else vector, dummy if shift is None else shift, wt,
         dummy if bias is None else bias, dummy if row_sum is None else row_sum, out,
         ws.partials, ws.stats, ws.counters, ws.rows, ws.values,
-        rows, k, o, ws.rows.shape[1],
+        rows, k, o, plan.chunk,
         N=n, M=m, M_P2=_pow2(m), CHUNK=plan.chunk, SPLIT=split, BLOCK_B=_pow2(rows), BLOCK_K=plan.block_k,
         BLOCK_O=plan.block_o, STAGES=plan.stages, HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None,
         HAS_BIAS=bias is not None, VAR=bool(var), INTERPRET=not x.is_cuda,
@@ -308,7 +333,8 @@ if triton is not None:
         HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, VAR: tl.constexpr,
         INTERPRET: tl.constexpr, PRECISION: tl.constexpr, PHASES: tl.constexpr = 3,
     ):
-        G: tl.constexpr = CHUNK // M
+        SUB_G: tl.constexpr = 16 if CHUNK // M >= 16 else CHUNK // M  # groups selected at a time
+        SUB: tl.constexpr = SUB_G * M
         MAXB: tl.constexpr = 4
         TOKP: tl.constexpr = 16  # token rows of the tensor-core product (rows >= B are zero)
         pid_o = tl.program_id(0)
@@ -316,23 +342,24 @@ if triton is not None:
         tiles = tl.num_programs(0)
         prog = pid_s * tiles + pid_o
         lo = pid_s * CHUNK
-        groups = tl.arange(0, G)
+        groups = tl.arange(0, SUB_G)
         lanes = tl.arange(0, M_P2)
-        cols_k = lo + groups[:, None] * M + lanes[None, :]
-        ok = (lanes < M)[None, :] & (cols_k < K)
-        v = 0.0
-        if HAS_VECTOR:
-            v = tl.load(v_ptr + cols_k, mask=ok, other=0.0)
         toks = tl.arange(0, BLOCK_B)
 
-        # 1. Select: pruned values by position, the union over tokens of the nonzero kept rows
-        #    (compacted), and VAR's partial sums.
-        union = ok & False
+        # 1. Select, SUB rows at a time: pruned values by position, the union over tokens of the
+        #    nonzero kept rows (compacted, in order), and VAR's partial sums.
         sums_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
         sums_xx = tl.zeros((BLOCK_B,), dtype=tl.float32)
         sums_p = tl.zeros((BLOCK_B,), dtype=tl.float32)
         sums_pp = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        if PHASES != 2:
+        count = tl.sum(toks * 0, axis=0)
+        for c0 in range(0, CHUNK, SUB):
+            cols_k = lo + c0 + groups[:, None] * M + lanes[None, :]
+            ok = (lanes < M)[None, :] & (cols_k < K) & (c0 + groups[:, None] * M < CHUNK)
+            v = 0.0
+            if HAS_VECTOR:
+                v = tl.load(v_ptr + cols_k, mask=ok, other=0.0)
+            union = ok & False
             for b in tl.static_range(BLOCK_B):
                 dense, pruned, keep = _select(x_ptr, v, shift_ptr, b, cols_k, ok, B, K, N, M_P2, HAS_VECTOR, HAS_SHIFT)
                 union = union | (keep & (pruned != 0))
@@ -343,21 +370,13 @@ if triton is not None:
                     sums_xx += tl.where(at, tl.sum(tl.sum(dense * dense, axis=1), axis=0), 0.0)
                     sums_p += tl.where(at, tl.sum(tl.sum(pruned, axis=1), axis=0), 0.0)
                     sums_pp += tl.where(at, tl.sum(tl.sum(pruned * pruned, axis=1), axis=0), 0.0)
-        else:  # benchmark: no selection
-            for b in tl.static_range(BLOCK_B):
-                raw = tl.load(x_ptr + b * K + cols_k, mask=ok & (b < B), other=0.0).to(tl.float32)
-                tl.store(vals_ptr + (prog * MAXB + b) * CHUNK_CAP + (cols_k - lo), raw, mask=ok)
-        flags = union.to(tl.int32)
-        per_group = tl.sum(flags, axis=1)
-        slot = (tl.cumsum(per_group, axis=0) - per_group)[:, None] + tl.cumsum(flags, axis=1) - 1
-        count = tl.sum(per_group, axis=0)
-        if PHASES == 2:  # benchmark: a fixed half of the rows, as if selected
-            union = ok & ((lanes % 2) == 0)[None, :]
-            slot = groups[:, None] * (M_P2 // 2) + lanes[None, :] // 2
-            count = tl.sum(tl.sum(union.to(tl.int32), axis=1), axis=0)
-        if PHASES == 1:
+            flags = union.to(tl.int32)
+            per_group = tl.sum(flags, axis=1)
+            slot = count + (tl.cumsum(per_group, axis=0) - per_group)[:, None] + tl.cumsum(flags, axis=1) - 1
+            tl.store(rows_ptr + prog * CHUNK_CAP + slot, cols_k, mask=union)
+            count += tl.sum(per_group, axis=0)
+        if PHASES == 1:  # benchmark: select and finish, read no weight rows
             count = count * 0
-        tl.store(rows_ptr + prog * CHUNK_CAP + slot, cols_k, mask=union)
         tl.debug_barrier()  # the compacted rows and values are read back by other threads of this program
 
         # 2. Stream the needed weight rows.
@@ -446,7 +465,7 @@ class GemvWeight:
         self.bias = None if bias is None else bias.detach()
         self.row_sum = None if row_sum is None else row_sum.detach().float()
         self.plans: dict[tuple[int, int], GemvPlan] = {}
-        self._workspace: dict[int, Workspace] = {}
+        self._workspace: dict[int, list[GemvPlan]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -462,8 +481,9 @@ class GemvWeight:
     def workspace(self, m: int) -> Workspace:
         if m not in self._workspace:
             plans = [self.plan(rows, m) for rows in range(1, MAX_ROWS + 1)]
-            self._workspace[m] = workspace_for(self.in_features, self.out_features, plans, self.device)
-        return self._workspace[m]
+            shared_workspace(self.in_features, self.out_features, plans, self.device)  # grown once, here
+            self._workspace[m] = plans
+        return shared_workspace(self.in_features, self.out_features, self._workspace[m], self.device)
 
     def __call__(self, x: torch.Tensor, n: int, m: int, *, vector=None, shift=None, var: bool = False) -> torch.Tensor:
         ws, plan = self.workspace(m), self.plan(x.shape[0], m)
