@@ -101,10 +101,11 @@ def _needs_stats(layer) -> bool:
     return (layer.criterion.needs_calibration or layer.mitigation.needs_calibration) and layer.stats is not None
 
 
-def actsparse_tensors(model, check: bool = True) -> dict[str, torch.Tensor]:
+def actsparse_tensors(model, check: bool = True, copy: bool = True) -> dict[str, torch.Tensor]:
     """actsparse's tensors of a sparsified model, under their checkpoint keys (see the module doc).
 
-    ``check``: refuse layers that still wait for calibration (as ``save_state`` does).
+    ``check``: refuse layers that still wait for calibration (as ``save_state`` does);
+    ``copy``: detached copies (for saving) rather than the tensors themselves (for listing).
     """
     from actsparse.calibration.mitigations import own_feature_vector
     from actsparse.calibration.state import _owned
@@ -127,7 +128,7 @@ def actsparse_tensors(model, check: bool = True) -> dict[str, torch.Tensor]:
                 for field in _STATS_FIELDS:
                     tensors[f"{STATS}{name}.{field}"] = getattr(layer.stats, field)
                 tensors[f"{STATS}{name}.tokens"] = torch.tensor(layer.stats.tokens, dtype=torch.int64)
-    return {key: t.detach().clone().contiguous() for key, t in tensors.items()}
+    return {key: t.detach().clone().contiguous() if copy else t for key, t in tensors.items()}
 
 
 def _listing(tensors: dict[str, torch.Tensor]) -> dict:
@@ -208,7 +209,7 @@ class ActsparseHfQuantizer(HfQuantizer):
             return
         report = getattr(model, CALIBRATION_ATTR, None)
         layers = sparse_layers(model)
-        tensors = actsparse_tensors(model, check=False)
+        tensors = actsparse_tensors(model, check=False, copy=False)
         calibration = report.to_dict() if report is not None else ({} if _has_state(layers) else None)
         from actsparse.models.discovery import find_linear_sites
 
