@@ -104,6 +104,8 @@ def test_actsparse_checkpoint_loads_onto_a_device_map(model_dir, tmp_path):
     placed = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=MAP, offload_folder=str(tmp_path / "offload"))
     assert is_offloaded(placed) and len(sparse_layers(placed)) == 14
     torch.testing.assert_close(_logits(placed), _logits(plain))
+    placed.save_pretrained(tmp_path / "again")  # an offloaded sparse model saves whole
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "again")), _logits(plain), atol=0, rtol=0)
 
 
 def test_cli_device_map_with_disk_offload(model_dir, tmp_path, capsys):

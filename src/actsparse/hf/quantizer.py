@@ -149,6 +149,22 @@ def _read_tensors(files) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _onload_sparse_weights(model, state_dict: dict) -> None:
+    """The offloaded weights of sparse layers (accelerate's disk/CPU offload), read through the hook of
+    the layer they replaced: transformers reads other offloaded weights itself, but not through our layers."""
+    from actsparse.models.placement import offload_hook, onloaded
+    from actsparse.sparsify import sparse_layers
+
+    for name, layer in sparse_layers(model).items():
+        if offload_hook(layer.original) is None:
+            continue
+        with onloaded(layer.original):
+            for attr in ("weight", "bias"):
+                value = getattr(layer.original, attr, None)
+                if value is not None and f"{name}.{attr}" in state_dict:
+                    state_dict[f"{name}.{attr}"] = value.detach().to("cpu", copy=True)
+
+
 class ActsparseHfQuantizer(HfQuantizer):
     """Loads an actsparse checkpoint: the dense weights as usual, then ``sparsify_`` with the
     saved config and tensors; and makes ``save_pretrained`` write one."""
@@ -233,6 +249,7 @@ class ActsparseHfQuantizer(HfQuantizer):
         tensors = actsparse_tensors(model, check=True)
         self.refresh(model)
         state_dict = model.state_dict()
+        _onload_sparse_weights(model, state_dict)
         for key in _owned(model):  # learned parameters are in the module tree; saved once, under actsparse.state.
             state_dict.pop(key, None)
         state_dict.update(tensors)
