@@ -50,9 +50,10 @@ def test_dynamic_round_trip_every_family(family, tmp_path):
     torch.testing.assert_close(_logits(loaded), _logits(dense), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("mitigation,criterion", [("lpts", "amber"), ("rotation", "clact"), ("var-oshift", "wina"), ("lowrank:8", "magnitude")])
-def test_calibrated_round_trip(mitigation, criterion, tmp_path):
-    model = tiny_model("llama")
+@pytest.mark.parametrize("mitigation,criterion,family", [("lpts", "amber", "llama"), ("rotation", "clact", "llama"), ("var-oshift", "wina", "qwen2"),
+                                                         ("lowrank:8", "magnitude", "opt"), ("rotation", "amber", "gpt2"), ("oscale-shift", "amber", "gemma3")])  # fmt: skip
+def test_calibrated_round_trip(mitigation, criterion, family, tmp_path):
+    model = tiny_model(family)
     windows = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(2))
     config = SparsityConfig(pattern="2:4", criterion=criterion, mitigation=mitigation)
     calibrate_(model, config, windows, options=CalibrationOptions(lr=1e-2), progress=False)
