@@ -228,7 +228,7 @@ def test_sweep_cli_dry_run_lists_done_and_todo(tmp_path, capsys):
     from actsparse.cli.main import main
 
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(_spec()))
+    path.write_text(yaml.safe_dump(_spec(models=[str(save_tiny_model_dir(tmp_path / "tiny"))])))
     spec = load_sweep(path)
     Store(tmp_path / "st.jsonl").append({"key": spec.runs[1].key})
     assert main(["sweep", str(path), "--out", str(tmp_path / "st.jsonl"), "--dry-run"]) == 0
@@ -353,3 +353,27 @@ def test_sweep_workers_processes_do_each_run_once(tmp_path, capsys, monkeypatch)
     workers = {r["worker"] for r in records[1:]}
     assert len(workers) == 2 and all(not w.endswith(f":{os.getpid()}") for w in workers)  # both child processes took runs
     assert f"{len(expected) - 1} runs done now by 2 workers, 1 were already" in out
+
+
+def test_dry_run_checks_every_config_against_the_model_and_the_texts(tmp_path, capsys, monkeypatch):
+    import actsparse.models.loading as loading
+    from actsparse.cli.main import main
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("no model may load"))
+    model = str(save_tiny_model_dir(tmp_path / "tiny"))
+    capsys.readouterr()
+    cases = [
+        ({"grids": [{"target": "activations", "patterns": ["24:48"], "criteria": ["amber"], "mitigations": ["none"]}]}, "multiple of 48"),
+        ({"grids": [{"target": "activations", "patterns": ["2:4"], "criteria": ["amber"], "mitigations": ["none"], "layers": [5]}]}, "does not exist"),
+        ({"grids": [{"target": "weights", "patterns": ["2:4"], "methods": ["wanda"], "skip": ["@0-1"]}]}, "no linear layer"),
+        ({"settings": {"data": str(tmp_path / "missing.txt"), "seqlen": 16}}, "missing.txt"),
+        ({"settings": {"data": "brown:news", "calib_data": "brown:news", "seqlen": 16},
+          "grids": [{"target": "activations", "patterns": ["2:4"], "criteria": ["clact"], "mitigations": ["none"]}]}, "overlap"),
+    ]  # fmt: skip
+    for change, message in cases:
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump(_spec(models=[model], **change)))
+        for extra in (["--dry-run"], []):
+            assert main(["sweep", str(path), "--out", str(tmp_path / "st.jsonl"), *extra]) == 2
+            err = capsys.readouterr().err
+            assert message in err and len(err.strip().splitlines()) == 1, err

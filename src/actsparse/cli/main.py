@@ -571,6 +571,9 @@ def cmd_sweep(args) -> None:
 
         return run_sweep_workers(args, out, spec)
     if args.dry_run:
+        from actsparse.sweep.runner import check_sweep
+
+        check_sweep(spec)  # the checks a real run makes before its first model loads
         done = Store(out).keys()
         for run in spec.runs:
             print(f"{'done' if run.key in done else 'todo'}  {run.key}  {run.label()}" + (f"  tasks {','.join(run.tasks.tasks)}" if run.tasks.tasks else ""))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from actsparse.eval.measure import measure
 from actsparse.sweep.spec import Run, SweepSpec
@@ -51,6 +51,57 @@ def execute(evaluator, run: Run, prepared=None) -> dict:
     return record
 
 
+def check_sweep(spec: SweepSpec, models: bool = True) -> None:
+    """Everything about a sweep that can be checked without weights, before any model loads:
+    every run's texts (loadable, and evaluation and calibration text sharing nothing where the
+    run calibrates), and with ``models`` every run's config against its model's layers, built
+    from the model's config without weights (``model_skeleton``)."""
+    from actsparse.calibration.mitigations import is_calibrated
+    from actsparse.core.mitigation import get_mitigation
+    from actsparse.core.scoring import get_criterion
+    from actsparse.data.sources import check_disjoint, load_text
+    from actsparse.errors import ActsparseError
+    from actsparse.models.discovery import find_linear_sites
+    from actsparse.models.loading import model_skeleton
+    from actsparse.selection import choose_sites
+
+    texts, checked = {}, set()
+
+    def text(spec_):
+        if spec_ not in texts:
+            texts[spec_] = load_text(spec_)
+        return texts[spec_]
+
+    for run in spec.runs:
+        settings, config = run.settings, run.config
+        if run.target == "weights":
+            from actsparse.baselines import get_pruner
+
+            calibrates = get_pruner(config.method).needs_calibration
+        elif run.target == "activations":
+            calibrates = (get_criterion(config.criterion).needs_calibration or get_mitigation(config.mitigation).needs_calibration
+                          or is_calibrated(config.mitigation))  # fmt: skip
+        else:
+            calibrates = False
+        evaluation = text(settings.data)
+        if calibrates and (settings.data, settings.calib_data) not in checked:
+            check_disjoint(evaluation, text(settings.calib_data))
+            checked.add((settings.data, settings.calib_data))
+    if not models:
+        return
+    for model in dict.fromkeys(run.model for run in spec.runs):
+        skeleton = model_skeleton(model)
+        if skeleton is None:
+            continue
+        sites = find_linear_sites(skeleton)
+        for run in spec.runs:
+            if run.model == model and run.target != "dense":
+                try:
+                    choose_sites(run.config, sites, what="prune" if run.target == "weights" else "sparsify")
+                except ActsparseError as error:
+                    raise ActsparseError(f"{run.label()}: {error}") from error
+
+
 def _release_memory() -> None:
     import torch
 
@@ -79,6 +130,7 @@ def run_sweep(
     summary = SweepSummary(total=len(spec.runs), skipped=len(spec.runs) - len(todo))
     if any(run.tasks.tasks for run in todo):
         require_lm_eval()  # before the first model loads
+    check_sweep(replace(spec, runs=tuple(todo)))  # texts and every config against its model's layers, before any model loads
     worker = worker or default_worker()
     bar = tqdm(total=summary.total, initial=summary.skipped, unit="run", disable=not progress, dynamic_ncols=True)
     write = log or (bar.write if progress else print)
