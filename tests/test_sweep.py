@@ -377,3 +377,17 @@ def test_dry_run_checks_every_config_against_the_model_and_the_texts(tmp_path, c
             assert main(["sweep", str(path), "--out", str(tmp_path / "st.jsonl"), *extra]) == 2
             err = capsys.readouterr().err
             assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_report_and_table_readers_tolerate_damage(tmp_path, capsys):
+    from actsparse.cli.main import main
+    from actsparse.eval.results import read_jsonl
+
+    store = tmp_path / "t.jsonl"
+    store.write_text('{"a": 1}\n{"a": 2, "b"')
+    assert read_jsonl(store) == [{"a": 1}] and "truncated" in capsys.readouterr().err
+    bad = tmp_path / "r.json"
+    bad.write_text('{"dense_ppl": 4')
+    assert main(["report", str(bad), "--out", str(tmp_path / "rep"), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "not a JSON record" in err and len(err.strip().splitlines()) == 1

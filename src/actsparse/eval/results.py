@@ -59,7 +59,7 @@ def append_jsonl_atomic(path: str | Path, record: dict) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The JSON records of a JSONL file; a damaged line (a truncated last line) is skipped with a warning."""
+    from actsparse.sweep.store import read_records
+
+    return read_records(path)

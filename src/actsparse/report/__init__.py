@@ -25,7 +25,10 @@ def write_report(stores, out_dir, plots: bool = True, command: str | None = None
         if not Path(store).is_file():
             raise ActsparseError(f"no results store {store!r}; give the JSONL written by `actsparse sweep` (or a table script)")
         if store.endswith(".json"):  # one record, as `actsparse eval --out` writes it
-            records.append(json.loads(Path(store).read_text(encoding="utf-8")))
+            try:
+                records.append(json.loads(Path(store).read_text(encoding="utf-8")))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ActsparseError(f"{store} is not a JSON record ({error}); give a file written by `actsparse eval --out`") from error
         else:
             records += read_records(store)
     found = studies(records)
