@@ -65,3 +65,15 @@ def test_real_model_export_round_trip(tmp_path, capsys):
     actsparse.sparsify_(model, SparsityConfig(pattern="8:16", criterion="amber", mitigation="var"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_readme_main_command_on_a_short_budget(capsys):
+    """The README's main command on 2,048 tokens gives the dense number README.md states (versions of constraints.txt)."""
+    if not have_smollm2():
+        pytest.skip("smollm2-135m is not fetched; run `actsparse fetch smollm2-135m`")
+    code = main(["eval", "--model", "smollm2-135m", "--pattern", "8:16", "--criterion", "amber", "--mitigation", "var",
+                 "--max-tokens", "2048", "--json", "--no-progress", "--device", "cpu"])  # fmt: skip
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["tokens"] == 4 * 511 and record["sparse_flop_fraction"] == 1.0
+    assert record["dense_ppl"] == pytest.approx(39.5764, rel=1e-4)
+    assert record["sparse_ppl"] == pytest.approx(86.266, rel=2e-2)  # near-ties move sparse numbers a little across versions
