@@ -568,7 +568,9 @@ def cmd_sweep(args) -> None:
         raise ActsparseError(f"no results store: give --out FILE.jsonl (or `store:` in {args.file})")
     if args.workers is not None and not args.dry_run:
         from actsparse.cli.sweep_workers import run_sweep_workers
+        from actsparse.sweep.runner import check_sweep
 
+        check_sweep(spec)  # once, before any worker starts
         return run_sweep_workers(args, out, spec)
     if args.dry_run:
         from actsparse.sweep.runner import check_sweep
