@@ -271,7 +271,7 @@ def calibrate_(
     ``cuda_graph``: train the learned mitigations with each step replayed as a CUDA graph
     (default: on CUDA; ``False`` launches every kernel eagerly, for debugging).
     """
-    from actsparse.models.placement import bridge_offload_, layer_device, onloaded
+    from actsparse.models.placement import bridge_offload_, is_offloaded, layer_device, onloaded
     from actsparse.sparsify import mark_sparsified_, sparse_layers, unsparsify_
 
     options = options or CalibrationOptions()
@@ -306,6 +306,8 @@ def calibrate_(
 
     device = model_device = input_device(model)
     cuda_graph = use_cuda_graph(cuda_graph, device)  # checked before any work
+    if cuda_graph and is_offloaded(model):  # offloaded weights are copied in during each step: nothing to capture
+        cuda_graph = False
     cache_device = device if cache_device is None else cache_device
     _, layers = find_decoder_layers(model)
     last = max(by_layer)
