@@ -7,6 +7,7 @@
 #   TORCH_SPEC   torch requirement installed before the wheel (default: torch==2.13.0, the CPU build)
 #   PYTHON       interpreter that creates the fresh environment (default: python3)
 #   BUILD_PY     interpreter with `build` installed (default: .venv/bin/python)
+#   CONSTRAINTS  pip constraints file for the wheel's dependencies (default: constraints.txt; empty: none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=$(mktemp -d)
@@ -17,7 +18,10 @@ echo "built $(basename "$WHEEL")"
 "${PYTHON:-python3}" -m venv "$WORK/venv"
 PIP=("$WORK/venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
-"${PIP[@]}" "$WHEEL"
+constraints=()
+c=${CONSTRAINTS-constraints.txt}
+if [ -n "$c" ]; then case $c in /*) ;; *) c="$PWD/$c" ;; esac; constraints=("-c" "$c"); fi
+"${PIP[@]}" "${constraints[@]}" "$WHEEL"
 cd "$WORK"  # away from the clone: only the installed package can be imported
 export ACTSPARSE_CACHE="$WORK/cache" HF_HUB_OFFLINE=1
 venv/bin/actsparse --help >/dev/null
