@@ -22,8 +22,11 @@ def logits(model, length):
 @pytest.mark.parametrize("pattern, criterion, mitigation", [("2:4", "magnitude", "none"), ("8:16", "amber", "var"), ("4:8", "wina", "dpts")])
 @pytest.mark.parametrize("length", [2, 24])  # 2 rows: decode GEMV path; 24 rows: sparsify + dense product
 def test_triton_backend_matches_the_reference_in_a_model(pattern, criterion, mitigation, length, monkeypatch):
+    from actsparse.kernels.dispatch import DecodeChoice
     from actsparse.kernels.sparse_gemv import GemvWeight
 
+    # the tiny model's layers are narrower than the default rule's 2048 outputs: take the GEMV anyway
+    monkeypatch.setattr(DecodeChoice, "default", staticmethod(lambda k, o, rows, n, m: rows <= 2))
     gemv_calls = []
     real_gemv = GemvWeight.__call__
     monkeypatch.setattr(GemvWeight, "__call__", lambda *a, **k: gemv_calls.append(1) or real_gemv(*a, **k))
@@ -73,3 +76,16 @@ def test_auto_on_cpu_uses_the_reference_even_under_the_interpreter():
         finally:
             sl.triton_forward = original
         assert not called
+
+
+def test_decode_choice_default_rule_and_measured_entries():
+    from actsparse.kernels.dispatch import DecodeChoice
+
+    choice = DecodeChoice()
+    assert choice.sparse_wins(4096, 14336, 1, 8, 16, torch.bfloat16)
+    assert not choice.sparse_wins(4096, 14336, 2, 8, 16, torch.bfloat16)  # two tokens: union of kept rows
+    assert not choice.sparse_wins(4096, 1024, 1, 8, 16, torch.bfloat16)  # narrow k/v projections
+    assert not choice.sparse_wins(4096, 14336, 1, 12, 16, torch.bfloat16)  # density above 1/2
+    assert not choice.sparse_wins(4096, 14336, 5, 8, 16, torch.bfloat16)  # beyond the kernel's rows
+    choice.measured[(4096, 1024, 1, 8, 16, torch.bfloat16)] = True
+    assert choice.sparse_wins(4096, 1024, 1, 8, 16, torch.bfloat16)

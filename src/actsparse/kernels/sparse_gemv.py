@@ -69,21 +69,22 @@ def gemv_plan(k: int, o: int, m: int, rows: int, sm_count: int, *, block_o: int 
               stages: int | None = None) -> GemvPlan:
     """The default plan for a ``[rows, k] x [k, o]`` product (any argument given overrides it).
 
-    About ``PROGRAMS_PER_SM`` programs per multiprocessor; a chunk is ``M`` times a power of two
-    groups, so the selection tile ``[CHUNK / M, M]`` has power-of-two sides.
+    From the H200 sweeps (BENCHMARKS.md): column tiles of 512 (256 below 2048 outputs), about
+    ``PROGRAMS_PER_SM`` programs per multiprocessor with chunks of ``M`` times a power of two rows
+    (at least 128), 16 rows per step, 4 warps, 3 pipeline stages. Selection is latency-bound, so
+    whole-row chunks (no split) measured far slower.
     """
     if block_o is None:
-        block_o = min(1024 if o >= 8192 else 512, max(16, _pow2(o)))
+        block_o = min(512 if o >= 2048 else 256, max(16, _pow2(o)))
     tiles = -(-o // block_o)
-    if chunk is None:
-        split = max(1, round(PROGRAMS_PER_SM * sm_count / tiles))
-        groups = max(1, -(-k // (split * m)))
-        chunk = m * _pow2(groups)
+    if chunk is None:  # rows per program for about PROGRAMS_PER_SM programs per SM, rounded down to M * 2^j
+        groups = max(1, k * tiles // (PROGRAMS_PER_SM * sm_count * m))
+        chunk = max(m * (1 << (groups.bit_length() - 1)), min(128, m * _pow2(-(-k // m))))
     groups = chunk // m
     if chunk % m or (groups & (groups - 1) and groups % 16):
         raise ValueError(f"chunk {chunk} must be M={m} times a power of two or a multiple of 16")
     if block_k is None:
-        block_k = 32
+        block_k = 16
     if block_k < 16 or block_k & (block_k - 1):
         raise ValueError(f"block_k {block_k} must be a power of two >= 16 (one tensor-core step)")
     if num_warps is None:
@@ -394,11 +395,12 @@ if triton is not None:
 
         # 3. Finish: this program alone, or the last of its tile to arrive.
         rows16 = tl.arange(0, TOKP)
-        out_at = rows16[:, None] * O + cols[None, :]
-        out_ok = (rows16 < B)[:, None] & col_ok[None, :]
-        finish = True
-        if SPLIT > 1:
-            tl.store(part_ptr + pid_s * MAXB * O + out_at, acc, mask=out_ok)
+        if SPLIT == 1:
+            _epilogue(acc, rows16, toks, cols, col_ok, sums_x, sums_xx, sums_p, sums_pp, shift_ptr, rowsum_ptr,
+                      bias_ptr, y_ptr, B, K, O, HAS_SHIFT, HAS_BIAS, VAR)
+        else:
+            tl.store(part_ptr + pid_s * MAXB * O + rows16[:, None] * O + cols[None, :], acc,
+                     mask=(rows16 < B)[:, None] & col_ok[None, :])
             if VAR:
                 base = stats_ptr + prog * 4 * MAXB + toks
                 tl.store(base, sums_x)
@@ -407,39 +409,47 @@ if triton is not None:
                 tl.store(base + 3 * MAXB, sums_pp)
             tl.debug_barrier()  # every thread's partials are stored before the release below
             arrived = tl.atomic_add(count_ptr + pid_o, 1, sem="acq_rel", scope="gpu")
-            finish = arrived == SPLIT - 1
-        if finish:
-            if SPLIT > 1:
-                acc = tl.zeros((TOKP, BLOCK_O), dtype=tl.float32)
+            if arrived == SPLIT - 1:
+                # Only the real token rows now: [BLOCK_B, BLOCK_O] loads, 16 splits in flight, chunk order.
+                at = toks[:, None] * O + cols[None, :]
+                live = (toks < B)[:, None] & col_ok[None, :]
+                total = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
                 sums_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
                 sums_xx = tl.zeros((BLOCK_B,), dtype=tl.float32)
                 sums_p = tl.zeros((BLOCK_B,), dtype=tl.float32)
                 sums_pp = tl.zeros((BLOCK_B,), dtype=tl.float32)
-                for s0 in range(0, SPLIT, 8):  # chunk order (the same sum on every call), 8 loads in flight
-                    for j in tl.static_range(8):
+                for s0 in range(0, SPLIT, 16):
+                    for j in tl.static_range(16):
                         s = s0 + j
-                        acc += tl.load(part_ptr + s * MAXB * O + out_at, mask=out_ok & (s < SPLIT), other=0.0,
-                                       cache_modifier=".cg")
+                        total += tl.load(part_ptr + s * MAXB * O + at, mask=live & (s < SPLIT), other=0.0,
+                                         cache_modifier=".cg")
                         if VAR:
                             base = stats_ptr + (s * tiles + pid_o) * 4 * MAXB + toks
-                            live = (toks < BLOCK_B) & (s < SPLIT)
-                            sums_x += tl.load(base, mask=live, other=0.0, cache_modifier=".cg")
-                            sums_xx += tl.load(base + MAXB, mask=live, other=0.0, cache_modifier=".cg")
-                            sums_p += tl.load(base + 2 * MAXB, mask=live, other=0.0, cache_modifier=".cg")
-                            sums_pp += tl.load(base + 3 * MAXB, mask=live, other=0.0, cache_modifier=".cg")
+                            there = (toks < BLOCK_B) & (s < SPLIT)
+                            sums_x += tl.load(base, mask=there, other=0.0, cache_modifier=".cg")
+                            sums_xx += tl.load(base + MAXB, mask=there, other=0.0, cache_modifier=".cg")
+                            sums_p += tl.load(base + 2 * MAXB, mask=there, other=0.0, cache_modifier=".cg")
+                            sums_pp += tl.load(base + 3 * MAXB, mask=there, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(count_ptr + pid_o, 0)  # ready for the next call
-            if VAR:
-                var_x = (sums_xx - sums_x * sums_x / K) / (K - 1)
-                var_p = (sums_pp - sums_p * sums_p / K) / (K - 1)
-                scale = tl.sqrt(var_x / tl.maximum(var_p, 1e-8))
-                scale16 = tl.sum(tl.where(rows16[:, None] == toks[None, :], scale[None, :], 0.0), axis=1)
-                acc = acc * scale16[:, None]
-            if HAS_SHIFT:
-                eta = tl.load(shift_ptr + rows16, mask=rows16 < B, other=0.0)
-                acc += eta[:, None] * tl.load(rowsum_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + out_at, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+                _epilogue(total, toks, toks, cols, col_ok, sums_x, sums_xx, sums_p, sums_pp, shift_ptr, rowsum_ptr,
+                          bias_ptr, y_ptr, B, K, O, HAS_SHIFT, HAS_BIAS, VAR)
+
+    @triton.jit
+    def _epilogue(acc, r, toks, cols, col_ok, sums_x, sums_xx, sums_p, sums_pp, shift_ptr, rowsum_ptr, bias_ptr, y_ptr,
+                  B, K, O, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, VAR: tl.constexpr):
+        """``y[r] = s * acc[r] + shift[r] * row_sum + bias`` for the rows ``r < B`` of ``acc``."""
+        if VAR:
+            var_x = (sums_xx - sums_x * sums_x / K) / (K - 1)
+            var_p = (sums_pp - sums_p * sums_p / K) / (K - 1)
+            scale = tl.sqrt(var_x / tl.maximum(var_p, 1e-8))
+            scale_r = tl.sum(tl.where(r[:, None] == toks[None, :], scale[None, :], 0.0), axis=1)
+            acc = acc * scale_r[:, None]
+        if HAS_SHIFT:
+            eta = tl.load(shift_ptr + r, mask=r < B, other=0.0)
+            acc += eta[:, None] * tl.load(rowsum_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + r[:, None] * O + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=(r < B)[:, None] & col_ok[None, :])
 
 
 def sm_count(device: torch.device) -> int:
