@@ -176,3 +176,33 @@ def test_fuzzed_config_fields_are_refused_or_select_something(fields, weights):
         assert "\n" not in str(error)
         return
     assert chosen or str(config.pattern).strip().lower() == "dense"
+
+
+OTHER = {
+    "calibrate": ["--pattern", "--criterion", "--mitigation", "--roles", "--layers", "--skip", "--seed", "--seqlen", "--calib-windows",
+                  "--dtype", "--device", "--data", "--calib-data", "--prune", "--batch-size", "--max-tokens"],
+    "sensitivity": ["--pattern", "--criterion", "--mitigation", "--seqlen", "--calib-windows", "--dtype", "--device", "--calib-data"],
+}  # fmt: skip
+EXTRA = {"--steps": numbers, "--lr": numbers, "--target-fraction": st.sampled_from(["0.5", "1.5", "-0.1", "nan", "x", "1"])}
+
+
+@FUZZ
+@given(command=st.sampled_from(sorted(OTHER)), data=st.data())
+def test_fuzzed_calibrate_and_sensitivity_arguments(tiny, stubbed, capsys, tmp_path_factory, command, data):
+    keys = OTHER[command] + (["--steps", "--lr"] if command == "calibrate" else ["--target-fraction"])
+    chosen = data.draw(st.lists(st.sampled_from(keys), unique=True, max_size=4))
+    options = {key: data.draw(VALUES[key] if key in VALUES else EXTRA[key]) for key in chosen}
+    where = {"EVAL": str(tiny / "eval.txt"), "CALIB": str(tiny / "calib.txt"), "MODEL": str(tiny / "model")}
+    argv = [command, "--model", str(tiny / "model"), "--seqlen", "16", "--no-progress", "--calib-data", str(tiny / "calib.txt")]
+    argv += ["--mitigation", "oshift"] if command == "calibrate" else []
+    argv += ["--out", str(tmp_path_factory.mktemp("out") / "o")]
+    for option, value in options.items():
+        argv += [option, where.get(value, value)]
+    try:
+        code = main(argv)
+    except Loaded:
+        capsys.readouterr()
+        return
+    out, err = capsys.readouterr()
+    assert code == 2, (argv, out, err)
+    assert err.startswith("actsparse: error:") and len(err.strip().splitlines()) == 1, (argv, err)
