@@ -183,6 +183,16 @@ def read_state_meta(directory: str | Path, verify: bool = True) -> dict:
     return meta
 
 
+def check_state_text(meta: dict, evaluation) -> None:
+    """Refuse evaluation text (a ``TextSource``) that overlaps the state's calibration text: by the
+    recorded parts, and by content where the state keeps its calibration text's fingerprints."""
+    from actsparse.data.sources import TextSource, check_disjoint
+
+    calib = meta.get("calibration", {})
+    sample = frozenset(int(f, 16) for f in calib["fingerprints"]) if calib.get("fingerprints") else None
+    check_disjoint(evaluation, TextSource(calib.get("data", "?"), "", frozenset(calib.get("data_parts") or ())), calib_sample=sample)
+
+
 def state_config(meta: dict) -> SparsityConfig:
     from actsparse.calibration.mitigations import ensure_mitigation
 

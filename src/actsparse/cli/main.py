@@ -345,6 +345,10 @@ def cmd_eval_state(args) -> None:
     meta = read_state_meta(args.state)  # format, both checksums, the config: before the slow model load
     config = check_state_options(args, state_config(meta))
     skeleton = preflight(args, config, calibrated=False)
+    from actsparse.calibration.state import check_state_text
+    from actsparse.data.sources import load_text
+
+    check_state_text(meta, load_text(args.data))  # the state's calibration text never overlaps --data
     if skeleton is not None:
         saved = meta["model"]
         for key in ("architecture", "model_type"):

@@ -216,15 +216,13 @@ class Evaluator:
         model, and when its calibration text overlaps the evaluation text (by name, and by
         content where the state keeps its calibration text's fingerprints).
         """
-        from actsparse.calibration.state import check_state, load_state_
-        from actsparse.data.sources import TextSource
+        from actsparse.calibration.state import check_state, check_state_text, load_state_
         from actsparse.models.discovery import find_linear_sites
         from actsparse.sparsify import SparsifyReport
 
         meta = check_state(self.model, directory)
+        check_state_text(meta, self.source)
         calib = meta.get("calibration", {})
-        sample = frozenset(int(f, 16) for f in calib["fingerprints"]) if calib.get("fingerprints") else None
-        check_disjoint(self.source, TextSource(calib.get("data", "?"), "", frozenset(calib.get("data_parts") or ())), calib_sample=sample)
         record = self._record("activations", with_dense)
         record["calibration"] = {k: calib.get(k) for k in ("data", "windows", "seqlen", "seconds", "options")}
         record["state"] = str(directory)
