@@ -83,6 +83,7 @@ def base(tiny, *extra, calib=True):
         (["--device", "gpu"], "device"),
         (["--prune", "weights", "--criterion", "magnitude"], "--criterion"),
         (["--method", "wanda"], "--prune weights"),
+        (["--backend", "triton", "--criterion", "random"], "no kernel"),
     ],
 )
 def test_bad_eval_input_is_one_line_before_the_model_loads(capsys, tiny, no_load, extra, match):

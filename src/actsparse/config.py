@@ -53,6 +53,10 @@ class SparsityConfig:
         get_mitigation(validate.text("mitigation", self.mitigation))
         validate.whole("seed", self.seed, minimum=None)
         validate.flag("prefill_only", self.prefill_only)
+        if self.backend == "triton":  # a forced kernel that does not exist is refused now, not at the first sparse layer
+            from actsparse.kernels.dispatch import choose_backend
+
+            choose_backend("triton", parse_pattern(self.pattern), self.criterion, self.mitigation)
 
     def to_dict(self) -> dict:
         return asdict(self)
