@@ -239,3 +239,17 @@ def test_offline_message_does_not_suggest_the_setting_in_force(monkeypatch):
         load_model("nobody-owns/this-model-id")
     message = str(error.value)
     assert "is set" in message and "set HF_HUB_OFFLINE" not in message and "\n" not in message
+
+
+def test_a_hub_cache_with_a_config_but_no_weights_is_not_taken_for_the_model(monkeypatch):
+    """model_skeleton may leave only config.json in the hub cache; the load must still fetch the weights."""
+    import actsparse.models.loading as loading
+
+    cached = {"config.json"}
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo, name, **kw: "/cache/x" if name in cached else None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: True)
+    assert loading.resolve_model("org/model") == ("org/model", {"local_files_only": False})
+    cached.add("model.safetensors")
+    assert loading.resolve_model("org/model") == ("org/model", {"local_files_only": True})

@@ -286,12 +286,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def _hub_cached(repo_id: str) -> bool:
-    """Whether the local hub cache holds this repo's config.json."""
+    """Whether the local hub cache holds this repo's config.json and weights (a config alone, as a
+    config check leaves it, does not count)."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+        def cached(name: str) -> bool:
+            return isinstance(try_to_load_from_cache(repo_id, name), str)
+
+        return cached("config.json") and any(cached(name) for name in WEIGHT_FILES)
     except Exception:  # noqa: BLE001 - an invalid repo id, an unreadable cache: not cached
         return False
 
