@@ -48,6 +48,7 @@ MAX_ROWS = 4
 MAX_M = 32
 VAR_EPS = 1e-8
 PROGRAMS_PER_SM = 2
+SELECT_ROWS = 256  # rows selected at a time (a power of two; every M <= 32 divides it or is not a power of two)
 
 
 class GemvPlan(NamedTuple):
@@ -81,8 +82,8 @@ def gemv_plan(k: int, o: int, m: int, rows: int, sm_count: int, *, block_o: int 
         groups = max(1, k * tiles // (PROGRAMS_PER_SM * sm_count * m))
         chunk = max(m * (1 << (groups.bit_length() - 1)), min(128, m * _pow2(-(-k // m))))
     groups = chunk // m
-    if chunk % m or (groups & (groups - 1) and groups % 16):
-        raise ValueError(f"chunk {chunk} must be M={m} times a power of two or a multiple of 16")
+    if chunk % m or (groups & (groups - 1) and chunk % SELECT_ROWS):
+        raise ValueError(f"chunk {chunk} must be M={m} times a power of two, or a multiple of {SELECT_ROWS} rows")
     if block_k is None:
         block_k = 16
     if block_k < 16 or block_k & (block_k - 1):
@@ -335,9 +336,9 @@ if triton is not None:
         N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr,
         HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, VAR: tl.constexpr,
-        INTERPRET: tl.constexpr, PRECISION: tl.constexpr, PHASES: tl.constexpr = 3,
+        INTERPRET: tl.constexpr, PRECISION: tl.constexpr, PHASES: tl.constexpr = 3, SELECT_ROWS: tl.constexpr = 256,
     ):
-        SUB_G: tl.constexpr = 16 if CHUNK // M >= 16 else CHUNK // M  # groups selected at a time
+        SUB_G: tl.constexpr = SELECT_ROWS // M if CHUNK >= SELECT_ROWS else CHUNK // M  # groups selected at a time
         SUB: tl.constexpr = SUB_G * M
         MAXB: tl.constexpr = 4
         TOKP: tl.constexpr = 16  # token rows of the tensor-core product (rows >= B are zero)
