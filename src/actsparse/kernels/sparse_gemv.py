@@ -1,8 +1,9 @@
 """Decode in one launch: pick N of every M inputs and read only the weight rows they need.
 
 For a few tokens (``B <= MAX_ROWS``) a linear layer is a GEMV and its cost is reading the
-weight. With the input pruned to N:M only the kept features' weight rows matter; the weight is
-kept transposed, ``Wt = W.t()`` ``[K, O]``, so each kept feature is one contiguous row.
+weight. With the input pruned to N:M only the kept features' weight rows matter. The weight is
+kept transposed and cut into column tiles (:func:`tile_weight`: ``[O / BLOCK_O, K, BLOCK_O]``),
+so each kept feature is one contiguous piece of ``BLOCK_O`` outputs in its tile.
 
 What one launch computes, for each token ``b`` (all sums in float32)::
 
@@ -15,17 +16,20 @@ What one launch computes, for each token ``b`` (all sums in float32)::
 
 so VAR's per-token scale and D-PTS's rank-1 term are applied to the product's output.
 
-Design. The grid is (column tiles of ``BLOCK_O``) x (chunks of ``CHUNK`` input rows). A program
-first selects the kept features of its chunk (the N:M ranking over ``[CHUNK / M, M]`` in
-registers) and writes the union over tokens of the nonzero kept rows, compacted, with their
-values, to its own slice of a small scratch; then it streams exactly those weight rows (no
-predicated-off loads, so every load in flight is useful) and keeps its partial sums in
-registers. With more than one chunk, each program stores its float32 partials in its own
-workspace slice and bumps its tile's arrival counter (after a barrier, with release/acquire
-ordering at GPU scope); the program that arrives last adds the slices in chunk order, applies
-the epilogue, writes ``y`` and resets the counter. The sum order is fixed, so the result is
-bit-identical from call to call (no float atomics), and there is no second launch, so the
-whole layer is one kernel: CUDA-graph and ``torch.compile`` friendly (see ``kernels.ops``).
+Design. The grid is (column tiles) x (chunks of ``CHUNK`` input rows). A program first selects
+the kept features of its chunk, ``SELECT_ROWS`` rows at a time (the N:M ranking of
+``[rows / M, M]`` in registers), and writes the union over tokens of the nonzero kept rows,
+compacted in order, and the pruned values to its own slice of a scratch. Then it streams
+exactly those weight rows, ``BLOCK_K`` a step through the software pipeline, each step one
+tensor-core product with the token rows padded to 16. With more than one chunk, each program
+stores its float32 partials in its own workspace slice and bumps its tile's arrival counter
+(after a barrier, with release/acquire ordering at GPU scope); the program that arrives last
+adds the slices in chunk order, applies the epilogue, writes ``y`` and resets the counter. The
+sum order is fixed, so the result is bit-identical from call to call (no float atomics), and
+there is no second launch: one kernel per layer, registered as ``torch.ops.actsparse.sparse_gemv``
+for ``torch.compile`` and CUDA-graph capture. BENCHMARKS.md has the H200 measurements behind
+:func:`gemv_plan`'s choices and what still costs time (selection and the split finish are
+latency-bound: about 6 us of a 31 us call).
 
 :func:`sparse_gemv_reference` is the plain PyTorch definition.
 """
