@@ -1,0 +1,86 @@
+"""``actsparse bench`` on the CPU: a tiny random-weight model, dense vs sparse, table and JSON."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from actsparse.cli.main import main
+from actsparse.config import SparsityConfig
+from actsparse.eval.speed import BenchOptions, check_fast_path, preset_model, run_bench
+from actsparse.sparsify import sparsify_
+
+
+def test_bench_command_writes_every_measurement(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "tiny-llama", "--device", "cpu", "--dtype", "float32", "--prefill", "8,16",
+               "--batch", "1,2", "--prompt", "4", "--steps", "2", "--repeats", "1", "--json", str(out)])
+    assert rc == 0
+    record = json.loads(out.read_text())
+    got = {(m["phase"], m["mode"], m["size"]) for m in record["measurements"]}
+    assert got == {("prefill", "eager", 8), ("prefill", "eager", 16), ("decode", "eager", 1), ("decode", "eager", 2)}
+    for m in record["measurements"]:
+        assert m["dense"] > 0 and m["sparse"] > 0 and m["speedup"] > 0
+    assert record["config"]["pattern"] == "8:16" and record["versions"]["torch"] == torch.__version__
+    assert record["skipped"] == ["graph mode: needs CUDA"]
+    assert record["checks"]["sparse_flop_fraction"] > 0.9
+    table = capsys.readouterr().out
+    assert "decode" in table and "speedup" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "positive integers"),
+    (["--prefill", "abc"], "positive integers"),
+    (["--modes", "fast"], "unknown mode"),
+    (["--steps", "-1"], "positive integer"),
+    (["--pattern", "2:5"], None),
+])
+def test_bad_bench_options_are_one_line_errors(argv, message, capsys):
+    rc = main(["bench", "--model", "tiny-llama", "--device", "cpu", "--steps", "1", "--repeats", "1", "--prefill", "4",
+               "--batch", "1", *argv])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    if message:
+        assert message in err
+
+
+def test_same_inputs_and_config_give_the_same_sparse_logits():
+    model = preset_model("tiny-llama", torch.float32, torch.device("cpu"), seed=3)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    sparsify_(model, SparsityConfig(pattern="2:4"))
+    with torch.no_grad():
+        first, again = model(ids).logits, model(ids).logits
+    assert torch.equal(first, again)
+
+
+def test_fast_path_check_compares_the_kernels_with_the_reference(monkeypatch):
+    """Under the Triton interpreter with backend=triton, the check really runs both paths."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = preset_model("tiny-llama", torch.float32, torch.device("cpu"), layers=1)
+    config = SparsityConfig(pattern="8:16", criterion="amber", mitigation="var", backend="triton")
+    sparsify_(model, config)
+    checks = check_fast_path(model, config, torch.Generator().manual_seed(0))
+    assert checks["layers_checked"] >= 3 and set(checks["layer_rel_err"]) == {1, 2, 16}
+    assert max(checks["layer_rel_err"].values()) < 1e-4
+
+
+def test_run_bench_leaves_the_model_dense():
+    model = preset_model("tiny-llama", torch.float32, torch.device("cpu"), layers=1)
+    result = run_bench(model, "tiny-llama", SparsityConfig(pattern="2:4"),
+                       BenchOptions(prefill=(8,), batches=(1,), prompt=4, steps=2, repeats=1, warmup=1))
+    assert [m.phase for m in result.measurements] == ["prefill", "decode"]
+    assert not any(type(m).__name__ == "SparseLinear" for m in model.modules())
+
+
+def test_the_sparse_gemv_op_compiles_without_graph_breaks():
+    from actsparse.kernels.sparse_gemv import GemvWeight, sparse_gemv_reference
+
+    weight = torch.randn(24, 32)
+    gw = GemvWeight(weight, torch.randn(24))
+    compiled = torch.compile(lambda x: gw(x, 2, 4, var=True), fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 32)
+    expected = sparse_gemv_reference(x, weight, 2, 4, var=True, bias=gw.bias)
+    assert torch.allclose(compiled(x), expected, atol=1e-5)
