@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from actsparse import ActsparseError, SparsityConfig, sparsify_, unsparsify_  # noqa: E402
-from actsparse.kernels.dispatch import choose_backend, unsupported_reason  # noqa: E402
+from actsparse.core.dispatch import choose_backend, unsupported_reason  # noqa: E402
 from actsparse.core.patterns import NM, Unstructured  # noqa: E402
 from conftest import VOCAB, tiny_model  # noqa: E402
 
@@ -22,7 +22,7 @@ def logits(model, length):
 @pytest.mark.parametrize("pattern, criterion, mitigation", [("2:4", "magnitude", "none"), ("8:16", "amber", "var"), ("4:8", "wina", "dpts")])
 @pytest.mark.parametrize("length", [2, 24])  # 2 rows: decode GEMV path; 24 rows: sparsify + dense product
 def test_triton_backend_matches_the_reference_in_a_model(pattern, criterion, mitigation, length, monkeypatch):
-    from actsparse.kernels.dispatch import DecodeChoice
+    from actsparse.core.dispatch import DecodeChoice
     from actsparse.kernels.sparse_gemv import GemvWeight
 
     # the tiny model's layers are narrower than the default rule's 2048 outputs: take the GEMV anyway
@@ -79,7 +79,7 @@ def test_auto_on_cpu_uses_the_reference_even_under_the_interpreter():
 
 
 def test_decode_choice_default_rule_and_measured_entries():
-    from actsparse.kernels.dispatch import DecodeChoice
+    from actsparse.core.dispatch import DecodeChoice
 
     choice = DecodeChoice()
     assert choice.sparse_wins(4096, 14336, 1, 8, 16, torch.bfloat16)

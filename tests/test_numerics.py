@@ -153,7 +153,7 @@ def test_padding_under_an_attention_mask_leaves_the_real_tokens_unchanged(config
 
 @pytest.mark.parametrize("mitigation", ["none", "var"])
 def test_the_triton_kernel_treats_nan_and_inf_as_the_reference_does(mitigation):
-    from actsparse.kernels.dispatch import runs_here
+    from actsparse.core.dispatch import runs_here
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(32, 8)

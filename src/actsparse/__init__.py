@@ -7,11 +7,11 @@
     actsparse.unsparsify_(model)
 """
 
-__version__ = "0.1.0"
+from actsparse._version import __version__
 
 from actsparse.baselines import WeightPruneConfig, WeightPruneReport, load_pruned_, prune_weights_, save_pruned, verify_pattern
 from actsparse.calibration.collect import collect_input_stats
-from actsparse.calibration.stats import InputStats
+from actsparse.core.stats import InputStats
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import MITIGATIONS, Mitigation, register_mitigation
 from actsparse.core.patterns import NM, Dense, Unstructured, parse_pattern

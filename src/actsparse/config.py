@@ -43,7 +43,7 @@ class SparsityConfig:
     prefill_only: bool = False
 
     def __post_init__(self):
-        from actsparse.kernels.dispatch import BACKENDS
+        from actsparse.core.dispatch import BACKENDS
 
         normalise_selection(self)
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
@@ -54,7 +54,7 @@ class SparsityConfig:
         validate.whole("seed", self.seed, minimum=None)
         validate.flag("prefill_only", self.prefill_only)
         if self.backend == "triton":  # a forced kernel that does not exist is refused now, not at the first sparse layer
-            from actsparse.kernels.dispatch import choose_backend
+            from actsparse.core.dispatch import choose_backend
 
             choose_backend("triton", parse_pattern(self.pattern), self.criterion, self.mitigation)
 

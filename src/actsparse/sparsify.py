@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
-from actsparse.calibration.stats import InputStats
+from actsparse.core.stats import InputStats
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import Dense, parse_pattern
 from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
+from actsparse.modules import set_module
 from actsparse.models.discovery import LinearSite, find_linear_sites
 from actsparse.models.placement import bridge_offload_, onloaded
 from actsparse.selection import choose_sites
 
 SPARSITY_ATTR = "_actsparse_config"  # the SparsityConfig a model was sparsified with, set by sparsify_
+CALIBRATION_ATTR = "_actsparse_calibration"  # set on a model by calibrate_ / load_state_
+
+# (attach, detach) pairs called with the model after it is marked sparsified and after
+# unsparsify_; actsparse.hf registers the one that gives transformers models the actsparse
+# quantizer, so that this layer needs nothing above it.
+MODEL_HOOKS: list[tuple[Callable[[nn.Module], None], Callable[[nn.Module], None]]] = []
+
+
+def add_model_hook(attach: Callable[[nn.Module], None], detach: Callable[[nn.Module], None]) -> None:
+    """Call ``attach(model)`` whenever a model is marked sparsified, ``detach(model)`` on ``unsparsify_`` (once per pair)."""
+    if (attach, detach) not in MODEL_HOOKS:
+        MODEL_HOOKS.append((attach, detach))
 
 
 @dataclass(frozen=True)
@@ -53,9 +67,7 @@ def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+_set_module = set_module  # the old private name
 
 
 def sparsify_(
@@ -107,22 +119,19 @@ def sparsify_(
 def mark_sparsified_(model: nn.Module, config: SparsityConfig) -> None:
     """Record ``config`` on a sparsified model; a transformers model gets the actsparse quantizer,
     so that ``model.save_pretrained`` writes an actsparse checkpoint."""
-    from actsparse.hf import attach_
-
     setattr(model, SPARSITY_ATTR, config)
-    attach_(model)
+    for attach, _ in MODEL_HOOKS:
+        attach(model)
 
 
 def unsparsify_(model: nn.Module) -> int:
     """Put the original dense layers back; returns how many were restored."""
-    from actsparse.calibration.layerwise import CALIBRATION_ATTR
-    from actsparse.hf import detach_
-
     layers = sparse_layers(model)
     for name, layer in layers.items():
         _set_module(model, name, layer.original)
     for attr in (SPARSITY_ATTR, CALIBRATION_ATTR):
         if attr in vars(model):
             delattr(model, attr)
-    detach_(model)
+    for _, detach in MODEL_HOOKS:
+        detach(model)
     return len(layers)

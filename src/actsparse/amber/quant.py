@@ -138,7 +138,7 @@ def quantize_rest_(model, config, report, stats=None) -> int:
     from actsparse.core.scoring import get_criterion
     from actsparse.core.mitigation import get_mitigation
     from actsparse.core.sparse_linear import SparseLinear
-    from actsparse.sparsify import _set_module
+    from actsparse.modules import set_module as _set_module
 
     if config.mitigation not in QUANT_MITIGATIONS:
         raise ActsparseError(f"quantize_rest_ needs a W8A8 mitigation ({', '.join(QUANT_MITIGATIONS)}), got '{config.mitigation}'")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from actsparse.calibration.collect import run_windows
-from actsparse.calibration.stats import InputStats
+from actsparse.core.stats import InputStats
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import Dense, parse_pattern
 from actsparse.core.scoring import get_criterion

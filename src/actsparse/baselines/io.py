@@ -48,7 +48,7 @@ def save_pruned(model: nn.Module, directory: str | Path, report: WeightPruneRepo
     """
     from safetensors.torch import save_file
 
-    from actsparse.eval.results import versions, write_json_atomic
+    from actsparse.artifacts import versions, write_json_atomic
 
     record = getattr(model, RECORD_ATTR, None)
     if report is not None:

@@ -34,7 +34,8 @@ from typing import Callable
 
 import torch
 
-from actsparse.core.masks import _topk_mask, keep_mask
+from actsparse.core.masks import keep_mask
+from actsparse.kernels.ranking import topk_mask
 from actsparse.core.patterns import NM, Dense, Pattern, Unstructured
 from actsparse.errors import ActsparseError
 from actsparse.registry import Registry
@@ -169,7 +170,7 @@ def sparsegpt(
             # cumulative rounding: the blocks' budgets sum exactly to ``budget``
             keep = (budget * i2 + width // 2) // width - (budget * i1 + width // 2) // width
             scores = W1.square() / d1.square() * live[i1:i2]
-            pruned = ~_topk_mask(scores.flatten(), keep).reshape(W1.shape)
+            pruned = ~topk_mask(scores.flatten(), keep).reshape(W1.shape)
         for i in range(i2 - i1):
             if isinstance(pattern, NM) and i % pattern.m == 0:
                 group = slice(i, i + pattern.m)

@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 
 from actsparse.baselines.config import WeightPruneConfig
 from actsparse.baselines.methods import LayerInputs, get_pruner
-from actsparse.calibration.collect import forward_window
 from actsparse.core.patterns import Dense, parse_pattern
-from actsparse.core.sparse_linear import is_conv1d
 from actsparse.errors import ActsparseError
+from actsparse.modules import is_conv1d
+from actsparse.pipeline import REPLAY_BATCH, _as_windows, _batches, _LayerCall, _same, _split_call, _Stop, as_windows, capture_layer_inputs  # noqa: F401
 from actsparse.models.discovery import LinearSite, find_decoder_layers, find_linear_sites
 
 RECORD_ATTR = "_actsparse_weight_pruning"  # set on a model by prune_weights_ / load_pruned_
@@ -47,7 +47,7 @@ CONFIG_KEY = "actsparse_weight_pruning"  # the same record in a transformers mod
 def note_pruning_(model: nn.Module, record: dict) -> None:
     """Record what was pruned on the model, and on its transformers config (so that a plain
     ``save_pretrained`` checkpoint says which layers hold which weight pattern)."""
-    from actsparse.eval.results import versions
+    from actsparse.artifacts import versions
 
     setattr(model, RECORD_ATTR, record)
     config = getattr(model, "config", None)
@@ -55,10 +55,6 @@ def note_pruning_(model: nn.Module, record: dict) -> None:
         setattr(config, CONFIG_KEY, {"config": dict(record["config"]), "layers": dict(record["layers"]), "versions": versions()})
 # Order of the sub-blocks inside a decoder layer.
 STAGE = {"q": 0, "k": 0, "v": 0, "qkv": 0, "o": 1, "gate": 2, "up": 2, "gate_up": 2, "down": 3}
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass early."""
 
 
 @dataclass(frozen=True)
@@ -114,112 +110,6 @@ def set_weight_(module: nn.Module, weight: torch.Tensor) -> None:
     get_weight(module).copy_(weight.to(module.weight.dtype))
 
 
-# ---- capturing and replaying decoder layers -------------------------------------------------
-
-
-REPLAY_BATCH = 16  # windows per replayed decoder-layer call; one window's call is launch-bound on a GPU
-
-
-@dataclass
-class _LayerCall:
-    """The arguments a decoder layer receives besides its hidden states."""
-
-    args: tuple
-    kwargs: dict
-    hidden_as_kwarg: bool
-
-    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        if self.hidden_as_kwarg:
-            out = layer(*self.args, hidden_states=hidden, **self.kwargs)
-        else:
-            out = layer(hidden, *self.args, **self.kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    def run_all(self, layer: nn.Module, inputs: list[torch.Tensor], device, cache_device, batch: int = REPLAY_BATCH) -> list[torch.Tensor]:
-        """``run`` over every stored input, ``batch`` windows per call (the layer's extra arguments
-        are those of one window and broadcast over the batch); outputs back on ``cache_device``."""
-        outputs = []
-        for hidden in _batches(inputs, device, batch):
-            outputs.extend(o.unsqueeze(0).to(cache_device) for o in self.run(layer, hidden))
-        return outputs
-
-
-def _batches(inputs: list[torch.Tensor], device, batch: int = REPLAY_BATCH):
-    """The stored ``[1, T, H]`` inputs joined ``batch`` at a time into ``[b, T, H]`` on ``device``."""
-    for start in range(0, len(inputs), batch):
-        yield torch.cat([h.to(device) for h in inputs[start : start + batch]])
-
-
-def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, _LayerCall]:
-    if "hidden_states" in kwargs:
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        return kwargs["hidden_states"], _LayerCall(tuple(args), rest, True)
-    return args[0], _LayerCall(tuple(args[1:]), dict(kwargs), False)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-            and a.dtype == b.dtype and torch.equal(a, b)
-        )  # fmt: skip
-    if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if a is None or isinstance(a, (bool, int, float, str)):
-        return a == b
-    return type(a) is type(b)  # opaque objects (fresh per forward): same kind is all we can check
-
-
-@torch.no_grad()
-def capture_layer_inputs(
-    model: nn.Module,
-    windows: torch.Tensor,
-    *,
-    bos_id: int | None = None,
-    cache_device: str | torch.device = "cpu",
-) -> tuple[list[torch.Tensor], list[_LayerCall]]:
-    """Inputs of decoder layer 0 for every window, and the extra arguments of every decoder layer."""
-    _, layers = find_decoder_layers(model)
-    count = len(layers)
-    calls: list[_LayerCall | None] = [None] * count
-    inputs: list[torch.Tensor] = []
-    window_index = 0
-
-    def hook(index):
-        def fn(module, args, kwargs):
-            hidden, call = _split_call(args, kwargs)
-            if index == 0:
-                inputs.append(hidden.detach().to(cache_device))
-            if window_index == 0:
-                calls[index] = call
-            elif window_index == 1:
-                if not (_same(call.args, calls[index].args) and _same(call.kwargs, calls[index].kwargs)):
-                    raise ActsparseError(
-                        f"decoder layer {index} of {type(model).__name__} receives arguments that depend on the tokens, "
-                        "so it cannot be replayed one layer at a time; weight pruning with calibration does not support this model"
-                    )
-            if window_index >= 2 or index == count - 1:
-                raise _Stop
-
-        return fn
-
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        for window_index, window in enumerate(windows):
-            try:
-                forward_window(model, window, bos_id)
-            except _Stop:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    if any(call is None for call in calls) or len(inputs) != len(windows):
-        raise ActsparseError(f"{type(model).__name__}: not every decoder layer ran during a forward pass; cannot prune it layer by layer")
-    return inputs, calls
-
-
 @torch.no_grad()
 def _collect(
     layer: nn.Module, call: _LayerCall, inputs: list[torch.Tensor], modules: dict[str, nn.Module], need: str, device
@@ -263,19 +153,6 @@ def _collect(
 
 
 # ---- the entry point ------------------------------------------------------------------------
-
-
-def _as_windows(calib_windows) -> torch.Tensor:
-    if isinstance(calib_windows, torch.Tensor):
-        windows = calib_windows
-    else:
-        try:
-            windows = torch.stack([torch.as_tensor(w) for w in calib_windows])
-        except (RuntimeError, TypeError) as error:
-            raise ActsparseError(f"calibration windows must all have the same length ({error})") from error
-    if windows.dim() != 2 or windows.shape[0] == 0:
-        raise ActsparseError(f"calibration windows must be a [n, seqlen] tensor of token ids with n >= 1, got shape {tuple(windows.shape)}")
-    return windows.long()
 
 
 def selected_sites(model: nn.Module, config: WeightPruneConfig) -> tuple[list[LinearSite], list[LinearSite]]:

@@ -8,23 +8,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsparse.calibration.stats import InputStats
+from actsparse.core.stats import InputStats
 from actsparse.models.discovery import LinearSite, find_linear_sites
-
-
-def forward_window(model: nn.Module, window: torch.Tensor, bos_id: int | None = None):
-    """Run one window of token ids through ``model`` (BOS first when ``bos_id`` is given), no KV cache."""
-    ids = window if bos_id is None else torch.cat([window.new_tensor([bos_id]), window])
-    from actsparse.models.placement import input_device
-
-    return model(ids.unsqueeze(0).to(input_device(model)), use_cache=False)
-
-
-@torch.no_grad()
-def run_windows(model: nn.Module, windows, *, bos_id: int | None = None, desc: str = "windows", progress: bool = True) -> None:
-    """Run every window through ``model`` for the hooks it carries, with a progress bar."""
-    for window in tqdm(windows, desc=desc, unit="window", disable=not progress):
-        forward_window(model, window, bos_id)
+from actsparse.pipeline import forward_window, run_windows  # noqa: F401  (forward_window: also imported from here)
 
 
 @torch.no_grad()

@@ -32,18 +32,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsparse.baselines.prune import _as_windows, capture_layer_inputs
+from actsparse.pipeline import as_windows as _as_windows
+from actsparse.pipeline import capture_layer_inputs
+from actsparse.sparsify import CALIBRATION_ATTR, mark_sparsified_, sparse_layers, unsparsify_  # noqa: F401  (CALIBRATION_ATTR: also imported from here)
 from actsparse.calibration.collect import collect_input_stats
 from actsparse.calibration.mitigations import NEEDS, CovarianceStats, ensure_mitigation, is_calibrated, is_learned, own_feature_vector
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import Dense, parse_pattern
 from actsparse.core.scoring import get_criterion
-from actsparse.core.sparse_linear import SparseLinear, io_features
+from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
+from actsparse.modules import io_features, set_module
 from actsparse.models.discovery import find_decoder_layers, find_linear_sites
 
-CALIBRATION_ATTR = "_actsparse_calibration"  # set on a model by calibrate_ / load_state_
 SHOW_EVERY = 16  # training steps between loss updates of the progress bar (each one waits for the device)
 
 
@@ -93,9 +95,7 @@ class CalibrationReport:
         }  # fmt: skip
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+_set_module = set_module  # the old private name
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:
@@ -272,7 +272,6 @@ def calibrate_(
     (default: on CUDA; ``False`` launches every kernel eagerly, for debugging).
     """
     from actsparse.models.placement import bridge_offload_, is_offloaded, layer_device, onloaded
-    from actsparse.sparsify import mark_sparsified_, sparse_layers, unsparsify_
 
     options = options or CalibrationOptions()
     start = time.perf_counter()

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from actsparse.artifacts import sha256_file
 from actsparse.config import SparsityConfig
 from actsparse.errors import ActsparseError
 
@@ -47,12 +48,7 @@ def meta_digest(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+_sha256 = sha256_file
 
 
 def _owned(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -95,7 +91,7 @@ def save_state(model: nn.Module, directory: str | Path, *, calibration: dict | N
     from safetensors.torch import save_file
 
     from actsparse.calibration.layerwise import CALIBRATION_ATTR
-    from actsparse.eval.results import versions
+    from actsparse.artifacts import versions
     from actsparse.sparsify import sparse_layers
 
     layers = sparse_layers(model)

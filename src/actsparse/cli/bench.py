@@ -69,7 +69,7 @@ def cmd_bench(args) -> None:
     import torch
 
     from actsparse.cli.main import config_from
-    from actsparse.eval.results import write_json_atomic
+    from actsparse.artifacts import write_json_atomic
     from actsparse.eval.speed import DTYPES, PRESETS, BenchOptions, preset_model, run_bench
     from actsparse.models.loading import load_model
 

@@ -196,7 +196,7 @@ def _evaluate(args, config, run) -> dict | None:
 
     Returns the record when the caller should print the human-readable table, else None.
     """
-    from actsparse.eval.results import write_json_atomic
+    from actsparse.artifacts import write_json_atomic
     from actsparse.eval.run import Evaluator
 
     start = time.perf_counter()
@@ -493,7 +493,7 @@ def cmd_sensitivity(args) -> None:
     from actsparse.core.scoring import get_criterion
     from actsparse.data.sources import load_text
     from actsparse.eval.perplexity import encode, make_windows
-    from actsparse.eval.results import versions, write_json_atomic
+    from actsparse.artifacts import versions, write_json_atomic
     from actsparse.eval.run import EvalSettings
     from actsparse.models.loading import load_model, model_skeleton, tokenizer_adds_bos
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from actsparse.core.patterns import NM, Dense, Pattern, Unstructured
+from actsparse.kernels.ranking import nm_mask, topk_mask
 
 def keep_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Boolean mask of the features that survive, same shape as ``scores``.
@@ -18,24 +19,14 @@ def keep_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     if isinstance(pattern, Dense):
         return torch.ones_like(scores, dtype=torch.bool)
     if isinstance(pattern, NM):
-        return _nm_mask(scores, pattern.n, pattern.m)
+        return nm_mask(scores, pattern.n, pattern.m)
     if isinstance(pattern, Unstructured):
-        return _topk_mask(scores, pattern.kept(scores.shape[-1]))
+        return topk_mask(scores, pattern.kept(scores.shape[-1]))
     raise TypeError(f"not a pattern: {pattern!r}")
 
 
-def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest of each row; a stable descending sort puts ties lower-index first."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k <= 0:
-        return mask
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return mask.scatter_(-1, order[..., :k], True)
-
-
-def _nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep ``n`` of each group of ``m`` consecutive features along the last dimension."""
-    return _topk_mask(scores.reshape(-1, m), n).reshape(scores.shape)
+_topk_mask = topk_mask  # the old private names
+_nm_mask = nm_mask
 
 
 def reference_keep_mask(scores: list[float], pattern: Pattern) -> list[bool]:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from actsparse.calibration.stats import InputStats
+from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
 from actsparse.registry import Registry
 

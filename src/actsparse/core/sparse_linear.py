@@ -11,25 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actsparse.calibration.stats import InputStats
+from actsparse.core.stats import InputStats
 from actsparse.core.masks import keep_mask
 from actsparse.core.mitigation import Mitigation
 from actsparse.core.patterns import Dense, Pattern
 from actsparse.core.scoring import Criterion
-from actsparse.kernels.dispatch import choose_backend, runs_here, triton_forward
+from actsparse.core.dispatch import choose_backend, runs_here, triton_forward
 from actsparse.kernels.sparse_gemv import GemvWeight
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2 style ``Conv1D``: ``y = x @ W + b`` with ``W`` stored ``[in, out]``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def io_features(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a Linear or Conv1D."""
-    if is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    return module.in_features, module.out_features
+from actsparse.modules import io_features, is_conv1d  # noqa: F401  (is_conv1d: also imported from here)
 
 
 class SparseLinear(nn.Module):

@@ -28,7 +28,7 @@ from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL, check_disjoint, 
 from actsparse import validate
 from actsparse.errors import ActsparseError
 from actsparse.eval.perplexity import Perplexity, encode, make_windows, perplexity
-from actsparse.eval.results import versions
+from actsparse.artifacts import versions
 from actsparse.sparsify import sparsify_, unsparsify_
 
 DEFAULT_MODEL = "smollm2-135m"

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from actsparse._version import __version__
 from actsparse.config import SparsityConfig
 from actsparse.errors import ActsparseError
 from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
@@ -267,13 +268,11 @@ def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -
     """Dense, then sparse (``sparsify_`` with ``config``), prefill and decode in every mode; model left dense."""
     import transformers
 
-    import actsparse
-
     device = next(model.parameters()).device
     result = BenchResult(
         model=name, config=config.to_dict(),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        versions={"actsparse": actsparse.__version__, "torch": torch.__version__,
+        versions={"actsparse": __version__, "torch": torch.__version__,
                   "transformers": transformers.__version__, "dtype": str(next(model.parameters()).dtype)},
     )
     modes = list(options.modes)

@@ -22,6 +22,8 @@ import importlib.abc
 import importlib.util
 import sys
 
+from actsparse.sparsify import add_model_hook
+
 QUANT_METHOD = "actsparse"
 STATE_PREFIX = "actsparse."  # key prefix of actsparse's tensors in a checkpoint's safetensors
 _HOOKED_MODULE = "transformers.quantizers.auto"
@@ -96,3 +98,6 @@ def detach_(model) -> None:
     for attr in ("is_quantized", "quantization_method"):
         if attr in vars(model):
             delattr(model, attr)
+
+
+add_model_hook(attach_, detach_)  # sparsify_ / unsparsify_ give transformers models the quantizer and take it back

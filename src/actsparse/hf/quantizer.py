@@ -20,6 +20,7 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from actsparse._version import __version__
 from actsparse.config import SparsityConfig
 from actsparse.errors import ActsparseError
 from actsparse.hf import QUANT_METHOD, STATE_PREFIX
@@ -188,7 +189,7 @@ class ActsparseHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from actsparse.calibration.state import apply_state_
-        from actsparse.calibration.stats import InputStats
+        from actsparse.core.stats import InputStats
         from actsparse.sparsify import sparsify_
 
         qc = self.quantization_config
@@ -217,7 +218,7 @@ class ActsparseHfQuantizer(HfQuantizer):
     def refresh(self, model) -> None:
         """Describe the model as it is now in ``quantization_config`` (and ``model.config``)."""
         from actsparse.calibration.layerwise import CALIBRATION_ATTR
-        from actsparse.eval.results import versions
+        from actsparse.artifacts import versions
         from actsparse.sparsify import sparse_layers
 
         config = sparsity_config_of(model)
@@ -241,7 +242,6 @@ class ActsparseHfQuantizer(HfQuantizer):
         model.config.quantization_config = self.quantization_config
 
     def get_state_dict_and_metadata(self, model):
-        from actsparse import __version__
         from actsparse.calibration.state import _owned
 
         if sparsity_config_of(model) is None:

@@ -37,6 +37,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from actsparse.kernels.ranking import nm_mask
+
 try:
     import triton
     import triton.language as tl
@@ -162,11 +164,8 @@ def compact_nm(
 
 def _compact_torch(x: torch.Tensor, n: int, m: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch version of the compaction (same result as the kernel; no host sync)."""
-    from actsparse.core.masks import keep_mask
-    from actsparse.core.patterns import NM
-
     scores = x.abs().float() if mask is None else mask.float()
-    kept = keep_mask(scores, NM(n, m))
+    kept = nm_mask(scores, n, m)
     count = x.shape[1] // m * n
     # A stable descending sort of the 0/1 mask lists kept positions first, in ascending order.
     idx = torch.sort(kept.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :count]

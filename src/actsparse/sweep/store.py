@@ -30,12 +30,12 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from actsparse.eval.results import append_jsonl_atomic, write_text_atomic
+from actsparse.artifacts import append_jsonl_atomic, read_records, write_text_atomic
+from actsparse.artifacts import warn as _warn
 
 
 @contextmanager
@@ -47,33 +47,6 @@ def _locked(path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _warn(text: str) -> None:
-    print(f"actsparse: warning: {text}", file=sys.stderr)
-
-
-def read_records(path, warn=None) -> list[dict]:
-    """The store's records in file order; a line that is not a JSON object is skipped (and reported)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records, bad, last_bad = [], 0, False
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    for index, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            bad += 1
-            last_bad = index == len(lines) - 1
-    if bad:
-        where = " (the last one truncated)" if last_bad else ""
-        (warn or _warn)(f"{path}: skipped {bad} line(s) that are not complete JSON records{where}")
-    return records
 
 
 def latest_by_key(records: list[dict]) -> dict[str, dict]:
