@@ -36,7 +36,7 @@ from actsparse.pipeline import as_windows as _as_windows
 from actsparse.pipeline import capture_layer_inputs
 from actsparse.sparsify import CALIBRATION_ATTR, mark_sparsified_, sparse_layers, unsparsify_  # noqa: F401  (CALIBRATION_ATTR: also imported from here)
 from actsparse.calibration.collect import collect_input_stats
-from actsparse.calibration.mitigations import NEEDS, CovarianceStats, ensure_mitigation, is_calibrated, is_learned, own_feature_vector
+from actsparse.calibration.mitigations import CovarianceStats, collects, ensure_mitigation, is_calibrated, is_learned, own_feature_vector
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import Dense, parse_pattern
@@ -297,7 +297,7 @@ def calibrate_(
     by_layer: dict[int, list] = {}
     for site in chosen:
         by_layer.setdefault(site.layer, []).append(site)
-    needs = set(NEEDS.get(mitigation.name, set()))
+    needs = collects(mitigation.name)
     if criterion.needs_calibration:
         needs.add("norms")  # clact: its channel norms come from this layer's calibration inputs
     learned = is_learned(mitigation.name)
@@ -371,7 +371,7 @@ def collect_covariance_stats(
     ``calibrate_`` is the P1 procedure (statistics from the sparse upstream layers); this is
     the one-pass alternative for the statistics-only mitigations.
     """
-    needs = NEEDS.get(ensure_mitigation(mitigation), set())
+    needs = collects(ensure_mitigation(mitigation))
 
     def make(site):
         return CovarianceStats(site.in_features, covariance="covariance" in needs, keep_rows="rows" in needs)

@@ -39,6 +39,7 @@ the layers uncalibrated (placeholders of the right shapes, filled by ``load_stat
 from __future__ import annotations
 
 import re
+from collections.abc import Set
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actsparse.core.stats import InputStats
-from actsparse.core.mitigation import MITIGATIONS, Mitigation, register_mitigation, variance_scale
+from actsparse.core.mitigation import MITIGATIONS, Mitigation, get_mitigation, register_mitigation, variance_scale
 from actsparse.core.patterns import NM
 from actsparse.errors import ActsparseError
 
@@ -338,47 +339,91 @@ def _learned(scale: bool, shift: bool, var: bool):
 
 # ---- registry --------------------------------------------------------------------------------
 
-CALIBRATED: set[str] = set()  # need calibrate_ or a saved state before they run
-LEARNED: set[str] = set()  # have trainable parameters
-NEEDS = {}  # name -> what CovarianceStats must collect: {"covariance", "rows", "median"}
+class _Named(Set):
+    """The names of the registered mitigations whose ``field`` is set, read from the registry
+    each time (so they follow what is registered later)."""
+
+    def __init__(self, field: str):
+        self.field = field
+
+    @classmethod
+    def _from_iterable(cls, iterable):
+        return set(iterable)
+
+    def _names(self) -> set[str]:
+        return {name for name, item in MITIGATIONS.items() if getattr(item, self.field)}
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+CALIBRATED = _Named("fitted")  # need calibrate_ or a saved state before they run
+LEARNED = _Named("learned")  # have trainable parameters
 _LOWRANK = re.compile(r"^lowrank(?::(\d+))?$")
 
 
 def _register(name, apply, prepare, description, *, learned=False, needs=(), calibrated=True) -> None:
-    register_mitigation(Mitigation(name, apply, prepare, needs_calibration=calibrated, description=description))
-    if calibrated:
-        CALIBRATED.add(name)
-    if learned:
-        LEARNED.add(name)
-    NEEDS[name] = set(needs)
+    register_mitigation(
+        Mitigation(name, apply, prepare, needs_calibration=calibrated, description=description,
+                   fitted=calibrated, learned=learned, collects=frozenset(needs))
+    )  # fmt: skip
+
+
+def lowrank(rank: int) -> Mitigation:
+    """R-Sparse with rank ``rank``: the mitigation named ``lowrank:<rank>``."""
+    if rank < 1:
+        raise ActsparseError(f"lowrank rank must be >= 1, got {rank}")
+    return Mitigation(
+        f"lowrank:{rank}", apply_lowrank, lambda layer, r=rank: _prepare_lowrank(layer, r),
+        description=f"R-Sparse: rank-{rank} SVD of W carries the pruned part",
+    )  # fmt: skip
+
+
+def _lowrank_factory(option: str) -> Mitigation | None:
+    return lowrank(int(option)) if option.isdigit() else None
 
 
 def register_lowrank(rank: int) -> str:
-    if rank < 1:
-        raise ActsparseError(f"lowrank rank must be >= 1, got {rank}")
-    name = f"lowrank:{rank}"
-    if name not in MITIGATIONS:
-        _register(
-            name, apply_lowrank, lambda layer, r=rank: _prepare_lowrank(layer, r),
-            f"R-Sparse: rank-{rank} SVD of W carries the pruned part", calibrated=False,
-        )  # fmt: skip
-    return name
+    """Register ``lowrank:<rank>`` (as any lookup of that name does); returns the name."""
+    return get_mitigation(lowrank(rank).name).name
 
 
 def ensure_mitigation(name: str) -> str:
-    """Register a parametrised mitigation named by its options (``lowrank:R``) on demand; returns the name."""
+    """Kept for old callers: the registry makes ``lowrank:R`` on lookup now. Returns the name."""
     match = _LOWRANK.match(name or "")
     if match and match[1] is not None:
         register_lowrank(int(match[1]))
     return name
 
 
+def _find(name: str) -> Mitigation | None:
+    try:
+        return get_mitigation(name)
+    except ActsparseError:
+        return None
+
+
 def is_calibrated(name: str) -> bool:
-    return name in CALIBRATED
+    """Whether the mitigation is fitted by calibrate_ (or loaded from a state) before it runs."""
+    found = _find(name)
+    return found is not None and found.fitted
 
 
 def is_learned(name: str) -> bool:
-    return name in LEARNED
+    found = _find(name)
+    return found is not None and found.learned
+
+
+def collects(name: str) -> set[str]:
+    """What the calibration statistics must collect for this mitigation (empty for an unknown name)."""
+    found = _find(name)
+    return set(found.collects) if found is not None else set()
 
 
 _register("spts", apply_shift, prepare_spts, "static median shift η (mean token median) + rank-1 term", needs={"median"})
@@ -391,6 +436,7 @@ _register(
 )  # fmt: skip
 _register("lowrank", apply_lowrank, lambda layer: _prepare_lowrank(layer, DEFAULT_RANK),
           f"R-Sparse: rank-{DEFAULT_RANK} SVD of W carries the pruned part (lowrank:R for rank R)", calibrated=False)
+MITIGATIONS.add_factory("lowrank", _lowrank_factory)  # lowrank:R for any R >= 1, made on first lookup
 for _rank in (8, 16, 32, 64, 128):
     register_lowrank(_rank)
 _register("lpts", apply_lpts, prepare_lpts, "learned input shift s (trained layer by layer)", learned=True)

@@ -26,28 +26,40 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from actsparse.core.mitigation import MEDIAN_SHIFT, MITIGATIONS, PLAIN, VARIANCE_SCALE, Mitigation, get_mitigation
 from actsparse.core.patterns import NM
-from actsparse.kernels.sparse_gemv import MAX_ROWS
+from actsparse.core.scoring import ABS_TIMES_VECTOR, CRITERIA, Criterion, get_criterion
 from actsparse.errors import ActsparseError
+from actsparse.kernels.cslt24 import sparsify_compress24
+from actsparse.kernels.sparse_gemv import MAX_ROWS
+from actsparse.kernels.sparsify import nm_sparsify
 
 if TYPE_CHECKING:
     from actsparse.core.sparse_linear import SparseLinear
 
 BACKENDS = ("auto", "torch", "triton")
-# Criteria whose N:M mask is that of |x| * v (clact's 1/||x_t|| is constant in a row).
-VECTOR_CRITERIA = {"magnitude", "wina", "amber", "amber-clamp", "var-weight", "clact"}
-KERNEL_MITIGATIONS = {"none", "var", "dpts"}
+KERNEL_SCORES = (ABS_TIMES_VECTOR,)  # the criterion kernel_score values the kernels compute
+KERNEL_EPILOGUES = (PLAIN, VARIANCE_SCALE, MEDIAN_SHIFT)  # the mitigation kernel values they compute
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def unsupported_reason(pattern, criterion_name: str, mitigation_name: str) -> str | None:
-    """Why the Triton kernels cannot run this layer config, or None when they can."""
+def _with_kernel(registry, field: str, values) -> str:
+    return ", ".join(sorted(name for name, item in registry.items() if getattr(item, field) in values))
+
+
+def unsupported_reason(pattern, criterion: Criterion | str, mitigation: Mitigation | str) -> str | None:
+    """Why the Triton kernels cannot run this layer config, or None when they can.
+
+    Decided from the methods' own fields (``Criterion.kernel_score``, ``Mitigation.kernel``);
+    names are looked up in the registries."""
+    criterion = get_criterion(criterion) if isinstance(criterion, str) else criterion
+    mitigation = get_mitigation(mitigation) if isinstance(mitigation, str) else mitigation
     if not isinstance(pattern, NM) or pattern.m > 32:
         return f"pattern {pattern} (kernels take N:M with M <= 32)"
-    if criterion_name not in VECTOR_CRITERIA:
-        return f"criterion '{criterion_name}' (kernels take {', '.join(sorted(VECTOR_CRITERIA))})"
-    if mitigation_name not in KERNEL_MITIGATIONS:
-        return f"mitigation '{mitigation_name}' (kernels take {', '.join(sorted(KERNEL_MITIGATIONS))})"
+    if criterion.kernel_score not in KERNEL_SCORES:
+        return f"criterion '{criterion.name}' (kernels take {_with_kernel(CRITERIA, 'kernel_score', KERNEL_SCORES)})"
+    if mitigation.kernel not in KERNEL_EPILOGUES:
+        return f"mitigation '{mitigation.name}' (kernels take {_with_kernel(MITIGATIONS, 'kernel', KERNEL_EPILOGUES)})"
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -55,13 +67,13 @@ def unsupported_reason(pattern, criterion_name: str, mitigation_name: str) -> st
     return None
 
 
-def choose_backend(backend: str, pattern, criterion_name: str, mitigation_name: str) -> str:
+def choose_backend(backend: str, pattern, criterion: Criterion | str, mitigation: Mitigation | str) -> str:
     """Resolve ``auto``/``torch``/``triton`` for one layer config (refusing a forced impossible one)."""
     if backend not in BACKENDS:
         raise ActsparseError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
-    reason = unsupported_reason(pattern, criterion_name, mitigation_name)
+    reason = unsupported_reason(pattern, criterion, mitigation)
     if reason is None:
         return "triton"
     if backend == "triton":
@@ -138,18 +150,16 @@ DECODE_CHOICE = DecodeChoice()
 
 def triton_forward(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
     """The Triton path for rows ``x [T, K]`` of a layer whose config is supported."""
-    from actsparse.kernels.sparsify import nm_sparsify
-
     n, m = layer.pattern.n, layer.pattern.m
     vector = layer.feature_vector
-    mitigation = layer.mitigation.name
+    epilogue = layer.mitigation.kernel
     x = x.contiguous()
-    eta = x.median(dim=-1).values.float() if mitigation == "dpts" else None
-    var = mitigation == "var"
+    eta = x.median(dim=-1).values.float() if epilogue == MEDIAN_SHIFT else None
+    var = epilogue == VARIANCE_SCALE
     rows = x.shape[0]
     if DECODE_CHOICE.sparse_wins(layer.in_features, layer.out_features, rows, n, m, x.dtype):
         return layer.gemv_weight()(x, n, m, vector=vector, shift=eta, var=var)  # shift term in the epilogue
-    if (n, m) == (2, 4) and mitigation == "none" and x.is_cuda and x.dtype != torch.float32:
+    if (n, m) == (2, 4) and epilogue == PLAIN and x.is_cuda and x.dtype != torch.float32:
         y = _prefill24(layer, x, vector)
     else:
         y = layer.product(nm_sparsify(x, n, m, vector=vector, var=var, shift=eta))
@@ -159,9 +169,6 @@ def triton_forward(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
 
 
 def _prefill24(layer: "SparseLinear", x: torch.Tensor, vector) -> torch.Tensor:
-    from actsparse.kernels.cslt24 import sparsify_compress24
-    from actsparse.kernels.sparsify import nm_sparsify
-
     rows = x.shape[0]
     sparse_matmul = layer.cslt_linear()
 

@@ -30,10 +30,21 @@ class Mitigation:
     name: str
     apply: Callable[["SparseLinear", torch.Tensor], torch.Tensor]
     prepare: Callable[["SparseLinear"], None] | None = None
-    needs_calibration: bool = False
-    causal: bool = True
+    needs_calibration: bool = False  # needs input statistics (collect_input_stats) or a calibration
+    causal: bool = True  # False: a token's output depends on other tokens of the batch
     description: str = ""
+    # Which epilogue of the Triton kernels expresses it: "plain" (P(x) Wᵀ + b), "variance_scale"
+    # (VAR's per-token scale of P(x)), "median_shift" (P(x − η_t) Wᵀ + η_t (W 1)ᵀ + b, η_t the
+    # lower median of x_t), or None (no kernel: the PyTorch reference runs).
+    kernel: str | None = None
+    # Fitted on calibration text by calibrate_ (or loaded from a saved state) before it runs.
+    fitted: bool = False
+    learned: bool = False  # fitted by training (it has parameters), not in closed form
+    # What the calibration statistics must collect for it: {"covariance", "rows", "median"}.
+    collects: frozenset[str] = frozenset()
 
+
+PLAIN, VARIANCE_SCALE, MEDIAN_SHIFT = "plain", "variance_scale", "median_shift"  # kernel epilogues
 
 MITIGATIONS = Registry("mitigation")
 register_mitigation = MITIGATIONS.add  # register_mitigation(Mitigation(...))
@@ -92,9 +103,9 @@ def static_smooth(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
     return layer.product(x * layer.keep(x.float() / layer.smooth_scale))
 
 
-register_mitigation(Mitigation("none", plain, description="no mitigation"))
-register_mitigation(Mitigation("var", var, description="per-token variance correction"))
-register_mitigation(Mitigation("dpts", dynamic_shift, prepare_row_sums, description="dynamic median shift + rank-1 term"))
+register_mitigation(Mitigation("none", plain, description="no mitigation", kernel=PLAIN))
+register_mitigation(Mitigation("var", var, description="per-token variance correction", kernel=VARIANCE_SCALE))
+register_mitigation(Mitigation("dpts", dynamic_shift, prepare_row_sums, description="dynamic median shift + rank-1 term", kernel=MEDIAN_SHIFT))
 register_mitigation(Mitigation("smooth", smooth, causal=False, description="SmoothQuant-style migration, s from this batch"))
 register_mitigation(
     Mitigation("smooth-static", static_smooth, prepare_static_smooth, needs_calibration=True, description="smooth with s from calibration")

@@ -36,7 +36,12 @@ class Criterion:
     needs_calibration: bool = False
     causal: bool = True  # False: a token's mask depends on other tokens of the batch
     description: str = ""
+    # What the Triton kernels compute for it: "abs_times_vector" (the score is |x_tj| * v_j, with
+    # v this criterion's feature_vector or 1), or None (no kernel: the PyTorch reference runs).
+    kernel_score: str | None = None
 
+
+ABS_TIMES_VECTOR = "abs_times_vector"  # kernel_score: |x_tj| * v_j (clact's 1/||x_t|| is constant in a row)
 
 CRITERIA = Registry("criterion")
 register_criterion = CRITERIA.add  # register_criterion(Criterion(...))
@@ -114,13 +119,16 @@ def calibration_norm_vector(weight: torch.Tensor, stats: InputStats | None) -> t
     return stats.feature_norm()
 
 
-register_criterion(Criterion("magnitude", scaled_magnitude, description="|x|"))
-register_criterion(Criterion("wina", scaled_magnitude, wina_vector, description="|x| * ||W_:,j||"))
-register_criterion(Criterion("amber", scaled_magnitude, amber_vector, description="|x| * robust column norm of W"))
-register_criterion(Criterion("amber-clamp", scaled_magnitude, amber_clamped_vector, description="amber with outlier weights clamped"))
-register_criterion(Criterion("var-weight", scaled_magnitude, var_weight_vector, description="|x| * Var_i(W_ij)"))
+register_criterion(Criterion("magnitude", scaled_magnitude, description="|x|", kernel_score=ABS_TIMES_VECTOR))
+register_criterion(Criterion("wina", scaled_magnitude, wina_vector, description="|x| * ||W_:,j||", kernel_score=ABS_TIMES_VECTOR))
+register_criterion(Criterion("amber", scaled_magnitude, amber_vector, description="|x| * robust column norm of W", kernel_score=ABS_TIMES_VECTOR))
+register_criterion(Criterion("amber-clamp", scaled_magnitude, amber_clamped_vector, description="amber with outlier weights clamped", kernel_score=ABS_TIMES_VECTOR))
+register_criterion(Criterion("var-weight", scaled_magnitude, var_weight_vector, description="|x| * Var_i(W_ij)", kernel_score=ABS_TIMES_VECTOR))
 register_criterion(
-    Criterion("clact", scaled_magnitude, calibration_norm_vector, needs_calibration=True, description="|x| * calibration ||X_:,j|| / ||x_t||")
+    Criterion(
+        "clact", scaled_magnitude, calibration_norm_vector, needs_calibration=True, kernel_score=ABS_TIMES_VECTOR,
+        description="|x| * calibration ||X_:,j|| / ||x_t||",
+    )
 )
 register_criterion(Criterion("clact-batch", clact_batch_score, causal=False, description="P1's CLACT over the batch (non-causal)"))
 register_criterion(Criterion("random", random_score, description="uniform random (control)"))

@@ -58,7 +58,7 @@ class SparseLinear(nn.Module):
         self.name, self.stats, self.seed = name, stats, seed
         object.__setattr__(self, "original", module)  # kept out of the module tree
         self._generator: torch.Generator | None = None
-        self.backend = choose_backend(backend, pattern, criterion.name, mitigation.name)
+        self.backend = choose_backend(backend, pattern, criterion, mitigation)
         self.forced_backend = backend == "triton"
         self._gemv_weight = self._cslt_linear = None
         vector = None
