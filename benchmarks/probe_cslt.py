@@ -1,6 +1,5 @@
 """Probe cuSPARSELt through torch on this GPU: API shapes and raw 2:4 matmul speed."""
 
-import inspect
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench

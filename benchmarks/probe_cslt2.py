@@ -2,8 +2,8 @@
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+from triton.testing import do_bench
 
 
 def mask24(x):
@@ -62,6 +62,6 @@ for T in (512, 2048, 8192):
             cut, err = float("nan"), repr(e)[:200]
         try:
             tile = do_bench(lambda: torch._sparse_semi_structured_tile(x, algorithm="", use_cutlass=True), return_mode="median")
-        except Exception as e:
+        except Exception:
             tile = float("nan")
         print(f"T={T:6} K={K:6} O={O:6} dense {dense*1e3:7.1f} dense(graph) {dense_g*1e3:7.1f} cslt(graph) {sp_g*1e3:7.1f} cutlass(W·Xᵀ) {cut*1e3:7.1f} err {err} tile-compress {tile*1e3:7.1f}")

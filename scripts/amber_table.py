@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import actsparse.eval.run as eval_run
-
 from actsparse.amber import QUANT_MITIGATIONS, amber_preset, budget_skip, measure_sensitivity, quantize_rest_, random_skip
 from actsparse.cli.main import add_eval_options, settings_from
 from actsparse.config import SparsityConfig

@@ -28,7 +28,6 @@ from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.models.discovery import LinearSite, find_linear_sites
 from actsparse.sparsify import sparse_layers
-
 from conftest import save_tiny_model_dir, tiny_model
 
 torch.set_num_threads(1)

@@ -1,7 +1,6 @@
 """``actsparse bench`` on the CPU: a tiny random-weight model, dense vs sparse, table and JSON."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import actsparse
 from actsparse.calibration.layerwise import CalibrationOptions, calibrate_, lr_factor
 from actsparse.calibration.mitigations import CovarianceStats, ensure_mitigation
 from actsparse.calibration.state import META_FILE, TENSORS_FILE, load_state_, save_state
@@ -18,7 +17,6 @@ from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
 from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
-
 from conftest import VOCAB, tiny_model
 
 torch.set_num_threads(1)
@@ -301,8 +299,9 @@ def _run(capsys, *argv):
 
 
 def test_cli_calibrate_eval_state_and_disjoint(tmp_path, capsys, tiny_dir, monkeypatch):
-    import actsparse.calibration.layerwise as layerwise
     from transformers import AutoTokenizer
+
+    import actsparse.calibration.layerwise as layerwise
 
     calib = tmp_path / "calib.txt"
     calib.write_text("the cat sat on the mat . " * 60)

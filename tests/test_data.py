@@ -1,13 +1,18 @@
-import io
 import sys
 import types
 
 import pytest
 
 from actsparse.data import (
-    DEFAULT_CALIB, DEFAULT_EVAL, TextSource, brown_text, check_disjoint, fetch_brown, load_text,
+    DEFAULT_CALIB,
+    DEFAULT_EVAL,
+    TextSource,
+    brown,
+    brown_text,
+    check_disjoint,
+    fetch_brown,
+    load_text,
 )
-from actsparse.data import brown
 from actsparse.errors import ActsparseError
 
 SAMPLE = (

@@ -16,7 +16,6 @@ from actsparse.errors import ActsparseError
 from actsparse.models.discovery import find_linear_sites
 from actsparse.selection import choose_sites
 from actsparse.sweep import parse_sweep
-
 from conftest import save_tiny_model_dir, tiny_model, vocab_text
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -154,7 +153,7 @@ def test_fuzzed_sweep_settings_are_refused_in_one_line_or_parse_into_valid_runs(
     for run in spec.runs:
         assert isinstance(run.settings.seqlen, int) and run.settings.seqlen >= 2 and isinstance(run.settings.batch_size, int)
         assert isinstance(run.config.seed, int) and all(isinstance(layer, int) for layer in run.config.layers or ())
-        run.key  # every run has a key (its identity is plain JSON)
+        run.key  # noqa: B018  every run has a key (its identity is plain JSON)
 
 
 @FUZZ

@@ -12,7 +12,6 @@ from actsparse.config import SparsityConfig
 from actsparse.errors import ActsparseError
 from actsparse.hf.quantizer import ActsparseConfig
 from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
-
 from conftest import FAMILIES, VOCAB, tiny_model
 
 torch.set_num_threads(1)
@@ -192,7 +191,6 @@ def test_lm_eval_command_line_scores_the_sparse_checkpoint(tmp_path):
 
     from actsparse.data.sources import TextSource
     from actsparse.eval.lmeval import TaskSettings, evaluate_tasks, prepare_tasks
-
     from conftest import save_tiny_model_dir, vocab_text
 
     model_dir = save_tiny_model_dir(tmp_path / "tiny")

@@ -11,7 +11,6 @@ from actsparse.data.sources import TextSource
 from actsparse.errors import ActsparseError
 from actsparse.eval import proxy_tasks
 from actsparse.eval.lmeval import TaskSettings, evaluate_tasks, prepare_tasks, require_lm_eval
-
 from conftest import save_tiny_model_dir, vocab_text
 
 
@@ -36,7 +35,7 @@ def test_proxy_tasks_are_seeded_and_built_from_the_evaluation_text_only(tmp_path
     text = vocab_text(documents=8, sentences=20, seed=3)
     a = proxy_tasks.write_proxy_tasks(_source(text), tmp_path / "a", seed=0, count=20)
     b = proxy_tasks.write_proxy_tasks(_source(text), tmp_path / "b", seed=0, count=20)
-    c = proxy_tasks.write_proxy_tasks(_source(text), tmp_path / "c", seed=1, count=20)
+    c = proxy_tasks.write_proxy_tasks(_source(text), tmp_path / "c", seed=1, count=20)  # noqa: F841  (built for its side effects)
     last, cont = a.names["actsparse_lastword"], a.names["actsparse_continuation"]
     assert (last, cont) == ("actsparse_lastword_file_eval_text", "actsparse_continuation_file_eval_text")
     for name in (last, cont):

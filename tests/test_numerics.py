@@ -12,7 +12,6 @@ from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import parse_pattern
 from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
-
 from conftest import VOCAB, tiny_model
 
 NAN, INF = float("nan"), float("inf")

@@ -9,8 +9,7 @@ from actsparse.calibration.layerwise import CalibrationOptions, calibrate_
 from actsparse.models.loading import load_model
 from actsparse.models.placement import is_offloaded
 from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
-
-from conftest import VOCAB, save_tiny_model_dir
+from conftest import save_tiny_model_dir
 
 torch.set_num_threads(1)
 IDS = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(4))

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from actsparse import CRITERIA, ActsparseError, InputStats, NM, SparsityConfig
-from actsparse.core.scoring import amber_vector, get_criterion, quantile
-from actsparse.core.sparse_linear import SparseLinear
+from actsparse import CRITERIA, NM, ActsparseError, InputStats, SparsityConfig
 from actsparse.core.masks import keep_mask
 from actsparse.core.mitigation import get_mitigation
+from actsparse.core.scoring import amber_vector, get_criterion, quantile
+from actsparse.core.sparse_linear import SparseLinear
 
 
 def layer_with(criterion, width=16, out=8, stats=None, seed=0):

@@ -14,7 +14,6 @@ import yaml
 
 from actsparse.errors import ActsparseError
 from actsparse.sweep import Store, load_sweep, parse_sweep, read_records, run_sweep
-
 from conftest import save_tiny_model_dir, vocab_text
 
 REPO = Path(__file__).resolve().parents[1]

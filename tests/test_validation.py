@@ -12,7 +12,6 @@ from actsparse.calibration.state import META_FILE, TENSORS_FILE, save_state
 from actsparse.cli.main import main
 from actsparse.data.sources import load_text, stored_sample
 from actsparse.errors import ActsparseError
-
 from conftest import VOCAB, save_tiny_model_dir, tiny_model, vocab_text
 
 
@@ -34,7 +33,7 @@ def no_load(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    model_dir = save_tiny_model_dir(root / "model")
+    model_dir = save_tiny_model_dir(root / "model")  # noqa: F841
     (root / "eval.txt").write_text(vocab_text(documents=8, sentences=20, seed=1))
     (root / "calib.txt").write_text(vocab_text(documents=4, sentences=20, seed=2))
     return root

@@ -7,24 +7,23 @@
     actsparse.unsparsify_(model)
 """
 
-from actsparse._version import __version__
-
+from actsparse._version import __version__ as __version__
+from actsparse.amber import amber_preset, budget_skip, measure_sensitivity, random_skip  # registers w8a8 mitigations
 from actsparse.baselines import WeightPruneConfig, WeightPruneReport, load_pruned_, prune_weights_, save_pruned, verify_pattern
 from actsparse.calibration.collect import collect_input_stats
-from actsparse.core.stats import InputStats
+from actsparse.calibration.layerwise import CalibrationOptions, CalibrationReport, calibrate_, collect_covariance_stats
+from actsparse.calibration.mitigations import CovarianceStats, ensure_mitigation  # registers the calibrated mitigations
+from actsparse.calibration.state import load_state_, save_state
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import MITIGATIONS, Mitigation, register_mitigation
 from actsparse.core.patterns import NM, Dense, Unstructured, parse_pattern
 from actsparse.core.scoring import CRITERIA, Criterion, register_criterion
 from actsparse.core.sparse_linear import SparseLinear
+from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
+from actsparse.hf import install_hook as _install_hf_hook
 from actsparse.models.discovery import find_linear_sites
 from actsparse.sparsify import SparsifyReport, sparsify_, unsparsify_
-from actsparse.amber import amber_preset, budget_skip, measure_sensitivity, random_skip  # registers w8a8 mitigations
-from actsparse.calibration.mitigations import CovarianceStats, ensure_mitigation  # registers the calibrated mitigations
-from actsparse.calibration.layerwise import CalibrationOptions, CalibrationReport, calibrate_, collect_covariance_stats
-from actsparse.calibration.state import load_state_, save_state
-from actsparse.hf import install_hook as _install_hf_hook
 
 _install_hf_hook()  # `quant_method: "actsparse"` checkpoints load with AutoModelForCausalLM.from_pretrained
 

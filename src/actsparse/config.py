@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from actsparse import validate
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import parse_pattern
 from actsparse.core.scoring import get_criterion
-from actsparse import validate
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import ROLES
 

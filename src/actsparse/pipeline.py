@@ -131,7 +131,7 @@ def capture_layer_inputs(
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        for window_index, window in enumerate(windows):
+        for window_index, window in enumerate(windows):  # noqa: B007  (the hooks read window_index)
             try:
                 forward_window(model, window, bos_id)
             except _Stop:

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from actsparse.core.stats import InputStats
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import Dense, parse_pattern
 from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
+from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
-from actsparse.modules import set_module
 from actsparse.models.discovery import LinearSite, find_linear_sites
 from actsparse.models.placement import bridge_offload_, onloaded
+from actsparse.modules import set_module
 from actsparse.selection import choose_sites
 
 SPARSITY_ATTR = "_actsparse_config"  # the SparsityConfig a model was sparsified with, set by sparsify_
@@ -48,7 +48,7 @@ class SparsifyReport:
         return sum(s.flops_per_token for s in self.sparse) / total if total else 0.0
 
     @classmethod
-    def of(cls, model: nn.Module, sites: list[LinearSite]) -> "SparsifyReport":
+    def of(cls, model: nn.Module, sites: list[LinearSite]) -> SparsifyReport:
         """The report of a model as it is now swapped: ``sites`` found before the swap."""
         names = set(sparse_layers(model))
         return cls(tuple(s for s in sites if s.name in names), tuple(s for s in sites if s.name not in names))

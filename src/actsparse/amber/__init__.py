@@ -18,7 +18,15 @@ from actsparse.amber.budget import (
     random_skip,
     skip_entries,
 )
-from actsparse.amber.quant import QUANT_MITIGATIONS, fake_quant, quantize_rest_, outstanding_scale, quantize_activations, quantize_weight, smoothquant_scale
+from actsparse.amber.quant import (
+    QUANT_MITIGATIONS,
+    fake_quant,
+    outstanding_scale,
+    quantize_activations,
+    quantize_rest_,
+    quantize_weight,
+    smoothquant_scale,
+)
 from actsparse.amber.sensitivity import Sensitivity, measure_sensitivity, relative_error
 
 __all__ = [

@@ -9,8 +9,8 @@ with no recognised role counted as dense).
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import ROLES, LinearSite

@@ -76,7 +76,7 @@ def outstanding_scale(input_abs_max: torch.Tensor, weight: torch.Tensor, alpha: 
     return 1.0 / smoothquant_scale(input_abs_max, weight, alpha)
 
 
-def _forward(layer: "SparseLinear", x: torch.Tensor, sparse: bool = True) -> torch.Tensor:
+def _forward(layer: SparseLinear, x: torch.Tensor, sparse: bool = True) -> torch.Tensor:
     """smooth -> sparsify -> quantise -> product, for rows ``x`` ``[tokens, in]``."""
     xs = x.float()
     if layer.w8a8_smooth is not None:
@@ -88,7 +88,7 @@ def _forward(layer: "SparseLinear", x: torch.Tensor, sparse: bool = True) -> tor
     return F.linear(xq, layer.w8a8_weight, bias).to(x.dtype)
 
 
-def _prepare(layer: "SparseLinear", scale_fn=None, name: str = "w8a8") -> None:
+def _prepare(layer: SparseLinear, scale_fn=None, name: str = "w8a8") -> None:
     weight = layer.dense_weight().detach()
     smooth = None
     if scale_fn is not None:
@@ -103,7 +103,7 @@ def _prepare(layer: "SparseLinear", scale_fn=None, name: str = "w8a8") -> None:
     layer.dense_apply = partial(_forward, layer, sparse=False)
 
 
-def w8a8(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+def w8a8(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
     """``q(P(x)) q(W)ᵀ + b``."""
     return _forward(layer, x)
 
@@ -134,9 +134,9 @@ def quantize_rest_(model, config, report, stats=None) -> int:
     the whole decoder is W8A8 and only the chosen layers are sparse. Returns how many were wrapped;
     ``unsparsify_`` restores them with the rest. Layers with no recognised role stay untouched.
     """
+    from actsparse.core.mitigation import get_mitigation
     from actsparse.core.patterns import Dense
     from actsparse.core.scoring import get_criterion
-    from actsparse.core.mitigation import get_mitigation
     from actsparse.core.sparse_linear import SparseLinear
     from actsparse.modules import set_module as _set_module
 

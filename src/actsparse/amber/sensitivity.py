@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from actsparse.calibration.collect import run_windows
-from actsparse.core.stats import InputStats
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import Dense, parse_pattern
 from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
+from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import ROLES, LinearSite, find_linear_sites
 

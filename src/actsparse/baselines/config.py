@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from actsparse.baselines.methods import PRUNERS, get_pruner  # noqa: F401  (PRUNERS re-exported)
 from actsparse import validate
+from actsparse.baselines.methods import PRUNERS, get_pruner  # noqa: F401  (PRUNERS re-exported)
 from actsparse.config import SparsityConfig, normalise_selection
 from actsparse.core.patterns import parse_pattern
-from actsparse.errors import ActsparseError
 
 
 @dataclass(frozen=True)

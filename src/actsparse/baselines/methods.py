@@ -29,15 +29,15 @@ Selection is "largest score first, ties to the lower index" everywhere
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from actsparse.core.masks import keep_mask
-from actsparse.kernels.ranking import topk_mask
 from actsparse.core.patterns import NM, Dense, Pattern, Unstructured
 from actsparse.errors import ActsparseError
+from actsparse.kernels.ranking import topk_mask
 from actsparse.registry import Registry
 
 NEEDS = ("none", "norms", "hessian")

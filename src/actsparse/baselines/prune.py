@@ -36,9 +36,19 @@ from actsparse.baselines.config import WeightPruneConfig
 from actsparse.baselines.methods import LayerInputs, get_pruner
 from actsparse.core.patterns import Dense, parse_pattern
 from actsparse.errors import ActsparseError
-from actsparse.modules import is_conv1d
-from actsparse.pipeline import REPLAY_BATCH, _as_windows, _batches, _LayerCall, _same, _split_call, _Stop, as_windows, capture_layer_inputs  # noqa: F401
 from actsparse.models.discovery import LinearSite, find_decoder_layers, find_linear_sites
+from actsparse.modules import is_conv1d
+from actsparse.pipeline import (  # noqa: F401
+    REPLAY_BATCH,
+    _as_windows,
+    _batches,
+    _LayerCall,
+    _same,
+    _split_call,
+    _Stop,
+    as_windows,
+    capture_layer_inputs,
+)
 
 RECORD_ATTR = "_actsparse_weight_pruning"  # set on a model by prune_weights_ / load_pruned_
 CONFIG_KEY = "actsparse_weight_pruning"  # the same record in a transformers model's config: save_pretrained writes it

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from actsparse.core.stats import InputStats
 from actsparse.models.discovery import LinearSite, find_linear_sites

@@ -32,19 +32,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsparse.pipeline import as_windows as _as_windows
-from actsparse.pipeline import capture_layer_inputs
-from actsparse.sparsify import CALIBRATION_ATTR, mark_sparsified_, sparse_layers, unsparsify_  # noqa: F401  (CALIBRATION_ATTR: also imported from here)
 from actsparse.calibration.collect import collect_input_stats
-from actsparse.calibration.mitigations import CovarianceStats, collects, ensure_mitigation, is_calibrated, is_learned, own_feature_vector
+from actsparse.calibration.mitigations import (
+    CovarianceStats,
+    collects,
+    ensure_mitigation,
+    is_calibrated,
+    is_learned,
+    own_feature_vector,
+)
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import Dense, parse_pattern
 from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
-from actsparse.modules import io_features, set_module
 from actsparse.models.discovery import find_decoder_layers, find_linear_sites
+from actsparse.modules import io_features, set_module
+from actsparse.pipeline import as_windows as _as_windows
+from actsparse.pipeline import capture_layer_inputs
+from actsparse.sparsify import CALIBRATION_ATTR, mark_sparsified_, sparse_layers, unsparsify_  # noqa: F401  (CALIBRATION_ATTR: also imported from here)
 
 SHOW_EVERY = 16  # training steps between loss updates of the progress bar (each one waits for the device)
 

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actsparse.core.stats import InputStats
 from actsparse.core.mitigation import MITIGATIONS, Mitigation, get_mitigation, register_mitigation, variance_scale
 from actsparse.core.patterns import NM
+from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
 
 DEFAULT_RANK = 16

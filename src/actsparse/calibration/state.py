@@ -90,8 +90,8 @@ def save_state(model: nn.Module, directory: str | Path, *, calibration: dict | N
     """
     from safetensors.torch import save_file
 
-    from actsparse.calibration.layerwise import CALIBRATION_ATTR
     from actsparse.artifacts import versions
+    from actsparse.calibration.layerwise import CALIBRATION_ATTR
     from actsparse.sparsify import sparse_layers
 
     layers = sparse_layers(model)
@@ -298,7 +298,7 @@ def apply_state_(model: nn.Module, config: SparsityConfig, tensors: dict[str, to
             if getattr(layer, "state_names", ()):
                 layer.calibrated = True
                 if "feature_vector" in layer.state_names:
-                    layer.feature_vector = getattr(layer, "feature_vector")
+                    layer.feature_vector = layer.feature_vector
     except BaseException:
         unsparsify_(model)
         raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from actsparse.errors import ActsparseError
 
@@ -68,8 +67,8 @@ def add_bench_command(commands) -> None:
 def cmd_bench(args) -> None:
     import torch
 
-    from actsparse.cli.main import config_from
     from actsparse.artifacts import write_json_atomic
+    from actsparse.cli.main import config_from
     from actsparse.eval.speed import DTYPES, PRESETS, BenchOptions, preset_model, run_bench
     from actsparse.models.loading import load_model
 

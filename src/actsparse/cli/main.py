@@ -87,8 +87,8 @@ def add_sparsity_options(parser: argparse.ArgumentParser, weights: bool = True) 
 
 def add_eval_options(parser: argparse.ArgumentParser, evaluation: bool = True) -> None:
     """The model, text and window options; ``evaluation``: also --max-tokens / --batch-size (perplexity only)."""
-    from actsparse.eval.run import DEFAULT_MODEL
     from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL
+    from actsparse.eval.run import DEFAULT_MODEL
 
     group = parser.add_argument_group("evaluation")
     group.add_argument("--model", default=DEFAULT_MODEL, help=f"alias (smollm2-135m, gemma3-270m), local directory or hub id (default: {DEFAULT_MODEL})")
@@ -487,13 +487,13 @@ def cmd_sensitivity(args) -> None:
     from pathlib import Path
 
     from actsparse.amber import budget_skip, measure_sensitivity
+    from actsparse.artifacts import versions, write_json_atomic
     from actsparse.calibration.collect import collect_input_stats
     from actsparse.core.mitigation import get_mitigation
     from actsparse.core.patterns import parse_pattern
     from actsparse.core.scoring import get_criterion
     from actsparse.data.sources import load_text
     from actsparse.eval.perplexity import encode, make_windows
-    from actsparse.artifacts import versions, write_json_atomic
     from actsparse.eval.run import EvalSettings
     from actsparse.models.loading import load_model, model_skeleton, tokenizer_adds_bos
 

@@ -148,7 +148,7 @@ class DecodeChoice:
 DECODE_CHOICE = DecodeChoice()
 
 
-def triton_forward(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+def triton_forward(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
     """The Triton path for rows ``x [T, K]`` of a layer whose config is supported."""
     n, m = layer.pattern.n, layer.pattern.m
     vector = layer.feature_vector
@@ -168,7 +168,7 @@ def triton_forward(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _prefill24(layer: "SparseLinear", x: torch.Tensor, vector) -> torch.Tensor:
+def _prefill24(layer: SparseLinear, x: torch.Tensor, vector) -> torch.Tensor:
     rows = x.shape[0]
     sparse_matmul = layer.cslt_linear()
 

@@ -10,6 +10,7 @@ import torch
 from actsparse.core.patterns import NM, Dense, Pattern, Unstructured
 from actsparse.kernels.ranking import nm_mask, topk_mask
 
+
 def keep_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Boolean mask of the features that survive, same shape as ``scores``.
 

@@ -10,8 +10,9 @@ Adding a mitigation is one function plus one ``register_mitigation`` line.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,8 +29,8 @@ SMOOTH_EPS = 1e-5
 @dataclass(frozen=True)
 class Mitigation:
     name: str
-    apply: Callable[["SparseLinear", torch.Tensor], torch.Tensor]
-    prepare: Callable[["SparseLinear"], None] | None = None
+    apply: Callable[[SparseLinear, torch.Tensor], torch.Tensor]
+    prepare: Callable[[SparseLinear], None] | None = None
     needs_calibration: bool = False  # needs input statistics (collect_input_stats) or a calibration
     causal: bool = True  # False: a token's output depends on other tokens of the batch
     description: str = ""
@@ -51,7 +52,7 @@ register_mitigation = MITIGATIONS.add  # register_mitigation(Mitigation(...))
 get_mitigation = MITIGATIONS.find
 
 
-def plain(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+def plain(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
     """``P(x) Wᵀ + b``."""
     return layer.product(layer.prune(x))
 
@@ -62,17 +63,17 @@ def variance_scale(x: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
     return ratio.sqrt()
 
 
-def var(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+def var(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
     """VAR: rescale each pruned token to the variance of the dense token."""
     pruned = layer.prune(x)
     return layer.product((pruned.float() * variance_scale(x, pruned)).to(x.dtype))
 
 
-def prepare_row_sums(layer: "SparseLinear") -> None:
+def prepare_row_sums(layer: SparseLinear) -> None:
     layer.register_buffer("weight_row_sum", layer.dense_weight().float().sum(dim=1), persistent=False)
 
 
-def dynamic_shift(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+def dynamic_shift(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
     """D-PTS in hardware form: ``P(x - η_t) Wᵀ + η_t (W 1)ᵀ + b`` with η_t the lower median of x_t."""
     eta = x.median(dim=-1, keepdim=True).values
     sparse = layer.product(layer.prune(x - eta))
@@ -85,20 +86,20 @@ def smooth_scale(input_abs_max: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     return (input_abs_max.float() / weight_max).sqrt().clamp_min(SMOOTH_EPS)
 
 
-def smooth(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+def smooth(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
     """``P(x/s)(W diag(s))ᵀ`` with s from this batch's tokens: select on ``x/s``, multiply ``x``."""
     s = smooth_scale(x.float().abs().amax(dim=0), layer.dense_weight())
     return layer.product(x * layer.keep(x.float() / s))
 
 
-def prepare_static_smooth(layer: "SparseLinear") -> None:
+def prepare_static_smooth(layer: SparseLinear) -> None:
     if layer.stats is None:
         raise ActsparseError("mitigation 'smooth-static' needs calibration statistics; pass calibration data (CLI: --calib-data)")
     scale = smooth_scale(layer.stats.abs_max, layer.dense_weight()).to(layer.dense_weight().device)
     layer.register_buffer("smooth_scale", scale, persistent=False)
 
 
-def static_smooth(layer: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+def static_smooth(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
     """``smooth`` with s from calibration maxima (causal, usable in decode)."""
     return layer.product(x * layer.keep(x.float() / layer.smooth_scale))
 

@@ -15,8 +15,8 @@ two different scores round to a tie, and then the reference and the kernels coul
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

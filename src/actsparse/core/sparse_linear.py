@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actsparse.core.stats import InputStats
+from actsparse.core.dispatch import choose_backend, runs_here, triton_forward
 from actsparse.core.masks import keep_mask
 from actsparse.core.mitigation import Mitigation
 from actsparse.core.patterns import Dense, Pattern
 from actsparse.core.scoring import Criterion
-from actsparse.core.dispatch import choose_backend, runs_here, triton_forward
+from actsparse.core.stats import InputStats
 from actsparse.kernels.sparse_gemv import GemvWeight
 from actsparse.modules import io_features, is_conv1d  # noqa: F401  (is_conv1d: also imported from here)
 

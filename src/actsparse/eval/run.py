@@ -20,15 +20,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from actsparse import validate
+from actsparse.artifacts import versions
 from actsparse.calibration.collect import collect_input_stats
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.scoring import get_criterion
 from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL, check_disjoint, load_text
-from actsparse import validate
 from actsparse.errors import ActsparseError
 from actsparse.eval.perplexity import Perplexity, encode, make_windows, perplexity
-from actsparse.artifacts import versions
 from actsparse.sparsify import sparsify_, unsparsify_
 
 DEFAULT_MODEL = "smollm2-135m"

@@ -25,8 +25,8 @@ def export(settings, out: str | Path, *, config=None, state: str | Path | None =
     """Export ``settings.model`` sparsified by ``config`` (a ``SparsityConfig`` or a
     ``WeightPruneConfig``) or by a calibrated ``state`` directory into ``out``; returns the
     evaluation record (also written as ``actsparse_export.json``)."""
-    from actsparse.baselines.config import WeightPruneConfig
     from actsparse.artifacts import write_json_atomic
+    from actsparse.baselines.config import WeightPruneConfig
     from actsparse.eval.run import Evaluator
 
     if (config is None) == (state is None):

@@ -217,8 +217,8 @@ class ActsparseHfQuantizer(HfQuantizer):
 
     def refresh(self, model) -> None:
         """Describe the model as it is now in ``quantization_config`` (and ``model.config``)."""
-        from actsparse.calibration.layerwise import CALIBRATION_ATTR
         from actsparse.artifacts import versions
+        from actsparse.calibration.layerwise import CALIBRATION_ATTR
         from actsparse.sparsify import sparse_layers
 
         config = sparsity_config_of(model)

@@ -73,7 +73,7 @@ class DecodeWeight:
         self._scratch: dict = {}
 
     @classmethod
-    def from_linear(cls, weight, bias: torch.Tensor | None = None) -> "DecodeWeight":
+    def from_linear(cls, weight, bias: torch.Tensor | None = None) -> DecodeWeight:
         """From an ``[O, K]`` weight (and optional ``[O]`` bias), or from an ``nn.Linear``."""
         if isinstance(weight, torch.nn.Linear):
             weight, bias = weight.weight, weight.bias

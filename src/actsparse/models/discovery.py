@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from actsparse.modules import io_features, is_conv1d
 from actsparse.errors import ActsparseError
+from actsparse.modules import io_features, is_conv1d
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
 

@@ -16,8 +16,7 @@ from actsparse.report.markdown import report_markdown
 
 def write_report(stores, out_dir, plots: bool = True, command: str | None = None) -> Path:
     """Read the stores, write ``out_dir/report.md`` (and the plots beside it); returns the Markdown's path."""
-    from actsparse.artifacts import write_text_atomic
-    from actsparse.artifacts import read_records
+    from actsparse.artifacts import read_records, write_text_atomic
 
     stores = [str(s) for s in stores]
     records = []

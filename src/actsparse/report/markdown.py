@@ -6,7 +6,17 @@ from __future__ import annotations
 import math
 
 from actsparse.report.collect import Point, Study
-from actsparse.report.headline import PPL, REFERENCE, Metric, fmt_ratio, median_ratio, metrics, ratios, same_density_patterns, task_label
+from actsparse.report.headline import (
+    PPL,
+    REFERENCE,
+    Metric,
+    fmt_ratio,
+    median_ratio,
+    metrics,
+    ratios,
+    same_density_patterns,
+    task_label,
+)
 
 NON_CAUSAL = "†"
 
