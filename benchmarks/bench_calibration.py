@@ -59,14 +59,20 @@ def main() -> None:
     settings = EvalSettings(model=args.model, seqlen=args.seqlen, dtype=args.dtype, device="cuda", max_tokens=args.seqlen * 4)
     evaluator = Evaluator(settings, progress=False)
     windows, calib = evaluator.calibration_windows(args.windows)
-    print(f"{args.model}, {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}: {len(windows)} windows of {args.seqlen} "
-          f"tokens from {calib}, decoder layers 0-{args.layers - 1}, {args.pattern} {args.criterion}, {args.repeats} repeats (medians)")
+    print(
+        f"{args.model}, {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}: {len(windows)} windows of {args.seqlen} "
+        f"tokens from {calib}, decoder layers 0-{args.layers - 1}, {args.pattern} {args.criterion}, {args.repeats} repeats (medians)"
+    )
     print()
-    print("| mitigation | eager s | graph s | eager steps/s | graph steps/s | graph speed-up | max |Δ state| | max |Δ last loss| (rel) |")
+    print(
+        "| mitigation | eager s | graph s | eager steps/s | graph steps/s | graph speed-up | max |Δ state| | max |Δ last loss| (rel) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     steps = args.layers * len(windows)
     for mitigation in args.mitigations.split(","):
-        config = SparsityConfig(pattern=args.pattern, criterion=args.criterion, mitigation=mitigation, layers=tuple(range(args.layers)))
+        config = SparsityConfig(
+            pattern=args.pattern, criterion=args.criterion, mitigation=mitigation, layers=tuple(range(args.layers))
+        )
         times = {False: [], True: []}
         for graph in (False, True):  # warm-up: allocator, kernels' autotuning, cuBLAS handles
             calibrate_once(evaluator.model, config, windows, evaluator.bos_id, graph)
@@ -81,11 +87,15 @@ def main() -> None:
         eager_s, graph_s = statistics.median(times[False]), statistics.median(times[True])
         diff = max((eager[k] - graphed[k]).abs().max().item() for k in eager)
         loss_diff = max(abs(a - b) / max(abs(a), 1e-30) for a, b in zip(eager_losses, graphed_losses))
-        print(f"| {mitigation} | {eager_s:.2f} | {graph_s:.2f} | {steps / eager_s:.0f} | {steps / graph_s:.0f} | {eager_s / graph_s:.2f}x "
-              f"| {diff:.1e} | {loss_diff:.1e} |")
+        print(
+            f"| {mitigation} | {eager_s:.2f} | {graph_s:.2f} | {steps / eager_s:.0f} | {steps / graph_s:.0f} | {eager_s / graph_s:.2f}x "
+            f"| {diff:.1e} | {loss_diff:.1e} |"
+        )
         sys.stdout.flush()
     print()
-    print("Seconds are whole calibrate_ calls (input capture, dense passes, training, outputs); steps/s = layers x windows / seconds.")
+    print(
+        "Seconds are whole calibrate_ calls (input capture, dense passes, training, outputs); steps/s = layers x windows / seconds."
+    )
 
 
 if __name__ == "__main__":

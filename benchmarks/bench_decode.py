@@ -103,8 +103,19 @@ def bench_layer(k, o, tokens, n, m, args):
     unchecked = time_us([lambda x=x: nm_decode_linear(x, dw, n, m, config=nocheck) for x, _ in inputs], args.eager)
     rows = sum(mask.any(0).sum().item() for _, mask in inputs) / len(inputs)
     gbps = rows * o * 2 / (sparse * 1e-6) / 1e9
-    return dict(shape=f"{k}->{o}", B=tokens, pattern=f"{n}:{m}", dense=dense, sparse=sparse, nocheck=unchecked,
-                ratio=dense / sparse, gbps=gbps, dense_gbps=k * o * 2 / (dense * 1e-6) / 1e9, err=worst, config=cfg)
+    return dict(
+        shape=f"{k}->{o}",
+        B=tokens,
+        pattern=f"{n}:{m}",
+        dense=dense,
+        sparse=sparse,
+        nocheck=unchecked,
+        ratio=dense / sparse,
+        gbps=gbps,
+        dense_gbps=k * o * 2 / (dense * 1e-6) / 1e9,
+        err=worst,
+        config=cfg,
+    )
 
 
 SWEEP_B1 = [  # (stages, block_o, num_warps, block_k, programs per SM)
@@ -116,10 +127,14 @@ SWEEP_B1 = [  # (stages, block_o, num_warps, block_k, programs per SM)
 SWEEP_BN = [(s, 1024, 4, bk, p) for s in (0, 3) for bk in (4, 8) for p in (1, 2)]
 FINE_B1 = (
     [(s, bo, w, 16, p) for s in (3, 4) for bo, w in ((512, 2), (1024, 4), (2048, 8)) for p in (1, 2, 3)]
-    + [(2, 1024, 4, 32, p) for p in (2, 3)] + [(0, 1024, 4, 8, p) for p in (4, 8)] + [(0, 1024, 4, 16, 8)]
+    + [(2, 1024, 4, 32, p) for p in (2, 3)]
+    + [(0, 1024, 4, 8, p) for p in (4, 8)]
+    + [(0, 1024, 4, 16, 8)]
 )
-FINE_BN = {2: [(3, 1024, 4, 8, 2), (3, 1024, 4, 16, 2), (0, 1024, 4, 8, 2), (0, 1024, 4, 8, 4)],
-           4: [(3, 1024, 4, 4, 2), (3, 1024, 4, 8, 2), (3, 1024, 4, 4, 3), (3, 1024, 4, 8, 3), (4, 1024, 4, 8, 2)]}
+FINE_BN = {
+    2: [(3, 1024, 4, 8, 2), (3, 1024, 4, 16, 2), (0, 1024, 4, 8, 2), (0, 1024, 4, 8, 4)],
+    4: [(3, 1024, 4, 4, 2), (3, 1024, 4, 8, 2), (3, 1024, 4, 4, 3), (3, 1024, 4, 8, 3), (4, 1024, 4, 8, 2)],
+}
 SWEEP_SET = ["coarse"]
 
 
@@ -168,7 +183,7 @@ def sweep(cases, args):
     for k, o, tokens, n, m in cases:
         configs = sweep_configs(k, o, tokens, m)
         for i in range(0, len(configs), 6):
-            jobs.append((k, o, tokens, n, m, configs[i:i + 6]))
+            jobs.append((k, o, tokens, n, m, configs[i : i + 6]))
     with mp.get_context("spawn").Pool(min(12, len(jobs))) as pool:
         failed = {c for bad in pool.map(_precompile, jobs) for c, _ in bad}
     results = {}
@@ -211,8 +226,11 @@ def probe(args):
         cfg = gemv_config(dw, tokens, 16, check=False)
         allrows = time_us([lambda x=x: nm_decode_linear(x, dw, 8, 16, config=cfg) for x in xs], args.eager)
         gb = k * o * 2 / 1e9
-        print(f"probe {k}->{o} B={tokens}: dense F.linear {dense:.1f} us ({gb / dense * 1e6:.0f} GB/s); x @ Wt {mm_t:.1f} us; "
-              f"kernel on all rows (no zeros, no check) {allrows:.1f} us ({gb / allrows * 1e6:.0f} GB/s)", flush=True)
+        print(
+            f"probe {k}->{o} B={tokens}: dense F.linear {dense:.1f} us ({gb / dense * 1e6:.0f} GB/s); x @ Wt {mm_t:.1f} us; "
+            f"kernel on all rows (no zeros, no check) {allrows:.1f} us ({gb / allrows * 1e6:.0f} GB/s)",
+            flush=True,
+        )
 
 
 def stress(args, calls=150):
@@ -244,7 +262,9 @@ def per_layer(args):
         stress(args)
     if args.probe:
         probe(args)
-    print(f"device: {torch.cuda.get_device_name()}, timing: {'eager' if args.eager else 'CUDA graphs'} + do_bench median, L2 flushed per call")
+    print(
+        f"device: {torch.cuda.get_device_name()}, timing: {'eager' if args.eager else 'CUDA graphs'} + do_bench median, L2 flushed per call"
+    )
     if args.sweep:
         cases = [(k, o, t, *parse_pattern(args.patterns[0])) for (k, o), t in itertools.product(SHAPES, args.batch)]
         sweep(cases, args)
@@ -253,8 +273,11 @@ def per_layer(args):
     for (k, o), tokens, pattern in itertools.product(SHAPES, args.batch, args.patterns):
         n, m = parse_pattern(pattern)
         r = bench_layer(k, o, tokens, n, m, args)
-        print(f"{r['shape']:>12} {r['B']:>2} {r['pattern']:>7} {r['dense']:9.1f} {r['sparse']:9.1f} {r['nocheck']:10.1f} "
-              f"{r['ratio']:9.2f} {r['gbps']:6.0f} {r['dense_gbps']:10.0f} {r['err']:8.1e}  {fmt(r['config'])}", flush=True)
+        print(
+            f"{r['shape']:>12} {r['B']:>2} {r['pattern']:>7} {r['dense']:9.1f} {r['sparse']:9.1f} {r['nocheck']:10.1f} "
+            f"{r['ratio']:9.2f} {r['gbps']:6.0f} {r['dense_gbps']:10.0f} {r['err']:8.1e}  {fmt(r['config'])}",
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -314,8 +337,19 @@ class Projections:
 class TinyLlama:
     """A minimal Llama-3-8B-shaped decoder with random bf16 weights and a static KV cache."""
 
-    def __init__(self, layers=32, hidden=4096, mlp=14336, heads=32, kv_heads=8, vocab=128256, max_len=256, batch=1,
-                 device="cuda", dtype=torch.bfloat16):
+    def __init__(
+        self,
+        layers=32,
+        hidden=4096,
+        mlp=14336,
+        heads=32,
+        kv_heads=8,
+        vocab=128256,
+        max_len=256,
+        batch=1,
+        device="cuda",
+        dtype=torch.bfloat16,
+    ):
         dev, dt = device, dtype
         self.layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, hidden // heads
         kv = kv_heads * self.head_dim
@@ -324,8 +358,15 @@ class TinyLlama:
             return torch.randn(o, i, device=dev, dtype=dt) * 0.02
 
         self.weights = [
-            dict(q=w(hidden, hidden), k=w(kv, hidden), v=w(kv, hidden), o=w(hidden, hidden),
-                 gate=w(mlp, hidden), up=w(mlp, hidden), down=w(hidden, mlp))
+            dict(
+                q=w(hidden, hidden),
+                k=w(kv, hidden),
+                v=w(kv, hidden),
+                o=w(hidden, hidden),
+                gate=w(mlp, hidden),
+                up=w(mlp, hidden),
+                down=w(hidden, mlp),
+            )
             for _ in range(layers)
         ]
         self.embed = w(vocab, hidden)
@@ -401,8 +442,10 @@ def decode_tokens_per_s(model, proj, steps):
 def end_to_end(args):
     batch = args.batch[0]
     steps = args.tokens
-    print(f"e2e: Llama-3-8B-shaped decoder (32 layers, random bf16 weights), batch {batch}, {steps} generated tokens, "
-          f"8:16 magnitude pruning on all seven projections, lm_head dense; one CUDA graph per step")
+    print(
+        f"e2e: Llama-3-8B-shaped decoder (32 layers, random bf16 weights), batch {batch}, {steps} generated tokens, "
+        f"8:16 magnitude pruning on all seven projections, lm_head dense; one CUDA graph per step"
+    )
     model = TinyLlama(batch=batch, max_len=steps + 8)
     dense = Projections(model.weights, "dense")
     sparse = Projections(model.weights, "sparse")
@@ -417,14 +460,18 @@ def end_to_end(args):
 
     check = Projections(model.weights, "check", decode=sparse.sparse)
     ref = first_logits(check)  # kernel vs F.linear on the same pruned inputs, projection by projection
-    print(f"per projection (same pruned input, no propagation): worst relative difference kernel vs F.linear "
-          f"{check.worst:.2e} over {32 * 7} projections")
+    print(
+        f"per projection (same pruned input, no propagation): worst relative difference kernel vs F.linear "
+        f"{check.worst:.2e} over {32 * 7} projections"
+    )
     got = first_logits(sparse)
     dense_logits = first_logits(dense)
     print(f"first-step logits cosine: sparse kernel vs pruned F.linear {cos(got, ref):.5f}")
-    print(f"  amplification baselines: dense bf16 vs dense fp32-product {cos(dense_logits, first_logits(Projections(model.weights, 'dense32'))):.5f}; "
-          f"pruned bf16 vs pruned fp32-product {cos(ref, first_logits(Projections(model.weights, 'pruned32'))):.5f}; "
-          f"dense vs pruned {cos(dense_logits, ref):.5f}")
+    print(
+        f"  amplification baselines: dense bf16 vs dense fp32-product {cos(dense_logits, first_logits(Projections(model.weights, 'dense32'))):.5f}; "
+        f"pruned bf16 vs pruned fp32-product {cos(ref, first_logits(Projections(model.weights, 'pruned32'))):.5f}; "
+        f"dense vs pruned {cos(dense_logits, ref):.5f}"
+    )
     del check
 
     dense_tps = decode_tokens_per_s(model, dense, steps)
@@ -440,7 +487,9 @@ def main(argv=None):
     parser.add_argument("--patterns", nargs="+", default=["2:4", "8:16", "16:32"])
     parser.add_argument("--inputs", type=int, default=4, help="fresh inputs per case (a graph each, replays rotate)")
     parser.add_argument("--eager", action="store_true", help="time plain calls instead of CUDA graph replays")
-    parser.add_argument("--sweep", action="store_true", help="also time GEMV tile/split/rows/warp choices (first pattern only; ~4 min)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="also time GEMV tile/split/rows/warp choices (first pattern only; ~4 min)"
+    )
     parser.add_argument("--e2e", action="store_true", help="run the end-to-end decode loop instead")
     parser.add_argument("--stress", action="store_true", help="also check many back-to-back calls against F.linear")
     parser.add_argument("--probe", action="store_true", help="also print the timing floor and the kernel's rate on dense rows")
@@ -449,7 +498,9 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=128, help="generated tokens in --e2e")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_decode: no CUDA device; this benchmark needs an NVIDIA GPU (the kernel's correctness tests run on CPU: pytest tests/test_kernel_decode.py)")
+        print(
+            "bench_decode: no CUDA device; this benchmark needs an NVIDIA GPU (the kernel's correctness tests run on CPU: pytest tests/test_kernel_decode.py)"
+        )
         return 0
     torch.manual_seed(0)
     SWEEP_SET[0] = "fine" if args.fine else "coarse"

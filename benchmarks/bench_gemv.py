@@ -129,9 +129,19 @@ def bench_case(k, o, rows, n, m, plans, inputs=4):
         results.append({"plan": list(plan), "sparse_us": sparse})
     best = min(results, key=lambda r: r["sparse_us"])
     kept = 1 - (1 - n / m) ** rows if rows > 1 else n / m  # expected share of rows read (independent tokens)
-    return {"k": k, "o": o, "rows": rows, "n": n, "m": m, "dense_us": dense, "best": best, "all": results,
-            "ratio": dense / best["sparse_us"], "dense_GBps": k * o * 2 / dense / 1e3,
-            "sparse_GBps": k * o * 2 * kept / best["sparse_us"] / 1e3}
+    return {
+        "k": k,
+        "o": o,
+        "rows": rows,
+        "n": n,
+        "m": m,
+        "dense_us": dense,
+        "best": best,
+        "all": results,
+        "ratio": dense / best["sparse_us"],
+        "dense_GBps": k * o * 2 / dense / 1e3,
+        "sparse_GBps": k * o * 2 * kept / best["sparse_us"] / 1e3,
+    }
 
 
 def main(argv=None):
@@ -158,14 +168,18 @@ def main(argv=None):
         jobs += [(k, o, r, n, m, p) for p in plan_lists[(k, o, r, n, m)]]
     precompile(jobs)
     print(f"device: {out['device']}; CUDA graphs + do_bench median, L2 flushed per call; bf16", flush=True)
-    print(f"{'K -> O':>14} {'rows':>4} {'N:M':>6} {'dense us':>9} {'sparse us':>9} {'ratio':>6} {'dense GB/s':>10} {'sparse GB/s':>11}  plan")
+    print(
+        f"{'K -> O':>14} {'rows':>4} {'N:M':>6} {'dense us':>9} {'sparse us':>9} {'ratio':>6} {'dense GB/s':>10} {'sparse GB/s':>11}  plan"
+    )
     for key in cases:
         result = bench_case(*key, plan_lists[key])
         out["cases"].append(result)
         k, o, r, n, m = key
-        print(f"{k:>6} -> {o:<6} {r:>4} {n:>3}:{m:<2} {result['dense_us']:>9.1f} {result['best']['sparse_us']:>9.1f} "
-              f"{result['ratio']:>6.2f} {result['dense_GBps']:>10.0f} {result['sparse_GBps']:>11.0f}  {tuple(result['best']['plan'])}",
-              flush=True)
+        print(
+            f"{k:>6} -> {o:<6} {r:>4} {n:>3}:{m:<2} {result['dense_us']:>9.1f} {result['best']['sparse_us']:>9.1f} "
+            f"{result['ratio']:>6.2f} {result['dense_GBps']:>10.0f} {result['sparse_GBps']:>11.0f}  {tuple(result['best']['plan'])}",
+            flush=True,
+        )
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(out, handle, indent=1)

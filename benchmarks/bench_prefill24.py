@@ -72,8 +72,11 @@ def bench(T: int, copy_gbs: float) -> str:
     # correctness (also warms the alg_id cache outside graph capture)
     cx, ch = sparsify_compress24(x), sparsify_compress24(h)
     xm, hm = x * mask24(x), h * mask24(h)
-    errs = [rel_err(gate(cx, T), F.linear(xm, w_gate)), rel_err(up(cx, T), F.linear(xm, w_up)),
-            rel_err(down(ch, T), F.linear(hm, w_down))]
+    errs = [
+        rel_err(gate(cx, T), F.linear(xm, w_gate)),
+        rel_err(up(cx, T), F.linear(xm, w_up)),
+        rel_err(down(ch, T), F.linear(hm, w_down)),
+    ]
     assert max(errs) <= 1e-2, errs
     t_ref = do_bench(lambda: torch._cslt_compress(xm), return_mode="median") * 1e3 if T <= 8192 else float("nan")
     del xm, hm
@@ -92,8 +95,10 @@ def bench(T: int, copy_gbs: float) -> str:
     t_cx = graph_time(lambda: sparsify_compress24(x))
     t_ch = graph_time(lambda: sparsify_compress24(h))
     gbs = (compress_bytes(T, HIDDEN) + compress_bytes(T, MLP)) / ((t_cx + t_ch) * 1e-6) / 1e9
-    return (f"{T:6d} | {t_dense:8.1f} | {t_sparse:8.1f} | {t_dense / t_sparse:5.2f} | {t_mm:8.1f} | {t_dense / t_mm:5.2f} | "
-            f"{t_cx:6.1f} {t_ch:7.1f} | {gbs:5.0f} ({gbs / copy_gbs:4.0%}) | {t_ref:8.1f} | {max(errs):.1e}")
+    return (
+        f"{T:6d} | {t_dense:8.1f} | {t_sparse:8.1f} | {t_dense / t_sparse:5.2f} | {t_mm:8.1f} | {t_dense / t_mm:5.2f} | "
+        f"{t_cx:6.1f} {t_ch:7.1f} | {gbs:5.0f} ({gbs / copy_gbs:4.0%}) | {t_ref:8.1f} | {max(errs):.1e}"
+    )
 
 
 def main():
@@ -106,8 +111,10 @@ def main():
         tune()
     copy_gbs = copy_bandwidth()
     print(f"copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
-    print("Llama-3-8B MLP, bf16, µs (CUDA graphs, median). compress = sparsify_compress24 on x [T,4096] and h [T,14336];"
-          " cslt_compress = torch._cslt_compress(x masked) eager, for reference")
+    print(
+        "Llama-3-8B MLP, bf16, µs (CUDA graphs, median). compress = sparsify_compress24 on x [T,4096] and h [T,14336];"
+        " cslt_compress = torch._cslt_compress(x masked) eager, for reference"
+    )
     print("     T | dense    | sparse   | d/s   | sp. mm   | d/mm  | compress x, h  | GB/s (of copy) | cslt_cmp | max rel err")
     for T in args.tokens:
         print(bench(T, copy_gbs), flush=True)

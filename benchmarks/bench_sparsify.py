@@ -101,9 +101,14 @@ def main() -> int:
         x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
         vector = torch.rand(K, device="cuda") + 0.5
         for n, m in PATTERNS:
-            cases = [("-", dict()), ("vec", dict(vector=vector)), ("var", dict(var=True)),
-                     ("var+vec", dict(var=True, vector=vector)), ("var/x", dict(var=True)),
-                     ("var/x+vec", dict(var=True, vector=vector))]
+            cases = [
+                ("-", dict()),
+                ("vec", dict(vector=vector)),
+                ("var", dict(var=True)),
+                ("var+vec", dict(var=True, vector=vector)),
+                ("var/x", dict(var=True)),
+                ("var/x+vec", dict(var=True, vector=vector)),
+            ]
             for name, opts in cases:
                 S.VAR_RESCALE_Y = "/x" not in name
                 check(S, torch.randn_like(x), n, m, **opts)
@@ -113,9 +118,14 @@ def main() -> int:
                     ref_us = do_bench(lambda: S.nm_sparsify_reference(x, n, m, **opts), return_mode="median") * 1e3
                 gbs = 2 * x.numel() * x.element_size() / (us * 1e-6) / 1e9
                 cfg = S._config(T, K, m, x.element_size(), bool(opts.get("var")))
-                print(flush=True, *[f"{T:>5} x {K:<5} {n:>2}:{m:<3} {name:>9} {us:8.1f} {gbs:7.0f} {100 * gbs / copy_gbs:5.0f}% "
-                      f"{ref_us:9.1f} {ref_us / us:7.1f}x  "
-                      f"BT={cfg['BLOCK_T']} BG={cfg['BLOCK_G']} warps={cfg['num_warps']}"])
+                print(
+                    flush=True,
+                    *[
+                        f"{T:>5} x {K:<5} {n:>2}:{m:<3} {name:>9} {us:8.1f} {gbs:7.0f} {100 * gbs / copy_gbs:5.0f}% "
+                        f"{ref_us:9.1f} {ref_us / us:7.1f}x  "
+                        f"BT={cfg['BLOCK_T']} BG={cfg['BLOCK_G']} warps={cfg['num_warps']}"
+                    ],
+                )
         S.VAR_RESCALE_Y = True
     return 0
 

@@ -38,7 +38,10 @@ print("meta elems", meta.numel(), "first", meta[:8].tolist())
 # CUTLASS layout reference
 sp, me = sparse_semi_structured_from_dense_cutlass(x)
 print("cutlass values eq:", torch.equal(sp.reshape(-1), vals), "meta", me.shape, me.dtype)
-print("cslt meta == cutlass meta (as int16)?", meta.numel() == me.numel() and torch.equal(meta.reshape(-1), me.view(torch.int16).reshape(-1)))
+print(
+    "cslt meta == cutlass meta (as int16)?",
+    meta.numel() == me.numel() and torch.equal(meta.reshape(-1), me.view(torch.int16).reshape(-1)),
+)
 
 for T in (512, 2048, 8192):
     for K, O in ((4096, 14336), (14336, 4096)):
@@ -51,7 +54,8 @@ for T in (512, 2048, 8192):
         try:
             sp_g = graph_time(lambda: torch._cslt_sparse_mm(c, w.t(), alg_id=alg))
         except Exception as e:
-            sp_g = float("nan"); print("graph cslt failed", repr(e)[:200])
+            sp_g = float("nan")
+            print("graph cslt failed", repr(e)[:200])
         try:
             sp_t, me = sparse_semi_structured_from_dense_cutlass(x)
             cut = do_bench(lambda: torch._sparse_semi_structured_linear(w, sp_t, me), return_mode="median")
@@ -64,4 +68,6 @@ for T in (512, 2048, 8192):
             tile = do_bench(lambda: torch._sparse_semi_structured_tile(x, algorithm="", use_cutlass=True), return_mode="median")
         except Exception:
             tile = float("nan")
-        print(f"T={T:6} K={K:6} O={O:6} dense {dense*1e3:7.1f} dense(graph) {dense_g*1e3:7.1f} cslt(graph) {sp_g*1e3:7.1f} cutlass(W·Xᵀ) {cut*1e3:7.1f} err {err} tile-compress {tile*1e3:7.1f}")
+        print(
+            f"T={T:6} K={K:6} O={O:6} dense {dense * 1e3:7.1f} dense(graph) {dense_g * 1e3:7.1f} cslt(graph) {sp_g * 1e3:7.1f} cutlass(W·Xᵀ) {cut * 1e3:7.1f} err {err} tile-compress {tile * 1e3:7.1f}"
+        )

@@ -59,8 +59,21 @@ def dump(out):
     odd = {k: v for k, v in ok.items() if v[1] != k[0] * k[1] * 9 // 16}
     print("size != T*K*9/16:", odd)
     # bit probes
-    shapes = [(32, 64), (64, 64), (64, 128), (128, 64), (128, 128), (96, 160), (160, 96), (192, 192),
-              (256, 512), (512, 256), (1024, 128), (128, 1024), (320, 320)]
+    shapes = [
+        (32, 64),
+        (64, 64),
+        (64, 128),
+        (128, 64),
+        (128, 128),
+        (96, 160),
+        (160, 96),
+        (192, 192),
+        (256, 512),
+        (512, 256),
+        (1024, 128),
+        (128, 1024),
+        (320, 320),
+    ]
     for T, K in shapes:
         if not isinstance(res["accept"].get((T, K), None), tuple) and (T, K) in res["accept"]:
             continue
@@ -85,8 +98,15 @@ def dump(out):
             print("probe failed", T, K, repr(e)[:200])
             continue
         res["shapes"][(T, K)] = entry
-        print("probed", T, K, "meta words", entry["uniform0"].numel(),
-              "uniform words:", [hex(entry[f"uniform{p}"][0].item() & 0xFFFF) for p in range(6)])
+        print(
+            "probed",
+            T,
+            K,
+            "meta words",
+            entry["uniform0"].numel(),
+            "uniform words:",
+            [hex(entry[f"uniform{p}"][0].item() & 0xFFFF) for p in range(6)],
+        )
     torch.save(res, os.path.join(out, "cslt_probe.pt"))
     # zero / non-2:4 groups: group g keeps the nonzero subset (g % 16) of its 4 positions
     for T, K in ((64, 64), (128, 128)):
@@ -117,8 +137,16 @@ def dump(out):
         print("fp16 meta == bf16 meta:", torch.equal(mb, mh))
         tile = torch._sparse_semi_structured_tile(xb, algorithm="", use_cutlass=False)
         cb = torch._cslt_compress(xb)
-        print("tile[0] shape", tuple(tile[0].shape), "numel", tile[0].numel(), "cslt numel", cb.numel(),
-              "equal:", tile[0].numel() == cb.numel() and torch.equal(tile[0].view(-1), cb.view(-1)))
+        print(
+            "tile[0] shape",
+            tuple(tile[0].shape),
+            "numel",
+            tile[0].numel(),
+            "cslt numel",
+            cb.numel(),
+            "equal:",
+            tile[0].numel() == cb.numel() and torch.equal(tile[0].view(-1), cb.view(-1)),
+        )
     except Exception as e:
         print("tile op failed", repr(e)[:200])
     torch.save(res, os.path.join(out, "cslt_probe.pt"))

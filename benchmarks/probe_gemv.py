@@ -47,7 +47,9 @@ CASES = [  # (K, O, rows, N, M, plan, also time phase 1)
 
 def main():
     print(f"device: {torch.cuda.get_device_name()}")
-    print(f"{'K -> O':>14} {'rows':>4} {'N:M':>5} {'plan':>26} {'dense':>6} {'select':>7} {'full':>6} {'regs':>5} {'spill':>5} {'smem':>6}")
+    print(
+        f"{'K -> O':>14} {'rows':>4} {'N:M':>5} {'plan':>26} {'dense':>6} {'select':>7} {'full':>6} {'regs':>5} {'spill':>5} {'smem':>6}"
+    )
     from bench_gemv import precompile
 
     precompile([(k, o, rows, n, m, plan) for k, o, rows, n, m, plan, _ in CASES])
@@ -58,14 +60,20 @@ def main():
         ws = sg.workspace_for(k, o, [plan], "cuda")
         dense = time_us([lambda x=x: F.linear(x, weight) for x in xs])
         times = {}
-        for phases in ((1, 3) if phase1 else (3,)):
+        for phases in (1, 3) if phase1 else (3,):
             outs = [torch.empty(rows, o, dtype=x.dtype, device="cuda") for x in xs]
-            times[phases] = time_us([lambda x=x, out=out: sg.sparse_gemv(x, wt, o, n, m, ws, plan, out=out, phases=phases)
-                                     for x, out in zip(xs, outs)])
+            times[phases] = time_us(
+                [
+                    lambda x=x, out=out: sg.sparse_gemv(x, wt, o, n, m, ws, plan, out=out, phases=phases)
+                    for x, out in zip(xs, outs)
+                ]
+            )
         kern = sg.LAST_LAUNCH["kernel"]
-        print(f"{k:>6} -> {o:<6} {rows:>4} {n:>2}:{m:<2} {str(tuple(plan)):>26} {dense:>6.1f} {times.get(1, float('nan')):>7.1f} "
-              f"{times[3]:>6.1f} {getattr(kern, 'n_regs', -1):>5} {getattr(kern, 'n_spills', -1):>5} {getattr(kern.metadata, 'shared', -1):>6}",
-              flush=True)
+        print(
+            f"{k:>6} -> {o:<6} {rows:>4} {n:>2}:{m:<2} {str(tuple(plan)):>26} {dense:>6.1f} {times.get(1, float('nan')):>7.1f} "
+            f"{times[3]:>6.1f} {getattr(kern, 'n_regs', -1):>5} {getattr(kern, 'n_spills', -1):>5} {getattr(kern.metadata, 'shared', -1):>6}",
+            flush=True,
+        )
     # the launch-and-event floor: a graph of one tiny kernel
     tiny = torch.zeros(1, device="cuda")
     print(f"floor: one-element add in a graph {time_us([lambda: tiny.add_(1)]):.1f} us")

@@ -50,7 +50,9 @@ ROWS = [
 W8A8_DENSE = "W8A8 dense"
 
 
-def plan(pattern: str, sens_skip: tuple[str, ...], random_entries: tuple[str, ...], preset: tuple[str, ...]) -> dict[str, SparsityConfig]:
+def plan(
+    pattern: str, sens_skip: tuple[str, ...], random_entries: tuple[str, ...], preset: tuple[str, ...]
+) -> dict[str, SparsityConfig]:
     """The config of every row for one pattern."""
     return {
         ROWS[0]: SparsityConfig(pattern=pattern, criterion="magnitude"),
@@ -147,7 +149,10 @@ def main() -> None:
             record = get_evaluator().run(config)
         record.update(kind="run", row=row, row_pattern=pattern, w8a8_whole_decoder=config.mitigation in QUANT_MITIGATIONS)
         append_jsonl_atomic(store, record)
-        print(f"{pattern:>6}  {row:<46} sparse FLOPs {record['sparse_flop_fraction']:6.1%}  ppl {record['sparse_ppl']:.3f}  (dense {record['dense_ppl']:.3f})", flush=True)
+        print(
+            f"{pattern:>6}  {row:<46} sparse FLOPs {record['sparse_flop_fraction']:6.1%}  ppl {record['sparse_ppl']:.3f}  (dense {record['dense_ppl']:.3f})",
+            flush=True,
+        )
 
     print(f"{len(done())} runs already in {store}")
     run(W8A8_DENSE, "dense", SparsityConfig(pattern="dense", criterion="magnitude", mitigation="w8a8"))
@@ -167,11 +172,17 @@ def main() -> None:
                     "budget": choice.to_dict(), "random": control.to_dict(), "versions": versions(),
                 }  # fmt: skip
                 append_jsonl_atomic(store, sens)
-                print(f"{pattern:>6}  sensitivity: target {args.target_fraction:.1%}, reached {choice.fraction:.2%}; skip {','.join(choice.skip) or '-'}")
-                print(f"{pattern:>6}  random control (seed {args.seed}): {control.fraction:.2%}; skip {','.join(control.skip) or '-'}")
+                print(
+                    f"{pattern:>6}  sensitivity: target {args.target_fraction:.1%}, reached {choice.fraction:.2%}; skip {','.join(choice.skip) or '-'}"
+                )
+                print(
+                    f"{pattern:>6}  random control (seed {args.seed}): {control.fraction:.2%}; skip {','.join(control.skip) or '-'}"
+                )
                 print(result.heatmap_text(), flush=True)
             num_layers = 1 + max(s.layer for s in sites)
-            configs = plan(pattern, tuple(sens["budget"]["skip"]), tuple(sens["random"]["skip"]), amber_preset("llama3.1-8b", num_layers))
+            configs = plan(
+                pattern, tuple(sens["budget"]["skip"]), tuple(sens["random"]["skip"]), amber_preset("llama3.1-8b", num_layers)
+            )
             for row, config in configs.items():
                 run(row, pattern, config)
     markdown = table(read_jsonl(store), patterns)

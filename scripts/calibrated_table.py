@@ -25,7 +25,21 @@ from actsparse.eval.run import Evaluator
 
 PATTERNS = ["2:4", "8:16"]
 CRITERIA = ["magnitude", "amber"]
-MITIGATIONS = ["none", "var", "dpts", "spts", "scap", "rotation", "rotation-spread", "lowrank", "lpts", "oshift", "oscale", "oscale-shift", "var-oscale"]
+MITIGATIONS = [
+    "none",
+    "var",
+    "dpts",
+    "spts",
+    "scap",
+    "rotation",
+    "rotation-spread",
+    "lowrank",
+    "lpts",
+    "oshift",
+    "oscale",
+    "oscale-shift",
+    "var-oscale",
+]
 
 
 def key(record_or_config) -> tuple:
@@ -50,7 +64,9 @@ def table(records: list[dict], mitigations=MITIGATIONS, patterns=PATTERNS, crite
             if record and record.get("calibration"):
                 device = record.get("versions", {}).get("device", "?")
                 seconds.setdefault(device, []).append(record["calibration"].get("seconds") or 0.0)
-        shown = " / ".join(f"{max(values):.1f}" + (f" ({device})" if len(seconds) > 1 else "") for device, values in seconds.items())
+        shown = " / ".join(
+            f"{max(values):.1f}" + (f" ({device})" if len(seconds) > 1 else "") for device, values in seconds.items()
+        )
         lines.append(f"| {mitigation} | " + " | ".join(cells) + f" | {shown or '–'} |")
     first = records[0]
     calib = next((r["calibration"] for r in records if "calibration" in r and "options" in r["calibration"]), None)
@@ -66,7 +82,11 @@ def table(records: list[dict], mitigations=MITIGATIONS, patterns=PATTERNS, crite
             f"mitigations: AdamW lr {options['lr']:g}, {options['steps'] or calib['windows']} steps per decoder layer."
         )
     devices = sorted({r.get("versions", {}).get("device", "?") for r in records})
-    text += f" Device: {', '.join(devices)} (calibration seconds by device where they differ)." if len(devices) > 1 else f" Device: {devices[0]}."
+    text += (
+        f" Device: {', '.join(devices)} (calibration seconds by device where they differ)."
+        if len(devices) > 1
+        else f" Device: {devices[0]}."
+    )
     lines.append(text)
     return "\n".join(lines)
 
@@ -75,7 +95,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_options(parser)  # --model --data --calib-data --calib-windows --seqlen --max-tokens ...
     parser.set_defaults(max_tokens=32768, calib_windows=256)
-    parser.add_argument("--steps", type=int, default=None, help="training steps per decoder layer (default: one pass over the windows)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps per decoder layer (default: one pass over the windows)"
+    )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--criteria", default=",".join(CRITERIA))
@@ -100,7 +122,9 @@ def main() -> None:
             if is_calibrated(config.mitigation):
                 save = None
                 if args.save_states:
-                    save = str(Path(args.save_states) / f"{config.pattern.replace(':', '-')}_{config.criterion}_{config.mitigation}")
+                    save = str(
+                        Path(args.save_states) / f"{config.pattern.replace(':', '-')}_{config.criterion}_{config.mitigation}"
+                    )
                 record = evaluator.run_calibrated(config, options, save=save)
             else:
                 record = evaluator.run(config)

@@ -70,7 +70,10 @@ def main() -> None:
         for config in todo:
             record = evaluator.run(config)
             append_jsonl_atomic(store, record)
-            print(f"{config.pattern:>18} {config.criterion:>10} {config.mitigation:>5}  dense {record['dense_ppl']:.3f}  sparse {record['sparse_ppl']:.3f}", flush=True)
+            print(
+                f"{config.pattern:>18} {config.criterion:>10} {config.mitigation:>5}  dense {record['dense_ppl']:.3f}  sparse {record['sparse_ppl']:.3f}",
+                flush=True,
+            )
     markdown = table(read_jsonl(store))
     store.with_suffix(".md").write_text(markdown + "\n")
     print(markdown)

@@ -48,14 +48,21 @@ def planned(patterns: list[str], calib_windows: int, seed: int) -> list[tuple[st
     runs: list[tuple[str, object]] = []
     for pattern in patterns:
         runs += [("activations", SparsityConfig(pattern=pattern, criterion=c, mitigation=m)) for c, m in ACTIVATION_RUNS]
-        runs += [("weights", WeightPruneConfig(pattern=pattern, method=m, calib_windows=calib_windows, seed=seed)) for m in WEIGHT_METHODS]
+        runs += [
+            ("weights", WeightPruneConfig(pattern=pattern, method=m, calib_windows=calib_windows, seed=seed))
+            for m in WEIGHT_METHODS
+        ]
     return runs
 
 
 def table(records: list[dict], patterns: list[str]) -> str:
     by_key = {key(r): r for r in records}
     dense = records[0]["dense_ppl"]
-    headers = [f"weights {m}" for m in WEIGHT_METHODS] + ["activations magnitude", "activations amber", "activations amber + best mitigation"]
+    headers = [f"weights {m}" for m in WEIGHT_METHODS] + [
+        "activations magnitude",
+        "activations amber",
+        "activations amber + best mitigation",
+    ]
     lines = [
         "| pattern | density | " + " | ".join(headers) + " |",
         "|---|---:|" + "---:|" * len(headers),
@@ -126,7 +133,10 @@ def main() -> None:
                 record = evaluator.run(config)
                 label = f"activations {config.criterion} + {config.mitigation}"
             append_jsonl_atomic(store, record)
-            print(f"{config.pattern:>18} {label:>32}  dense {record['dense_ppl']:.3f}  pruned {record['sparse_ppl']:.3f}", flush=True)
+            print(
+                f"{config.pattern:>18} {label:>32}  dense {record['dense_ppl']:.3f}  pruned {record['sparse_ppl']:.3f}",
+                flush=True,
+            )
     markdown = table(read_jsonl(store), patterns)
     store.with_suffix(".md").write_text(markdown + "\n")
     print(markdown)

@@ -11,22 +11,40 @@ def tiny_model(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     common = dict(vocab_size=VOCAB)
     if family == "llama":
-        config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common)
+        config = tf.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common
+        )
         model = tf.LlamaForCausalLM(config)
     elif family == "qwen2":
-        config = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common)
+        config = tf.Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common
+        )
         model = tf.Qwen2ForCausalLM(config)
     elif family == "gemma3":
         config = tf.Gemma3TextConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-            sliding_window=8, **common,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=8,
+            **common,
         )
         model = tf.Gemma3ForCausalLM(config)
     elif family == "gpt2":
         config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **common)
         model = tf.GPT2LMHeadModel(config)
     elif family == "opt":
-        config = tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64, **common)
+        config = tf.OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=64,
+            **common,
+        )
         model = tf.OPTForCausalLM(config)
     else:
         raise ValueError(family)
@@ -74,6 +92,7 @@ def save_tiny_model_dir(path, family="llama", bos=True):
 @pytest.fixture
 def tiny_dir(tmp_path):
     return save_tiny_model_dir(tmp_path / "tiny")
+
 
 # Triton kernels run under the interpreter on machines without a GPU (before triton is imported).
 if not torch.cuda.is_available():

@@ -178,7 +178,9 @@ def test_sparsegpt_lazy_block_updates_equal_one_block():
     weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
     inputs = LayerInputs.from_tensor(outlier_inputs(64, seed=6))
     pattern = parse_pattern("2:4")
-    torch.testing.assert_close(sparsegpt(weight, inputs, pattern, blocksize=8), sparsegpt(weight, inputs, pattern), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        sparsegpt(weight, inputs, pattern, blocksize=8), sparsegpt(weight, inputs, pattern), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_sparsegpt_at_zero_sparsity_changes_nothing():
@@ -257,7 +259,9 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     with pytest.raises(ActsparseError, match="not a pruned-weights directory"):
         load_pruned_(fresh, tmp_path)
     (tmp_path / "foreign").mkdir()
-    (tmp_path / "foreign" / "pruned_weights.safetensors").write_bytes((tmp_path / "pruned" / "pruned_weights.safetensors").read_bytes())
+    (tmp_path / "foreign" / "pruned_weights.safetensors").write_bytes(
+        (tmp_path / "pruned" / "pruned_weights.safetensors").read_bytes()
+    )
     (tmp_path / "foreign" / "actsparse_pruned.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ActsparseError, match="not an actsparse pruned-weights description"):
         load_pruned_(fresh, tmp_path / "foreign")
@@ -287,7 +291,10 @@ def test_cli_eval_prune_weights_json(capsys, tiny_dir):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--prune", "weights", "--method", "bogus"], "unknown weight pruning method 'bogus'; choose one of: magnitude, wanda, sparsegpt"),
+        (
+            ["--prune", "weights", "--method", "bogus"],
+            "unknown weight pruning method 'bogus'; choose one of: magnitude, wanda, sparsegpt",
+        ),
         (["--method", "wanda"], "needs --prune weights"),
         (["--prune", "weights", "--mitigation", "var"], "with --prune weights use --method"),
     ],

@@ -13,8 +13,29 @@ from actsparse.sparsify import sparsify_
 
 def test_bench_command_writes_every_measurement(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--model", "tiny-llama", "--device", "cpu", "--dtype", "float32", "--prefill", "8,16",
-               "--batch", "1,2", "--prompt", "4", "--steps", "2", "--repeats", "1", "--json", str(out)])
+    rc = main(
+        [
+            "bench",
+            "--model",
+            "tiny-llama",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--prefill",
+            "8,16",
+            "--batch",
+            "1,2",
+            "--prompt",
+            "4",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     record = json.loads(out.read_text())
     got = {(m["phase"], m["mode"], m["size"]) for m in record["measurements"]}
@@ -28,16 +49,35 @@ def test_bench_command_writes_every_measurement(tmp_path, capsys):
     assert "decode" in table and "speedup" in table
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch", "0"], "positive integers"),
-    (["--prefill", "abc"], "positive integers"),
-    (["--modes", "fast"], "unknown mode"),
-    (["--steps", "-1"], "positive integer"),
-    (["--pattern", "2:5"], None),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "0"], "positive integers"),
+        (["--prefill", "abc"], "positive integers"),
+        (["--modes", "fast"], "unknown mode"),
+        (["--steps", "-1"], "positive integer"),
+        (["--pattern", "2:5"], None),
+    ],
+)
 def test_bad_bench_options_are_one_line_errors(argv, message, capsys):
-    rc = main(["bench", "--model", "tiny-llama", "--device", "cpu", "--steps", "1", "--repeats", "1", "--prefill", "4",
-               "--batch", "1", *argv])
+    rc = main(
+        [
+            "bench",
+            "--model",
+            "tiny-llama",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+            "--prefill",
+            "4",
+            "--batch",
+            "1",
+            *argv,
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1
@@ -68,8 +108,12 @@ def test_fast_path_check_compares_the_kernels_with_the_reference(monkeypatch):
 
 def test_run_bench_leaves_the_model_dense():
     model = preset_model("tiny-llama", torch.float32, torch.device("cpu"), layers=1)
-    result = run_bench(model, "tiny-llama", SparsityConfig(pattern="2:4"),
-                       BenchOptions(prefill=(8,), batches=(1,), prompt=4, steps=2, repeats=1, warmup=1))
+    result = run_bench(
+        model,
+        "tiny-llama",
+        SparsityConfig(pattern="2:4"),
+        BenchOptions(prefill=(8,), batches=(1,), prompt=4, steps=2, repeats=1, warmup=1),
+    )
     assert [m.phase for m in result.measurements] == ["prefill", "decode"]
     assert not any(type(m).__name__ == "SparseLinear" for m in model.modules())
 

@@ -309,9 +309,31 @@ def test_cli_calibrate_eval_state_and_disjoint(tmp_path, capsys, tiny_dir, monke
     calib_ids = set(tokenizer(calib.read_text())["input_ids"])
     seen = []
     real = layerwise.calibrate_
-    monkeypatch.setattr(layerwise, "calibrate_", lambda model, config, windows, **kw: seen.append(windows) or real(model, config, windows, **kw))
-    common = ["--model", str(tiny_dir), "--data", str(tiny_dir / "text.txt"), "--seqlen", "16", "--pattern", "2:4", "--no-progress"]
-    code, _, err = _run(capsys, "calibrate", *common, "--calib-data", str(tiny_dir / "text.txt"), "--mitigation", "spts", "--out", str(tmp_path / "x"))
+    monkeypatch.setattr(
+        layerwise, "calibrate_", lambda model, config, windows, **kw: seen.append(windows) or real(model, config, windows, **kw)
+    )
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(tiny_dir / "text.txt"),
+        "--seqlen",
+        "16",
+        "--pattern",
+        "2:4",
+        "--no-progress",
+    ]
+    code, _, err = _run(
+        capsys,
+        "calibrate",
+        *common,
+        "--calib-data",
+        str(tiny_dir / "text.txt"),
+        "--mitigation",
+        "spts",
+        "--out",
+        str(tmp_path / "x"),
+    )
     assert code == 2 and "overlap" in err and not seen and not (tmp_path / "x").exists()
     out_dir = tmp_path / "state"
     code, out, err = _run(capsys, "calibrate", *common, "--calib-data", str(calib), "--mitigation", "oshift", "--calib-windows", "4",
@@ -324,8 +346,14 @@ def test_cli_calibrate_eval_state_and_disjoint(tmp_path, capsys, tiny_dir, monke
                           "--state", str(out_dir), "--json", "--no-progress")  # fmt: skip
     assert code == 0, err
     record = json.loads(out)
-    assert record["config"]["mitigation"] == "oshift" and record["state"] == str(out_dir) and record["sparse_flop_fraction"] == pytest.approx(1.0)
-    code, _, err = _run(capsys, "eval", "--model", str(tiny_dir), "--data", str(calib), "--seqlen", "16", "--state", str(out_dir), "--no-progress")
+    assert (
+        record["config"]["mitigation"] == "oshift"
+        and record["state"] == str(out_dir)
+        and record["sparse_flop_fraction"] == pytest.approx(1.0)
+    )
+    code, _, err = _run(
+        capsys, "eval", "--model", str(tiny_dir), "--data", str(calib), "--seqlen", "16", "--state", str(out_dir), "--no-progress"
+    )
     assert code == 2 and "overlap" in err
     code, _, err = _run(capsys, "eval", "--model", str(tiny_dir), "--data", str(tiny_dir / "text.txt"), "--seqlen", "16", "--state", str(out_dir),
                         "--mitigation", "lpts", "--no-progress")  # fmt: skip
@@ -337,7 +365,9 @@ def test_eval_runs_calibrated_mitigation(tiny_dir, tmp_path):
 
     calib = tmp_path / "calib.txt"
     calib.write_text("a bird sang in the tree . " * 40)
-    settings = EvalSettings(model=str(tiny_dir), data=str(tiny_dir / "text.txt"), calib_data=str(calib), calib_windows=4, seqlen=16, max_tokens=64)
+    settings = EvalSettings(
+        model=str(tiny_dir), data=str(tiny_dir / "text.txt"), calib_data=str(calib), calib_windows=4, seqlen=16, max_tokens=64
+    )
     evaluator = Evaluator(settings, progress=False)
     record = evaluator.run(SparsityConfig(pattern="2:4", mitigation="spts"))
     assert record["calibration"]["windows"] == 4 and record["calibration"]["seconds"] >= 0 and record["sparse_ppl"] > 0
@@ -378,7 +408,11 @@ def _trained_state(mitigation, device, cuda_graph):
     windows = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(2))
     config = SparsityConfig(pattern="2:4", criterion="amber", mitigation=mitigation)
     report = calibrate_(model, config, windows, options=CalibrationOptions(lr=1e-2), progress=False, cuda_graph=cuda_graph)
-    state = {f"{name}.{key}": getattr(layer, key).detach().cpu() for name, layer in sparse_layers(model).items() for key in layer.state_names}
+    state = {
+        f"{name}.{key}": getattr(layer, key).detach().cpu()
+        for name, layer in sparse_layers(model).items()
+        for key in layer.state_names
+    }
     return state, report
 
 

@@ -57,7 +57,19 @@ def test_missing_model_and_corpus_are_clear(capsys, tiny_dir, monkeypatch):
 
 
 def test_width_mismatch_is_clear(capsys, tiny_dir):
-    code, _, err = run(capsys, "eval", "--model", str(tiny_dir), "--data", str(tiny_dir / "text.txt"), "--pattern", "24:48", "--seqlen", "16", "--no-progress")
+    code, _, err = run(
+        capsys,
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(tiny_dir / "text.txt"),
+        "--pattern",
+        "24:48",
+        "--seqlen",
+        "16",
+        "--no-progress",
+    )
     assert code == 2 and "multiple of 48" in err
 
 
@@ -76,7 +88,19 @@ def test_eval_json_record_and_out_file(capsys, tiny_dir, tmp_path):
 
 
 def test_eval_table_output(capsys, tiny_dir):
-    code, out, _ = run(capsys, "eval", "--model", str(tiny_dir), "--data", str(tiny_dir / "text.txt"), "--seqlen", "16", "--pattern", "8:16", "--no-progress")
+    code, out, _ = run(
+        capsys,
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(tiny_dir / "text.txt"),
+        "--seqlen",
+        "16",
+        "--pattern",
+        "8:16",
+        "--no-progress",
+    )
     assert code == 0
     assert "perplexity" in out and "sparse linear FLOPs 100.0%" in out and "time" in out
 

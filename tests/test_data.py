@@ -25,15 +25,14 @@ SAMPLE = (
 
 # --- parsing (no network) ---
 
+
 def test_words_split_on_last_slash():
     assert brown.words("and/or/cc 1/2/cd x/nn") == ["and/or", "1/2", "x"]
 
 
 def test_parse_brown_detokenises_exactly():
     assert brown.parse_brown(SAMPLE) == (
-        'The jury said "it was fine", and/or left. '
-        "Did he (or she) agree? "
-        '"Yes; no: maybe! That is all."'
+        'The jury said "it was fine", and/or left. Did he (or she) agree? "Yes; no: maybe! That is all."'
     )
 
 
@@ -44,9 +43,18 @@ def test_detokenize_empty_and_leading_punctuation():
 
 # --- categories ---
 
-@pytest.mark.parametrize("name, letter", [
-    ("news", "a"), ("a", "a"), ("NEWS", "a"), ("belles_lettres", "g"), ("j", "j"), ("humor", "r"),
-])
+
+@pytest.mark.parametrize(
+    "name, letter",
+    [
+        ("news", "a"),
+        ("a", "a"),
+        ("NEWS", "a"),
+        ("belles_lettres", "g"),
+        ("j", "j"),
+        ("humor", "r"),
+    ],
+)
 def test_resolve_category(name, letter):
     assert brown.resolve_category(name) == letter
 
@@ -63,6 +71,7 @@ def test_bad_category_lists_valid_ones(bad):
 
 
 # --- spec errors (none of these touch the network) ---
+
 
 def test_brown_alone_lists_categories():
     for spec in ("brown", "brown:"):
@@ -85,6 +94,7 @@ def test_unknown_spec_lists_forms(spec):
 
 
 # --- local files ---
+
 
 def test_local_file(tmp_path):
     path = tmp_path / "notes.txt"
@@ -114,6 +124,7 @@ def test_directory_is_not_a_file(tmp_path):
 
 # --- disjointness ---
 
+
 def test_check_disjoint_both_ways():
     news = TextSource("brown:news", "x", frozenset({"brown:a"}))
     both = TextSource("brown:news+learned", "y", frozenset({"brown:a", "brown:j"}))
@@ -137,6 +148,7 @@ def test_same_file_twice_overlaps(tmp_path):
 
 # --- WikiText-2 (never reaches the network) ---
 
+
 @pytest.fixture
 def online(monkeypatch):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
@@ -158,6 +170,7 @@ def test_wikitext_without_datasets(monkeypatch, online):
 def test_wikitext_hub_unreachable(monkeypatch, online):
     def load_dataset(*args, **kwargs):
         raise ConnectionError("no network")
+
     _fake_datasets(monkeypatch, load_dataset)
     with pytest.raises(ActsparseError, match="hub") as e:
         load_text("wikitext2:validation")
@@ -213,6 +226,7 @@ def test_wikitext_loads_and_joins(monkeypatch, online):
 
 
 # --- the real corpus (downloads 2.8 MB once into the cache) ---
+
 
 @pytest.fixture(scope="session")
 def corpus():

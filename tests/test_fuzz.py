@@ -51,8 +51,28 @@ def stubbed(monkeypatch):
 junk = st.text(alphabet=string.ascii_letters + string.digits + ":,@-._+ ", min_size=0, max_size=8)
 numbers = st.one_of(st.integers(-3, 40).map(str), st.sampled_from(["0", "-1", "1e3", "nan", "inf", "1.5", "", "x"]))
 VALUES = {
-    "--pattern": st.one_of(st.sampled_from(["2:4", "8:16", "4:8", "1:2", "2:5", "24:48", "0:4", "4:4", "dense", "unstructured:0.5",
-                                            "unstructured:1", "unstructured:-0.1", "unstructured:nan", "16:32", "3:64"]), junk),
+    "--pattern": st.one_of(
+        st.sampled_from(
+            [
+                "2:4",
+                "8:16",
+                "4:8",
+                "1:2",
+                "2:5",
+                "24:48",
+                "0:4",
+                "4:4",
+                "dense",
+                "unstructured:0.5",
+                "unstructured:1",
+                "unstructured:-0.1",
+                "unstructured:nan",
+                "16:32",
+                "3:64",
+            ]
+        ),
+        junk,
+    ),
     "--criterion": st.one_of(st.sampled_from(["magnitude", "amber", "clact", "wina", "random", "clact-batch"]), junk),
     "--mitigation": st.one_of(st.sampled_from(["none", "var", "dpts", "smooth", "oshift", "lpts"]), junk),
     "--roles": st.one_of(st.sampled_from(["q", "q,k", "qkv", "down", "gate,up", ",", "zz"]), junk),
@@ -87,8 +107,12 @@ def _argv(tiny, options: dict, flags: list) -> list[str]:
 
 
 @FUZZ
-@given(options=st.dictionaries(st.sampled_from(sorted(VALUES)), st.none(), max_size=5).flatmap(
-    lambda keys: st.fixed_dictionaries({key: VALUES[key] for key in keys})), flags=st.lists(st.sampled_from(FLAGS), unique=True))
+@given(
+    options=st.dictionaries(st.sampled_from(sorted(VALUES)), st.none(), max_size=5).flatmap(
+        lambda keys: st.fixed_dictionaries({key: VALUES[key] for key in keys})
+    ),
+    flags=st.lists(st.sampled_from(FLAGS), unique=True),
+)
 def test_fuzzed_cli_arguments_give_one_clear_line_or_reach_the_load(tiny, stubbed, capsys, options, flags):
     argv = _argv(tiny, options, flags)
     try:
@@ -117,15 +141,26 @@ def test_fuzzed_cli_arguments_give_one_clear_line_or_reach_the_load(tiny, stubbe
 plain = st.one_of(st.none(), st.booleans(), st.integers(-3, 600), st.floats(allow_nan=True, allow_infinity=True), junk,
                   st.lists(st.one_of(st.integers(-2, 40), junk), max_size=3))  # fmt: skip
 SETTING_VALUES = {
-    "seqlen": st.one_of(plain, st.sampled_from([16, 512])), "max_tokens": st.one_of(plain, st.sampled_from([4096, None])),
-    "batch_size": plain, "calib_windows": plain, "dtype": st.one_of(plain, st.sampled_from(["float32", "bfloat16"])),
-    "device": st.one_of(plain, st.sampled_from(["cpu", "auto", "cuda:0"])), "data": st.one_of(plain, st.just("brown:news")),
+    "seqlen": st.one_of(plain, st.sampled_from([16, 512])),
+    "max_tokens": st.one_of(plain, st.sampled_from([4096, None])),
+    "batch_size": plain,
+    "calib_windows": plain,
+    "dtype": st.one_of(plain, st.sampled_from(["float32", "bfloat16"])),
+    "device": st.one_of(plain, st.sampled_from(["cpu", "auto", "cuda:0"])),
+    "data": st.one_of(plain, st.just("brown:news")),
     "calib_data": plain,
 }
 GRID_VALUES = {
-    "patterns": st.one_of(plain, st.just(["2:4", "8:16"])), "criteria": st.one_of(plain, st.just(["amber"])),
-    "mitigations": st.one_of(plain, st.just(["none", "oshift"])), "roles": plain, "layers": plain, "skip": plain, "seed": plain,
-    "backend": plain, "prefill_only": plain, "calibration": st.one_of(plain, st.fixed_dictionaries({"windows": plain, "lr": plain})),
+    "patterns": st.one_of(plain, st.just(["2:4", "8:16"])),
+    "criteria": st.one_of(plain, st.just(["amber"])),
+    "mitigations": st.one_of(plain, st.just(["none", "oshift"])),
+    "roles": plain,
+    "layers": plain,
+    "skip": plain,
+    "seed": plain,
+    "backend": plain,
+    "prefill_only": plain,
+    "calibration": st.one_of(plain, st.fixed_dictionaries({"windows": plain, "lr": plain})),
 }
 
 

@@ -113,7 +113,10 @@ def test_refusals(tmp_path):
     with pytest.raises(ActsparseError, match="format version 9"):
         ActsparseConfig(format_version=9)
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    config["quantization_config"]["tensors"]["actsparse.state.model.layers.0.mlp.up_proj.extra"] = {"shape": [1], "dtype": "float32"}
+    config["quantization_config"]["tensors"]["actsparse.state.model.layers.0.mlp.up_proj.extra"] = {
+        "shape": [1],
+        "dtype": "float32",
+    }
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ActsparseError, match="damaged"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
@@ -137,14 +140,40 @@ def _cli(capsys, *argv):
 def test_cli_export_dynamic_state_and_weights(tmp_path, capsys, tiny_dir):
     from transformers import AutoTokenizer
 
-    common = ["--model", str(tiny_dir), "--data", str(tiny_dir / "text.txt"), "--seqlen", "16", "--max-tokens", "64", "--no-progress"]
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(tiny_dir / "text.txt"),
+        "--seqlen",
+        "16",
+        "--max-tokens",
+        "64",
+        "--no-progress",
+    ]
     ids = AutoTokenizer.from_pretrained(tiny_dir)("the cat sat on the mat .", return_tensors="pt")["input_ids"]
 
-    code, out, err = _cli(capsys, "export", *common, "--pattern", "2:4", "--criterion", "amber", "--mitigation", "var", "--out", str(tmp_path / "dyn"))
+    code, out, err = _cli(
+        capsys,
+        "export",
+        *common,
+        "--pattern",
+        "2:4",
+        "--criterion",
+        "amber",
+        "--mitigation",
+        "var",
+        "--out",
+        str(tmp_path / "dyn"),
+    )
     assert code == 0, err
     record = json.loads((tmp_path / "dyn" / "actsparse_export.json").read_text())
     card = (tmp_path / "dyn" / "README.md").read_text()
-    assert f"| sparse | {record['sparse_ppl']:.3f} |" in card and f"| dense | {record['dense_ppl']:.3f} |" in card and "import actsparse" in card
+    assert (
+        f"| sparse | {record['sparse_ppl']:.3f} |" in card
+        and f"| dense | {record['dense_ppl']:.3f} |" in card
+        and "import actsparse" in card
+    )
     assert f"{record['sparse_ppl']:.3f}" in out
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dyn")
     AutoTokenizer.from_pretrained(tmp_path / "dyn")  # the tokenizer travels too
@@ -155,7 +184,9 @@ def test_cli_export_dynamic_state_and_weights(tmp_path, capsys, tiny_dir):
 
     calib = tmp_path / "calib.txt"
     calib.write_text("the cat sat on the mat . " * 60)
-    calibrate = [arg for arg in common if arg not in ("--max-tokens", "64")]  # calibrate has no --max-tokens: it evaluates nothing
+    calibrate = [
+        arg for arg in common if arg not in ("--max-tokens", "64")
+    ]  # calibrate has no --max-tokens: it evaluates nothing
     code, _, err = _cli(capsys, "calibrate", *calibrate, "--pattern", "2:4", "--calib-data", str(calib), "--mitigation", "oshift",
                         "--calib-windows", "4", "--steps", "3", "--out", str(tmp_path / "state"))  # fmt: skip
     assert code == 0, err
@@ -168,14 +199,18 @@ def test_cli_export_dynamic_state_and_weights(tmp_path, capsys, tiny_dir):
         torch.testing.assert_close(loaded(ids).logits, fresh(ids).logits, atol=0, rtol=0)
     assert "calibration text" in (tmp_path / "cal" / "README.md").read_text()
 
-    code, _, err = _cli(capsys, "export", *common, "--prune", "weights", "--method", "magnitude", "--pattern", "2:4", "--out", str(tmp_path / "w"))
+    code, _, err = _cli(
+        capsys, "export", *common, "--prune", "weights", "--method", "magnitude", "--pattern", "2:4", "--out", str(tmp_path / "w")
+    )
     assert code == 0, err
     config = json.loads((tmp_path / "w" / "config.json").read_text())
     assert "quantization_config" not in config and config["actsparse_weight_pruning"]["config"]["method"] == "magnitude"
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "w")
     assert not sparse_layers(pruned)
     actsparse.verify_pattern(pruned, "2:4", list(config["actsparse_weight_pruning"]["layers"]))
-    code, _, err = _cli(capsys, "export", *common, "--state", str(tmp_path / "state"), "--prune", "weights", "--out", str(tmp_path / "x"))
+    code, _, err = _cli(
+        capsys, "export", *common, "--state", str(tmp_path / "state"), "--prune", "weights", "--out", str(tmp_path / "x")
+    )
     assert code == 2 and "--state" in err and not (tmp_path / "x").exists()
 
 
@@ -195,7 +230,9 @@ def test_lm_eval_command_line_scores_the_sparse_checkpoint(tmp_path):
 
     model_dir = save_tiny_model_dir(tmp_path / "tiny")
     source = TextSource("file:eval.txt", vocab_text(documents=8, sentences=20, seed=5), frozenset({"file:eval.txt"}))
-    prepared = prepare_tasks(TaskSettings(tasks=("actsparse_lastword",), task_dir=str(tmp_path / "tasks"), batch_size=4, limit=8), source)
+    prepared = prepare_tasks(
+        TaskSettings(tasks=("actsparse_lastword",), task_dir=str(tmp_path / "tasks"), batch_size=4, limit=8), source
+    )
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     sparsify_(model, SparsityConfig(pattern="2:4", criterion="amber", mitigation="var"))
     model.save_pretrained(tmp_path / "ckpt")

@@ -39,13 +39,13 @@ def pair_mask(T, K):
 
 
 def words(hexstr):
-    return torch.tensor([int(hexstr[i:i + 4], 16) for i in range(0, len(hexstr), 4)], dtype=torch.int32)
+    return torch.tensor([int(hexstr[i : i + 4], 16) for i in range(0, len(hexstr), 4)], dtype=torch.int32)
 
 
 def meta_words(buf, T):
     """Metadata words of a compressed buffer as uint16 values in int32."""
     K = buf.shape[1] * 16 // 9
-    return buf.reshape(-1)[T * K // 2:].view(torch.int16).to(torch.int32) & 0xFFFF
+    return buf.reshape(-1)[T * K // 2 :].view(torch.int16).to(torch.int32) & 0xFFFF
 
 
 def tricky(T, K, dtype=torch.bfloat16, seed=0):

@@ -74,7 +74,9 @@ def test_matches_f_linear(n, m, tokens, bias, dtype):
     assert rel_err(out, x, weight, b) < TOL[dtype]
 
 
-@pytest.mark.parametrize("split,block_o,block_k,stages", [(1, 16, 16, 0), (2, 32, 8, 0), (3, 64, 8, 2), (7, 32, 16, 3), (None, 256, None, None)])
+@pytest.mark.parametrize(
+    "split,block_o,block_k,stages", [(1, 16, 16, 0), (2, 32, 8, 0), (3, 64, 8, 2), (7, 32, 16, 3), (None, 256, None, None)]
+)
 def test_split_and_tiles(split, block_o, block_k, stages):
     n, m, tokens, k, o = 8, 16, 3, 224, 72
     x, weight, b, _ = make_case(tokens, k, o, n, m, torch.float32)

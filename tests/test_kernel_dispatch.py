@@ -19,7 +19,9 @@ def logits(model, length):
         return model(ids).logits.float()
 
 
-@pytest.mark.parametrize("pattern, criterion, mitigation", [("2:4", "magnitude", "none"), ("8:16", "amber", "var"), ("4:8", "wina", "dpts")])
+@pytest.mark.parametrize(
+    "pattern, criterion, mitigation", [("2:4", "magnitude", "none"), ("8:16", "amber", "var"), ("4:8", "wina", "dpts")]
+)
 @pytest.mark.parametrize("length", [2, 24])  # 2 rows: decode GEMV path; 24 rows: sparsify + dense product
 def test_triton_backend_matches_the_reference_in_a_model(pattern, criterion, mitigation, length, monkeypatch):
     from actsparse.core.dispatch import DecodeChoice

@@ -133,11 +133,20 @@ def test_writes_every_element(monkeypatch):
             assert not kernel(x, n, m, **kw).isnan().any()
 
 
-@pytest.mark.parametrize("bad", [
-    dict(x=torch.randn(2, 3, 8)), dict(x=torch.randn(8, 16).t()), dict(x=torch.ones(4, 16, dtype=torch.int32)),
-    dict(m=64, n=2, x=torch.randn(2, 128)), dict(m=8, x=torch.randn(2, 12)), dict(n=0), dict(n=5),
-    dict(vector=torch.ones(15)), dict(shift=torch.ones(3)),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(x=torch.randn(2, 3, 8)),
+        dict(x=torch.randn(8, 16).t()),
+        dict(x=torch.ones(4, 16, dtype=torch.int32)),
+        dict(m=64, n=2, x=torch.randn(2, 128)),
+        dict(m=8, x=torch.randn(2, 12)),
+        dict(n=0),
+        dict(n=5),
+        dict(vector=torch.ones(15)),
+        dict(shift=torch.ones(3)),
+    ],
+)
 def test_rejects_bad_arguments(bad):
     args = dict(x=torch.randn(4, 16), n=2, m=4) | bad
     with pytest.raises(ValueError):

@@ -75,7 +75,9 @@ def test_brown_news_gives_enough_items(tmp_path):
 
 def test_proxy_names_must_match_the_evaluation_text(tmp_path):
     source = _source(vocab_text(documents=4, sentences=20))
-    prepared = prepare_tasks(TaskSettings(tasks=("actsparse_lastword", "actsparse_continuation_file_eval_text"), task_dir=str(tmp_path)), source)
+    prepared = prepare_tasks(
+        TaskSettings(tasks=("actsparse_lastword", "actsparse_continuation_file_eval_text"), task_dir=str(tmp_path)), source
+    )
     assert prepared.names == ("actsparse_lastword_file_eval_text", "actsparse_continuation_file_eval_text")
     assert prepared.include == str(tmp_path) and set(prepared.proxies) == set(prepared.names)
     with pytest.raises(ActsparseError, match="not built from the evaluation text"):
@@ -103,7 +105,10 @@ def _own_scores(model, tokenizer, directory, last, cont, limit):
         return ll, greedy
 
     scored = [loglikelihood(item["context"], item["target"]) for item in _items(directory, last)[:limit]]
-    lastword = {"acc": sum(g for _, g in scored) / len(scored), "perplexity": math.exp(-sum(ll for ll, _ in scored) / len(scored))}
+    lastword = {
+        "acc": sum(g for _, g in scored) / len(scored),
+        "perplexity": math.exp(-sum(ll for ll, _ in scored) / len(scored)),
+    }
     right = 0
     for item in _items(directory, cont)[:limit]:
         lls = [loglikelihood(item["context"], " " + ending)[0] for ending in item["endings"]]
@@ -122,7 +127,9 @@ def test_generated_tasks_run_through_lm_eval_end_to_end(tmp_path, sparse):
     model_dir = save_tiny_model_dir(tmp_path / "tiny")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
     source = _source(vocab_text(documents=8, sentences=20, seed=5))
-    settings = TaskSettings(tasks=("actsparse_lastword", "actsparse_continuation"), task_dir=str(tmp_path / "tasks"), batch_size=4, limit=12)
+    settings = TaskSettings(
+        tasks=("actsparse_lastword", "actsparse_continuation"), task_dir=str(tmp_path / "tasks"), batch_size=4, limit=12
+    )
     prepared = prepare_tasks(settings, source)
     if sparse:
         actsparse.sparsify_(model, actsparse.SparsityConfig(pattern="2:4", criterion="amber"))

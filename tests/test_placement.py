@@ -14,9 +14,23 @@ from conftest import save_tiny_model_dir
 torch.set_num_threads(1)
 IDS = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(4))
 WINDOWS = torch.randint(3, 40, (4, 16), generator=torch.Generator().manual_seed(5))
-MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+MAP = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
 # on a GPU machine also: the model on the GPU, its second decoder layer offloaded to CPU memory (computed on the GPU)
-GPU_MAP = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+GPU_MAP = {
+    "model.embed_tokens": 0,
+    "model.layers.0": 0,
+    "model.layers.1": "cpu",
+    "model.norm": 0,
+    "model.rotary_emb": 0,
+    "lm_head": 0,
+}
 PLACEMENTS = [("cpu", MAP)] + ([("cuda", GPU_MAP)] if torch.cuda.is_available() else [])
 
 
@@ -120,6 +134,8 @@ def test_cli_device_map_with_disk_offload(model_dir, tmp_path, capsys):
     assert main(["eval", *common, "--device-map", "auto", "--max-memory", "cpu=60KB", "--offload-folder", str(offload)]) == 0
     placed = json.loads(capsys.readouterr().out)
     assert "disk" in placed["device_map"].values() and "device_map" not in plain
-    assert placed["sparse_ppl"] == pytest.approx(plain["sparse_ppl"], rel=1e-5) and placed["dense_ppl"] == pytest.approx(plain["dense_ppl"], rel=1e-5)
+    assert placed["sparse_ppl"] == pytest.approx(plain["sparse_ppl"], rel=1e-5) and placed["dense_ppl"] == pytest.approx(
+        plain["dense_ppl"], rel=1e-5
+    )
     assert main(["eval", *common, "--max-memory", "cpu=1GiB"]) == 2
     assert "--device-map" in capsys.readouterr().err

@@ -23,7 +23,9 @@ def evaluator():
         pytest.skip("smollm2-135m is not fetched; run `actsparse fetch smollm2-135m` (scripts/setup.sh does)")
     from actsparse.eval.run import EvalSettings, Evaluator
 
-    return Evaluator(EvalSettings(model="smollm2-135m", data="brown:news", seqlen=256, max_tokens=1024, device="cpu"), progress=False)
+    return Evaluator(
+        EvalSettings(model="smollm2-135m", data="brown:news", seqlen=256, max_tokens=1024, device="cpu"), progress=False
+    )
 
 
 def test_real_model_dense_and_sparse_perplexity(evaluator):
@@ -39,7 +41,23 @@ def test_real_model_dense_and_sparse_perplexity(evaluator):
 def test_real_model_cli_json(capsys):
     if not have_smollm2():
         pytest.skip("smollm2-135m is not fetched; run `actsparse fetch smollm2-135m`")
-    code = main(["eval", "--model", "smollm2-135m", "--pattern", "dense", "--seqlen", "128", "--max-tokens", "256", "--json", "--no-progress", "--device", "cpu"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            "smollm2-135m",
+            "--pattern",
+            "dense",
+            "--seqlen",
+            "128",
+            "--max-tokens",
+            "256",
+            "--json",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     record = json.loads(capsys.readouterr().out)
     assert code == 0 and record["dense_ppl"] == record["sparse_ppl"] and record["tokens"] == 2 * 127
 

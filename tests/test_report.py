@@ -45,7 +45,10 @@ RECORDS = [
 def test_pattern_order_and_labels():
     names = ["unstructured:0.7", "16:32", "2:4", "unstructured:0.5", "8:16", "4:8", "dense"]
     assert sorted(names, key=pattern_order) == ["dense", "2:4", "4:8", "8:16", "16:32", "unstructured:0.5", "unstructured:0.7"]
-    assert method_label("activations", {"criterion": "amber", "mitigation": "var", "skip": ["k"], "prefill_only": True}) == "amber + var [skip k; prefill only]"
+    assert (
+        method_label("activations", {"criterion": "amber", "mitigation": "var", "skip": ["k"], "prefill_only": True})
+        == "amber + var [skip k; prefill only]"
+    )
     assert method_label("weights", {"method": "wanda", "skip": []}) == "weights wanda"
 
 
@@ -78,7 +81,12 @@ def test_headline_ratio_is_the_drop_of_2_4_over_the_drop_of_the_pattern():
     assert "clact-batch + none" not in table  # no 2:4 point to compare with
     accuracy = ratios(study, Metric(f"{TASK}:acc", "acc", True))
     assert accuracy["amber + none"]["8:16"] == pytest.approx(0.20 / 0.05)
-    assert times_smaller(-1.0, 2.0) is None and fmt_ratio(None) == "–" and fmt_ratio(math.inf) == "no drop" and fmt_ratio(2.71) == "2.71×"
+    assert (
+        times_smaller(-1.0, 2.0) is None
+        and fmt_ratio(None) == "–"
+        and fmt_ratio(math.inf) == "no drop"
+        and fmt_ratio(2.71) == "2.71×"
+    )
     assert "unstructured:0.7" not in table["amber + none"]  # the headline compares at 2:4's sparsity only
 
 
@@ -87,7 +95,9 @@ def test_markdown_report_is_readable_without_json(tmp_path, monkeypatch):
     for r in RECORDS:
         append_jsonl_atomic(store, r)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # Markdown alone needs no matplotlib
-    text = write_report([store], tmp_path / "report", plots=False, command="actsparse report store.jsonl --out report").read_text()
+    text = write_report(
+        [store], tmp_path / "report", plots=False, command="actsparse report store.jsonl --out report"
+    ).read_text()
     assert "Made by `actsparse report store.jsonl --out report` from 11 records" in text
     assert "| amber + none | 16.00 | 13.00 | 12.00 | 9.50 | 40.00 |" in text
     assert "| amber + var | 14.00 | – | 11.00 | – | – |" in text

@@ -24,7 +24,12 @@ def _spec(**over):
         "models": ["m"],
         "settings": {"data": "brown:news", "seqlen": 16},
         "grids": [
-            {"target": "activations", "patterns": ["2:4", "8:16"], "criteria": ["magnitude", "amber"], "mitigations": ["none", "var"]},
+            {
+                "target": "activations",
+                "patterns": ["2:4", "8:16"],
+                "criteria": ["magnitude", "amber"],
+                "mitigations": ["none", "var"],
+            },
             {"target": "weights", "patterns": ["2:4"], "methods": ["magnitude", "wanda"], "calib_windows": 4},
         ],
     }
@@ -61,10 +66,19 @@ def test_keys_are_stable_unique_and_follow_what_changes_numbers():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"grids": [{"target": "activations", "patterns": ["2:4"], "criteria": ["bogus"], "mitigations": ["none"]}]}, "unknown criterion"),
-        ({"grids": [{"target": "activations", "patterns": ["5:4"], "criteria": ["amber"], "mitigations": ["none"]}]}, "1 <= N < M"),
+        (
+            {"grids": [{"target": "activations", "patterns": ["2:4"], "criteria": ["bogus"], "mitigations": ["none"]}]},
+            "unknown criterion",
+        ),
+        (
+            {"grids": [{"target": "activations", "patterns": ["5:4"], "criteria": ["amber"], "mitigations": ["none"]}]},
+            "1 <= N < M",
+        ),
         ({"grids": [{"target": "weights", "patterns": ["2:4"], "methods": ["obs"]}]}, "unknown weight pruning method"),
-        ({"grids": [{"target": "weights", "patterns": ["2:4"], "methods": ["wanda"], "criteria": ["amber"]}]}, "unknown key(s) criteria"),
+        (
+            {"grids": [{"target": "weights", "patterns": ["2:4"], "methods": ["wanda"], "criteria": ["amber"]}]},
+            "unknown key(s) criteria",
+        ),
         ({"grids": [{"target": "neurons", "patterns": ["2:4"]}]}, "target must be one of"),
         ({"settings": {"seq_len": 16}}, "unknown key(s) seq_len"),
         ({"modles": ["x"]}, "unknown key(s) modles"),
@@ -109,7 +123,9 @@ def test_extended_sweep_is_the_rest_of_the_calibrated_cross_product():
     criteria = {r.config.criterion for r in papers.runs if r.target == "activations"}
     mitigations = {cell[3] for cell in ours}
     assert mitigations == CALIBRATED  # every calibrated mitigation, crossed with every pattern and criterion once in all
-    assert ours.keys() | theirs.keys() == {(m, p, c, g) for m in papers.models for p in patterns for c in criteria for g in mitigations}
+    assert ours.keys() | theirs.keys() == {
+        (m, p, c, g) for m in papers.models for p in patterns for c in criteria for g in mitigations
+    }
     dense = [r.key for r in extended.runs if r.target == "dense"]
     assert dense == [r.key for r in papers.runs if r.target == "dense"]  # the same settings: one dense baseline for both
     sample = next(iter(theirs.values()))
@@ -197,7 +213,9 @@ def test_models_load_once_per_sweep_and_lm_eval_is_not_needed_without_tasks(tmp_
 
     first = save_tiny_model_dir(tmp_path / "llama")
     second = save_tiny_model_dir(tmp_path / "qwen2", family="qwen2")
-    path = _write_sweep(tmp_path, first, "[{target: activations, patterns: ['2:4', '8:16'], criteria: [amber], mitigations: [none, var]}]")
+    path = _write_sweep(
+        tmp_path, first, "[{target: activations, patterns: ['2:4', '8:16'], criteria: [amber], mitigations: [none, var]}]"
+    )
     data = yaml.safe_load(path.read_text())
     data["models"] = [str(first), str(second)]
     data["settings"]["max_tokens"] = 1024
@@ -212,7 +230,9 @@ def test_models_load_once_per_sweep_and_lm_eval_is_not_needed_without_tasks(tmp_
     assert len(summary.done) == len(spec.runs) == 2 * 5
     records = read_records(tmp_path / "store.jsonl")
     dense = next(r for r in records if r["target"] == "dense" and r["model"] == str(first))
-    sparse = next(r for r in records if r["model"] == str(first) and r["config"]["pattern"] == "2:4" and r["config"]["mitigation"] == "none")
+    sparse = next(
+        r for r in records if r["model"] == str(first) and r["config"]["pattern"] == "2:4" and r["config"]["mitigation"] == "none"
+    )
     assert [o["prompt"] for o in dense["generation"]["outputs"]] == ["the cat sat on", "a bird"]
     assert all(len(o["ids"]) == 3 for o in sparse["generation"]["outputs"])
     assert "tasks" not in dense and dense["versions"]["lm_eval"] in ("not installed", dense["versions"]["lm_eval"])
@@ -232,7 +252,11 @@ def test_sweep_cli_dry_run_lists_done_and_todo(tmp_path, capsys):
     Store(tmp_path / "st.jsonl").append({"key": spec.runs[1].key})
     assert main(["sweep", str(path), "--out", str(tmp_path / "st.jsonl"), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].startswith("done") and lines[0].startswith("todo") and lines[-1] == f"1 of {len(spec.runs)} runs in {tmp_path / 'st.jsonl'}"
+    assert (
+        lines[1].startswith("done")
+        and lines[0].startswith("todo")
+        and lines[-1] == f"1 of {len(spec.runs)} runs in {tmp_path / 'st.jsonl'}"
+    )
     assert main(["sweep", str(path)]) == 2  # no store given anywhere
     assert "--out" in capsys.readouterr().err
 
@@ -317,7 +341,9 @@ def test_a_truncated_last_line_is_skipped_with_a_warning(tmp_path, capsys):
 
 def test_sweep_leaves_runs_another_process_holds(tmp_path):
     model_dir = save_tiny_model_dir(tmp_path / "tiny")
-    path = _write_sweep(tmp_path, model_dir, '[{target: activations, patterns: ["2:4"], criteria: [magnitude], mitigations: [none, var]}]')
+    path = _write_sweep(
+        tmp_path, model_dir, '[{target: activations, patterns: ["2:4"], criteria: [magnitude], mitigations: [none, var]}]'
+    )
     data = yaml.safe_load(path.read_text())
     data["settings"]["max_tokens"] = 256
     spec = parse_sweep(data)

@@ -20,7 +20,11 @@ def record(pattern, criterion, mitigation, ppl, seconds=None, device="gpu"):
 
 
 def rows(text):
-    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines() if line.startswith("| ")}
+    return {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in text.splitlines()
+        if line.startswith("| ")
+    }
 
 
 def test_cells_missing_cells_and_seconds_per_device():
@@ -38,4 +42,6 @@ def test_cells_missing_cells_and_seconds_per_device():
     assert got["spts"] == ["19.50", "–", "–", "12.25", "50.0"]  # max over the row
     assert got["lpts"] == ["–", "18.00", "11.00", "–", "400.0 (gpu) / 3000.0 (cpu)"]
     assert "Device: cpu, gpu" in text
-    assert "Device:" in table(records[:3], mitigations=["none"]) and "(calibration seconds by device" not in table(records[:3], mitigations=["none"])
+    assert "Device:" in table(records[:3], mitigations=["none"]) and "(calibration seconds by device" not in table(
+        records[:3], mitigations=["none"]
+    )

@@ -56,7 +56,18 @@ def refused(capsys, *argv, match=None):
 
 def base(tiny, *extra, calib=True):
     given = ["--calib-data", str(tiny / "calib.txt")] if calib else []
-    return ["eval", "--model", str(tiny / "model"), "--data", str(tiny / "eval.txt"), *given, "--seqlen", "16", "--no-progress", *extra]
+    return [
+        "eval",
+        "--model",
+        str(tiny / "model"),
+        "--data",
+        str(tiny / "eval.txt"),
+        *given,
+        "--seqlen",
+        "16",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -145,16 +156,29 @@ def state(tiny, tmp_path_factory):
     calibrate_(model, config, windows, options=CalibrationOptions(steps=2), progress=False)
     calib = load_text(str(tiny / "calib.txt"))
     directory = tmp_path_factory.mktemp("states") / "oshift"
-    save_state(model, directory, calibration={"data": calib.spec, "data_parts": sorted(calib.parts), "fingerprints": stored_sample(calib)})
+    save_state(
+        model,
+        directory,
+        calibration={"data": calib.spec, "data_parts": sorted(calib.parts), "fingerprints": stored_sample(calib)},
+    )
     return directory
 
 
 @pytest.mark.parametrize(
     "extra",
     [
-        ["--pattern", "8:16"], ["--criterion", "magnitude"], ["--mitigation", "none"],  # the defaults' values, typed
-        ["--skip", "k"], ["--roles", "q"], ["--layers", "0"], ["--seed", "3"], ["--prefill-only"],
-        ["--calib-data", "brown:news"], ["--calib-windows", "4"], ["--prune", "weights"], ["--method", "wanda"],
+        ["--pattern", "8:16"],
+        ["--criterion", "magnitude"],
+        ["--mitigation", "none"],  # the defaults' values, typed
+        ["--skip", "k"],
+        ["--roles", "q"],
+        ["--layers", "0"],
+        ["--seed", "3"],
+        ["--prefill-only"],
+        ["--calib-data", "brown:news"],
+        ["--calib-windows", "4"],
+        ["--prune", "weights"],
+        ["--method", "wanda"],
     ],
 )
 def test_eval_state_refuses_any_option_it_fixes(capsys, tiny, state, no_load, extra):
@@ -239,7 +263,15 @@ def test_sweep_settings_are_checked_by_dry_run(capsys, tmp_path, no_load, settin
 
 
 def test_config_fields_are_checked():
-    for bad in ({"layers": "0"}, {"layers": [True]}, {"seed": 1.5}, {"prefill_only": 1}, {"roles": []}, {"skip": [3]}, {"criterion": None}):
+    for bad in (
+        {"layers": "0"},
+        {"layers": [True]},
+        {"seed": 1.5},
+        {"prefill_only": 1},
+        {"roles": []},
+        {"skip": [3]},
+        {"criterion": None},
+    ):
         with pytest.raises(ActsparseError):
             SparsityConfig(**bad)
     assert SparsityConfig(skip="q@1", roles=["q", "k"], layers=[1]).skip == ("q@1",)

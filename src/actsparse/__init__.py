@@ -1,10 +1,10 @@
 """actsparse: post-training N:M activation sparsity for Hugging Face causal LMs.
 
-    import actsparse
-    model, tokenizer = actsparse.load_model("smollm2-135m")
-    report = actsparse.sparsify_(model, actsparse.SparsityConfig(pattern="8:16", criterion="amber", mitigation="var"))
-    print(report.sparse_flop_fraction)
-    actsparse.unsparsify_(model)
+import actsparse
+model, tokenizer = actsparse.load_model("smollm2-135m")
+report = actsparse.sparsify_(model, actsparse.SparsityConfig(pattern="8:16", criterion="amber", mitigation="var"))
+print(report.sparse_flop_fraction)
+actsparse.unsparsify_(model)
 """
 
 from actsparse._version import __version__ as __version__

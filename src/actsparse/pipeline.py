@@ -59,7 +59,9 @@ class _LayerCall:
             out = layer(hidden, *self.args, **self.kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def run_all(self, layer: nn.Module, inputs: list[torch.Tensor], device, cache_device, batch: int = REPLAY_BATCH) -> list[torch.Tensor]:
+    def run_all(
+        self, layer: nn.Module, inputs: list[torch.Tensor], device, cache_device, batch: int = REPLAY_BATCH
+    ) -> list[torch.Tensor]:
         """``run`` over every stored input, ``batch`` windows per call (the layer's extra arguments
         are those of one window and broadcast over the batch); outputs back on ``cache_device``."""
         outputs = []
@@ -140,7 +142,9 @@ def capture_layer_inputs(
         for handle in handles:
             handle.remove()
     if any(call is None for call in calls) or len(inputs) != len(windows):
-        raise ActsparseError(f"{type(model).__name__}: not every decoder layer ran during a forward pass; cannot prune it layer by layer")
+        raise ActsparseError(
+            f"{type(model).__name__}: not every decoder layer ran during a forward pass; cannot prune it layer by layer"
+        )
     return inputs, calls
 
 
@@ -154,7 +158,9 @@ def as_windows(calib_windows) -> torch.Tensor:
         except (RuntimeError, TypeError) as error:
             raise ActsparseError(f"calibration windows must all have the same length ({error})") from error
     if windows.dim() != 2 or windows.shape[0] == 0:
-        raise ActsparseError(f"calibration windows must be a [n, seqlen] tensor of token ids with n >= 1, got shape {tuple(windows.shape)}")
+        raise ActsparseError(
+            f"calibration windows must be a [n, seqlen] tensor of token ids with n >= 1, got shape {tuple(windows.shape)}"
+        )
     return windows.long()
 
 

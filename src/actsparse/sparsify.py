@@ -101,8 +101,15 @@ def sparsify_(
         original = model.get_submodule(site.name)
         with onloaded(original):  # an offloaded layer's weights on hand while its buffers are computed
             layer = SparseLinear(
-                original, pattern, criterion, mitigation, name=site.name, stats=(stats or {}).get(site.name), seed=config.seed + index,
-                backend=config.backend, prefill_only=config.prefill_only,
+                original,
+                pattern,
+                criterion,
+                mitigation,
+                name=site.name,
+                stats=(stats or {}).get(site.name),
+                seed=config.seed + index,
+                backend=config.backend,
+                prefill_only=config.prefill_only,
             )
         bridge_offload_(layer, original)
         _set_module(model, site.name, layer)
@@ -111,9 +118,7 @@ def sparsify_(
     if isinstance(pattern, Dense):
         return SparsifyReport(sparse=(), dense=tuple(sites))
     chosen_names = {s.name for s in chosen}
-    return SparsifyReport(
-        sparse=tuple(chosen), dense=tuple(s for s in sites if s.name not in chosen_names)
-    )
+    return SparsifyReport(sparse=tuple(chosen), dense=tuple(s for s in sites if s.name not in chosen_names))
 
 
 def mark_sparsified_(model: nn.Module, config: SparsityConfig) -> None:

@@ -24,7 +24,9 @@ def whole(name: str, value, minimum: int | None = 1, optional: bool = False) -> 
     return value
 
 
-def number(name: str, value, low: float | None = None, high: float | None = None, *, open_low: bool = False, optional: bool = False):
+def number(
+    name: str, value, low: float | None = None, high: float | None = None, *, open_low: bool = False, optional: bool = False
+):
     """A finite ``int`` or ``float`` (not a bool) in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
     if value is None and optional:
         return None
@@ -32,7 +34,9 @@ def number(name: str, value, low: float | None = None, high: float | None = None
         raise ActsparseError(f"{name} must be a finite number, got {value!r}")
     if (low is not None and (value < low or (open_low and value == low))) or (high is not None and value > high):
         side = "(" if open_low else "["
-        raise ActsparseError(f"{name} must be in {side}{'-inf' if low is None else low:g}, {'inf' if high is None else high:g}], got {value!r}")
+        raise ActsparseError(
+            f"{name} must be in {side}{'-inf' if low is None else low:g}, {'inf' if high is None else high:g}], got {value!r}"
+        )
     return value
 
 

@@ -113,13 +113,19 @@ register_mitigation(
 )
 register_mitigation(
     Mitigation(
-        "w8a8-smoothquant", w8a8, partial(_prepare, scale_fn=smoothquant_scale, name="w8a8-smoothquant"), needs_calibration=True,
+        "w8a8-smoothquant",
+        w8a8,
+        partial(_prepare, scale_fn=smoothquant_scale, name="w8a8-smoothquant"),
+        needs_calibration=True,
         description="SmoothQuant (alpha 0.5) then sparsify then W8A8",
     )
 )
 register_mitigation(
     Mitigation(
-        "outstanding-sparse", w8a8, partial(_prepare, scale_fn=outstanding_scale, name="outstanding-sparse"), needs_calibration=True,
+        "outstanding-sparse",
+        w8a8,
+        partial(_prepare, scale_fn=outstanding_scale, name="outstanding-sparse"),
+        needs_calibration=True,
         description="P2's inverted smoothing (alpha 0.1) then sparsify then W8A8",
     )
 )
@@ -141,14 +147,18 @@ def quantize_rest_(model, config, report, stats=None) -> int:
     from actsparse.modules import set_module as _set_module
 
     if config.mitigation not in QUANT_MITIGATIONS:
-        raise ActsparseError(f"quantize_rest_ needs a W8A8 mitigation ({', '.join(QUANT_MITIGATIONS)}), got '{config.mitigation}'")
+        raise ActsparseError(
+            f"quantize_rest_ needs a W8A8 mitigation ({', '.join(QUANT_MITIGATIONS)}), got '{config.mitigation}'"
+        )
     criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
     count = 0
     for site in report.dense:
         module = model.get_submodule(site.name)
         if site.role is None or isinstance(module, SparseLinear):
             continue
-        layer = SparseLinear(module, Dense(), criterion, mitigation, name=site.name, stats=(stats or {}).get(site.name), backend="torch")
+        layer = SparseLinear(
+            module, Dense(), criterion, mitigation, name=site.name, stats=(stats or {}).get(site.name), backend="torch"
+        )
         _set_module(model, site.name, layer)
         count += 1
     return count

@@ -140,7 +140,13 @@ def measure_sensitivity(
         module = model.get_submodule(site.name)
         with onloaded(module):
             wrappers[site.name] = SparseLinear(
-                module, pattern_obj, criterion_obj, mitigation_obj, name=site.name, stats=(stats or {}).get(site.name), seed=index,
+                module,
+                pattern_obj,
+                criterion_obj,
+                mitigation_obj,
+                name=site.name,
+                stats=(stats or {}).get(site.name),
+                seed=index,
                 backend="torch",
             )
         bridge_offload_(wrappers[site.name], module)
@@ -152,12 +158,20 @@ def measure_sensitivity(
         sums[name][0] += (y - y_sparse).square().sum().item()
         sums[name][1] += y.square().sum().item()
 
-    handles = [model.get_submodule(s.name).register_forward_hook(lambda m, a, o, name=s.name: hook(m, a, o, name)) for s in chosen]
+    handles = [
+        model.get_submodule(s.name).register_forward_hook(lambda m, a, o, name=s.name: hook(m, a, o, name)) for s in chosen
+    ]
     try:
         run_windows(model, windows, bos_id=bos_id, desc="sensitivity", progress=progress)
     finally:
         for handle in handles:
             handle.remove()
     scores = {name: math.sqrt(err) / (math.sqrt(ref) + eps) for name, (err, ref) in sums.items()}
-    settings = {"pattern": str(pattern_obj), "criterion": criterion, "mitigation": mitigation, "windows": len(windows), "eps": eps}
+    settings = {
+        "pattern": str(pattern_obj),
+        "criterion": criterion,
+        "mitigation": mitigation,
+        "windows": len(windows),
+        "eps": eps,
+    }
     return Sensitivity(sites=sites, scores=scores, settings=settings)

@@ -57,7 +57,9 @@ def save_pruned(model: nn.Module, directory: str | Path, report: WeightPruneRepo
     elif record:
         layers, config = dict(record["layers"]), record["config"]
     else:
-        raise ActsparseError("model has no pruned weights to save; prune it with actsparse.prune_weights_ first (or pass report=)")
+        raise ActsparseError(
+            "model has no pruned weights to save; prune it with actsparse.prune_weights_ first (or pass report=)"
+        )
     if not layers:
         raise ActsparseError("no layer was pruned, nothing to save")
     directory = Path(directory)
@@ -77,8 +79,12 @@ def save_pruned(model: nn.Module, directory: str | Path, report: WeightPruneRepo
         "config": config,
         "model": _identity(model),
         "layers": {
-            name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "pattern": layers[name],
-                   "density": t.count_nonzero().item() / t.numel()}
+            name: {
+                "shape": list(t.shape),
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "pattern": layers[name],
+                "density": t.count_nonzero().item() / t.numel(),
+            }
             for name, t in tensors.items()
         },  # fmt: skip
         "versions": versions(),
@@ -106,7 +112,9 @@ def load_pruned_(model: nn.Module, directory: str | Path, *, check_model: bool =
     directory = Path(directory)
     meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
     if not meta_path.is_file() or not weights_path.is_file():
-        raise ActsparseError(f"{directory} is not a pruned-weights directory written by actsparse.save_pruned (needs {META_FILE} and {WEIGHTS_FILE})")
+        raise ActsparseError(
+            f"{directory} is not a pruned-weights directory written by actsparse.save_pruned (needs {META_FILE} and {WEIGHTS_FILE})"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -114,17 +122,23 @@ def load_pruned_(model: nn.Module, directory: str | Path, *, check_model: bool =
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ActsparseError(f"{meta_path} is not an actsparse pruned-weights description (format is not '{FORMAT}')")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ActsparseError(f"{meta_path} has format version {meta.get('format_version')}; this actsparse reads version {FORMAT_VERSION}")
+        raise ActsparseError(
+            f"{meta_path} has format version {meta.get('format_version')}; this actsparse reads version {FORMAT_VERSION}"
+        )
     saved, here = meta["model"], _identity(model)
     for key in ("architecture", "model_type"):
         if saved.get(key) != here[key]:
-            raise ActsparseError(f"pruned weights in {directory} are for a different model: {key} is {saved.get(key)!r} there, {here[key]!r} here")
+            raise ActsparseError(
+                f"pruned weights in {directory} are for a different model: {key} is {saved.get(key)!r} there, {here[key]!r} here"
+            )
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError) as error:
         raise ActsparseError(f"cannot read {weights_path} ({error}); save the pruned weights again") from error
     if set(tensors) != set(meta["layers"]):
-        raise ActsparseError(f"{weights_path} and {meta_path} do not list the same layers; the directory is damaged, save it again")
+        raise ActsparseError(
+            f"{weights_path} and {meta_path} do not list the same layers; the directory is damaged, save it again"
+        )
     targets = {}
     for name, tensor in tensors.items():
         try:
@@ -136,8 +150,10 @@ def load_pruned_(model: nn.Module, directory: str | Path, *, check_model: bool =
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
             raise ActsparseError(f"layer {name} has weight shape {shape} in this model but {tuple(tensor.shape)} in {directory}")
         targets[name] = (weight, tensor)
-    same = saved.get("num_params") == here["num_params"] and _close(saved["embedding_mean"], here["embedding_mean"]) and _close(
-        saved["embedding_abs_mean"], here["embedding_abs_mean"]
+    same = (
+        saved.get("num_params") == here["num_params"]
+        and _close(saved["embedding_mean"], here["embedding_mean"])
+        and _close(saved["embedding_abs_mean"], here["embedding_abs_mean"])
     )
     if check_model and not same:
         raise ActsparseError(

@@ -189,7 +189,9 @@ def sparsegpt(
 
 register_pruner(Pruner("magnitude", magnitude, "none", "|W_ij|, per output row"))
 register_pruner(Pruner("wanda", wanda, "norms", "|W_ij| * ||X_j||_2, per output row (Sun et al. 2023)"))
-register_pruner(Pruner("sparsegpt", sparsegpt, "hessian", "OBS with weight update, blocks of 128, 1% dampening (Frantar & Alistarh 2023)"))
+register_pruner(
+    Pruner("sparsegpt", sparsegpt, "hessian", "OBS with weight update, blocks of 128, 1% dampening (Frantar & Alistarh 2023)")
+)
 
 
 def prune_matrix(

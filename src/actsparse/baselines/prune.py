@@ -63,6 +63,8 @@ def note_pruning_(model: nn.Module, record: dict) -> None:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         setattr(config, CONFIG_KEY, {"config": dict(record["config"]), "layers": dict(record["layers"]), "versions": versions()})
+
+
 # Order of the sub-blocks inside a decoder layer.
 STAGE = {"q": 0, "k": 0, "v": 0, "qkv": 0, "o": 1, "gate": 2, "up": 2, "gate_up": 2, "down": 3}
 
@@ -281,7 +283,9 @@ def restore_weights_(model: nn.Module, snapshot: dict[str, torch.Tensor], *, che
     for name, weight in snapshot.items():
         module = model.get_submodule(name)
         if module.weight.shape != weight.shape:
-            raise ActsparseError(f"snapshot does not fit this model: {name} has shape {tuple(module.weight.shape)}, snapshot {tuple(weight.shape)}")
+            raise ActsparseError(
+                f"snapshot does not fit this model: {name} has shape {tuple(module.weight.shape)}, snapshot {tuple(weight.shape)}"
+            )
         module.weight.copy_(weight)
         if check and not torch.equal(module.weight.detach().cpu(), weight):
             raise ActsparseError(f"restoring {name} failed: its weight differs from the snapshot")

@@ -38,7 +38,9 @@ def check_weight(weight: torch.Tensor, pattern: Pattern | str, name: str = "weig
         allowed = rows * pattern.kept(width)
         found = int(weight.count_nonzero())
         if found > allowed:
-            raise ActsparseError(f"{name} is not {pattern}: {found} non-zero weights, at most {allowed} allowed ({rows} rows x {pattern.kept(width)})")
+            raise ActsparseError(
+                f"{name} is not {pattern}: {found} non-zero weights, at most {allowed} allowed ({rows} rows x {pattern.kept(width)})"
+            )
 
 
 @torch.no_grad()

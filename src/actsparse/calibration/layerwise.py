@@ -190,12 +190,16 @@ def _window_loss(layer, call, params, x, target, device, cuda_graph: bool | None
     try:
         return _GraphedWindowLoss(layer, call, params, x, target)
     except Exception as error:  # an operation that cannot be captured (a host sync, a CPU generator, ...)
-        warnings.warn(f"calibration: the training step could not be captured as a CUDA graph ({error}); training eagerly", stacklevel=2)
+        warnings.warn(
+            f"calibration: the training step could not be captured as a CUDA graph ({error}); training eagerly", stacklevel=2
+        )
         torch.cuda.synchronize(device)
         return _WindowLoss(layer, call, params)
 
 
-def train_layer(layer, call, inputs, targets, options: CalibrationOptions, device, *, progress=True, desc="", cuda_graph=None) -> dict:
+def train_layer(
+    layer, call, inputs, targets, options: CalibrationOptions, device, *, progress=True, desc="", cuda_graph=None
+) -> dict:
     """Train the mitigation parameters of one decoder layer; everything else frozen.
 
     ``cuda_graph``: replay the forward and backward pass of a step as a CUDA graph (default:
@@ -210,14 +214,18 @@ def train_layer(layer, call, inputs, targets, options: CalibrationOptions, devic
         p.requires_grad_(True)
     steps = options.steps if options.steps is not None else len(inputs)
     fused = all(p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)  # one kernel per step
-    optimizer = torch.optim.AdamW(params, lr=options.lr, betas=options.betas, weight_decay=options.weight_decay, fused=fused or None)
+    optimizer = torch.optim.AdamW(
+        params, lr=options.lr, betas=options.betas, weight_decay=options.weight_decay, fused=fused or None
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, options.warmup))
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(options.seed)).tolist()
     losses = []
     bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False)
     try:
         with torch.enable_grad():
-            window_loss = _window_loss(layer, call, params, inputs[order[0]].to(device), targets[order[0]].to(device), device, cuda_graph)
+            window_loss = _window_loss(
+                layer, call, params, inputs[order[0]].to(device), targets[order[0]].to(device), device, cuda_graph
+            )
             for step in bar:
                 index = order[step % len(order)]
                 loss = window_loss(inputs[index].to(device), targets[index].to(device))
@@ -241,7 +249,8 @@ def train_layer(layer, call, inputs, targets, options: CalibrationOptions, devic
 def _dense_pass(layer, call, inputs, modules: dict, needs: set, device, cache_device):
     """Dense outputs of ``layer`` on ``inputs`` (targets), and CovarianceStats of ``modules``' inputs."""
     stats = {
-        name: CovarianceStats(io_features(m)[0], covariance="covariance" in needs, keep_rows="rows" in needs) for name, m in modules.items()
+        name: CovarianceStats(io_features(m)[0], covariance="covariance" in needs, keep_rows="rows" in needs)
+        for name, m in modules.items()
     }
     handles = []
     if needs:
@@ -319,7 +328,9 @@ def calibrate_(
     last = max(by_layer)
     try:
         inputs, calls = capture_layer_inputs(model, windows, bos_id=bos_id, cache_device=cache_device)
-        bar = tqdm(total=last + 1, desc=f"calibrate {pattern} {criterion.name} {mitigation.name}", unit="layer", disable=not progress)
+        bar = tqdm(
+            total=last + 1, desc=f"calibrate {pattern} {criterion.name} {mitigation.name}", unit="layer", disable=not progress
+        )
         for index, layer in enumerate(layers):
             if index > last:
                 break
@@ -348,7 +359,17 @@ def calibrate_(
             if learned:
                 for site in group:  # trained from the no-op initialisation
                     model.get_submodule(site.name).calibrated = True
-                info = train_layer(layer, calls[index], inputs, targets, options, device, progress=progress, desc=f"layer {index}", cuda_graph=cuda_graph)
+                info = train_layer(
+                    layer,
+                    calls[index],
+                    inputs,
+                    targets,
+                    options,
+                    device,
+                    progress=progress,
+                    desc=f"layer {index}",
+                    cuda_graph=cuda_graph,
+                )
             with torch.no_grad():
                 outputs = calls[index].run_all(layer, inputs, device, cache_device)
                 errors = [torch.nn.functional.mse_loss(out.float(), target.float()) for out, target in zip(outputs, targets)]

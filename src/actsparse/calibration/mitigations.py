@@ -339,6 +339,7 @@ def _learned(scale: bool, shift: bool, var: bool):
 
 # ---- registry --------------------------------------------------------------------------------
 
+
 class _Named(Set):
     """The names of the registered mitigations whose ``field`` is set, read from the registry
     each time (so they follow what is registered later)."""
@@ -429,13 +430,20 @@ def collects(name: str) -> set[str]:
 _register("spts", apply_shift, prepare_spts, "static median shift η (mean token median) + rank-1 term", needs={"median"})
 _register("scap", apply_scap, prepare_scap, "shift by the median of calibration activations, folded into a bias", needs={"rows"})
 _register("scap-feature", apply_scap, prepare_scap_feature, "scap with a per-feature median", needs={"rows"})
-_register("rotation", apply_rotation, prepare_rotation, "LaRoSa-style rotation by the covariance eigenvectors", needs={"covariance"})
+_register(
+    "rotation", apply_rotation, prepare_rotation, "LaRoSa-style rotation by the covariance eigenvectors", needs={"covariance"}
+)
 _register(
     "rotation-spread", apply_rotation, prepare_rotation_spread,
     "rotation with the eigenvectors spread over the N:M groups (rank r in group r mod G)", needs={"covariance"},
 )  # fmt: skip
-_register("lowrank", apply_lowrank, lambda layer: _prepare_lowrank(layer, DEFAULT_RANK),
-          f"R-Sparse: rank-{DEFAULT_RANK} SVD of W carries the pruned part (lowrank:R for rank R)", calibrated=False)
+_register(
+    "lowrank",
+    apply_lowrank,
+    lambda layer: _prepare_lowrank(layer, DEFAULT_RANK),
+    f"R-Sparse: rank-{DEFAULT_RANK} SVD of W carries the pruned part (lowrank:R for rank R)",
+    calibrated=False,
+)
 MITIGATIONS.add_factory("lowrank", _lowrank_factory)  # lowrank:R for any R >= 1, made on first lookup
 for _rank in (8, 16, 32, 64, 128):
     register_lowrank(_rank)

@@ -97,9 +97,13 @@ def save_state(model: nn.Module, directory: str | Path, *, calibration: dict | N
     layers = sparse_layers(model)
     if not layers:
         raise ActsparseError("model is not sparsified; calibrate it with actsparse.calibrate_ (or sparsify_) first")
-    uncalibrated = [name for name, layer in layers.items() if getattr(layer, "state_names", ()) and not getattr(layer, "calibrated", True)]
+    uncalibrated = [
+        name for name, layer in layers.items() if getattr(layer, "state_names", ()) and not getattr(layer, "calibrated", True)
+    ]
     if uncalibrated:
-        raise ActsparseError(f"{len(uncalibrated)} sparse layers are not calibrated (e.g. {uncalibrated[0]}); run actsparse.calibrate_ first")
+        raise ActsparseError(
+            f"{len(uncalibrated)} sparse layers are not calibrated (e.g. {uncalibrated[0]}); run actsparse.calibrate_ first"
+        )
     report = getattr(model, CALIBRATION_ATTR, None)
     first = next(iter(layers.values()))
     if report is not None:
@@ -121,7 +125,9 @@ def save_state(model: nn.Module, directory: str | Path, *, calibration: dict | N
             "config": config.to_dict(),
             "calibration": {**(report.to_dict() if report is not None else {}), **(calibration or {})},
             "model": model_identity(model),
-            "tensors": {key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for key, t in tensors.items()},
+            "tensors": {
+                key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for key, t in tensors.items()
+            },
             "layers": sorted(layers),
             "sha256": _sha256(path),
             "bytes": path.stat().st_size,
@@ -154,7 +160,9 @@ def read_state_meta(directory: str | Path, verify: bool = True) -> dict:
     directory = Path(directory)
     meta_path, tensors_path = directory / META_FILE, directory / TENSORS_FILE
     if not meta_path.is_file() or not tensors_path.is_file():
-        raise ActsparseError(f"{directory} is not a calibrated-state directory written by actsparse calibrate (needs {META_FILE} and {TENSORS_FILE})")
+        raise ActsparseError(
+            f"{directory} is not a calibrated-state directory written by actsparse calibrate (needs {META_FILE} and {TENSORS_FILE})"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -167,11 +175,15 @@ def read_state_meta(directory: str | Path, verify: bool = True) -> dict:
             "(whose description is checksummed too); calibrate the state again"
         )
     if meta.get("meta_sha256") != meta_digest(meta):
-        raise ActsparseError(f"{meta_path} does not match its own checksum (meta_sha256): the description was altered; calibrate again")
+        raise ActsparseError(
+            f"{meta_path} does not match its own checksum (meta_sha256): the description was altered; calibrate again"
+        )
     if not verify:
         return meta
     if tensors_path.stat().st_size != meta.get("bytes") or _sha256(tensors_path) != meta.get("sha256"):
-        raise ActsparseError(f"{tensors_path} does not match the checksum recorded in {META_FILE} (truncated or altered); calibrate again")
+        raise ActsparseError(
+            f"{tensors_path} does not match the checksum recorded in {META_FILE} (truncated or altered); calibrate again"
+        )
     try:
         state_config(meta)
     except (TypeError, KeyError, AttributeError) as error:
@@ -186,7 +198,9 @@ def check_state_text(meta: dict, evaluation) -> None:
 
     calib = meta.get("calibration", {})
     sample = frozenset(int(f, 16) for f in calib["fingerprints"]) if calib.get("fingerprints") else None
-    check_disjoint(evaluation, TextSource(calib.get("data", "?"), "", frozenset(calib.get("data_parts") or ())), calib_sample=sample)
+    check_disjoint(
+        evaluation, TextSource(calib.get("data", "?"), "", frozenset(calib.get("data_parts") or ())), calib_sample=sample
+    )
 
 
 def state_config(meta: dict) -> SparsityConfig:
@@ -209,7 +223,9 @@ def check_state(model: nn.Module, directory: str | Path, *, check_model: bool = 
     saved, here = meta["model"], model_identity(model)
     for key in ("architecture", "model_type"):
         if saved.get(key) != here[key]:
-            raise ActsparseError(f"state in {directory} is for a different model: {key} is {saved.get(key)!r} there, {here[key]!r} here")
+            raise ActsparseError(
+                f"state in {directory} is for a different model: {key} is {saved.get(key)!r} there, {here[key]!r} here"
+            )
     same = (
         saved.get("num_params") == here["num_params"] and saved.get("embedding_shape") == here["embedding_shape"]
         and all(_close(saved.get(k), here[k]) for k in ("embedding_mean", "embedding_abs_mean", "embedding_sq_mean"))
@@ -224,7 +240,12 @@ def check_state(model: nn.Module, directory: str | Path, *, check_model: bool = 
 
 @torch.no_grad()
 def load_state_(
-    model: nn.Module, directory: str | Path, *, expect: SparsityConfig | None = None, check_model: bool = True, backend: str | None = None
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    expect: SparsityConfig | None = None,
+    check_model: bool = True,
+    backend: str | None = None,
 ) -> SparsityConfig:
     """Sparsify ``model`` with a saved state's config and load its calibrated tensors, in place.
 
@@ -266,7 +287,9 @@ def load_state_(
 
 
 @torch.no_grad()
-def apply_state_(model: nn.Module, config: SparsityConfig, tensors: dict[str, torch.Tensor], calibration: dict, *, where: str) -> None:
+def apply_state_(
+    model: nn.Module, config: SparsityConfig, tensors: dict[str, torch.Tensor], calibration: dict, *, where: str
+) -> None:
     """Sparsify a dense ``model`` with ``config`` and copy in the mitigation-owned ``tensors``
     (``{"<module>.<name>": tensor}``), refusing a missing name or a shape mismatch (the model
     is left dense then); ``calibration`` is the recorded calibration report. ``where`` names
@@ -303,7 +326,11 @@ def apply_state_(model: nn.Module, config: SparsityConfig, tensors: dict[str, to
         unsparsify_(model)
         raise
     calib = calibration or {}
-    options = CalibrationOptions(**{k: tuple(v) if k == "betas" else v for k, v in calib.get("options", {}).items()}) if calib.get("options") else CalibrationOptions()
+    options = (
+        CalibrationOptions(**{k: tuple(v) if k == "betas" else v for k, v in calib.get("options", {}).items()})
+        if calib.get("options")
+        else CalibrationOptions()
+    )
     report = CalibrationReport(config, options, calib.get("windows", 0), calib.get("seqlen", 0), calib.get("seconds", 0.0))
     report.layers = {int(k): v for k, v in calib.get("layers", {}).items()}
     setattr(model, CALIBRATION_ATTR, report)

@@ -49,11 +49,19 @@ def add_bench_command(commands) -> None:
         "measurements with the config, GPU and versions.",
     )  # fmt: skip
     add_sparsity_options(be, weights=False)
-    be.add_argument("--model", default="tiny-llama",
-                    help=f"a shape preset with random weights ({', '.join(PRESETS)}), an alias, a local directory or a hub id (default: tiny-llama)")
+    be.add_argument(
+        "--model",
+        default="tiny-llama",
+        help=f"a shape preset with random weights ({', '.join(PRESETS)}), an alias, a local directory or a hub id (default: tiny-llama)",
+    )
     be.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="(default: bfloat16)")
     be.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    be.add_argument("--prefill", type=_positive_list, default=None, help="prompt lengths to time (default: 512,1024,...,16384 on CUDA, 32,128 on the CPU)")
+    be.add_argument(
+        "--prefill",
+        type=_positive_list,
+        default=None,
+        help="prompt lengths to time (default: 512,1024,...,16384 on CUDA, 32,128 on the CPU)",
+    )
     be.add_argument("--batch", type=_positive_list, default=(1, 2, 4), help="decode batch sizes (default: 1,2,4)")
     be.add_argument("--prompt", type=_whole, default=128, help="prompt tokens before decoding (default: 128)")
     be.add_argument("--steps", type=_whole, default=64, help="decode steps timed (default: 64)")
@@ -73,13 +81,22 @@ def cmd_bench(args) -> None:
     from actsparse.models.loading import load_model
 
     config = config_from(args)  # checked before anything loads
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ActsparseError(f"--device {args.device} but no CUDA device is available; fix: use --device cpu")
     prefill = args.prefill or ((512, 1024, 2048, 4096, 8192, 16384) if device.type == "cuda" else (32, 128))
-    options = BenchOptions(prefill=prefill, batches=args.batch, prompt=args.prompt, steps=args.steps, modes=args.modes,
-                           repeats=args.repeats, layers=args.num_layers, seed=args.seed)
+    options = BenchOptions(
+        prefill=prefill,
+        batches=args.batch,
+        prompt=args.prompt,
+        steps=args.steps,
+        modes=args.modes,
+        repeats=args.repeats,
+        layers=args.num_layers,
+        seed=args.seed,
+    )
     if args.model in PRESETS:
         model = preset_model(args.model, DTYPES[args.dtype], device, layers=args.num_layers, seed=args.seed)
     else:

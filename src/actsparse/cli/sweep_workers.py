@@ -24,4 +24,6 @@ def run_sweep_workers(args, out: str, spec) -> None:
           f"{len(keys - stored)} not stored")  # fmt: skip
     failed = [index for index, code in enumerate(codes) if code != 0]
     if failed:
-        raise ActsparseError(f"worker(s) {', '.join(f'w{i}' for i in failed)} failed (see their lines above); run the same command again to retry their runs")
+        raise ActsparseError(
+            f"worker(s) {', '.join(f'w{i}' for i in failed)} failed (see their lines above); run the same command again to retry their runs"
+        )

@@ -106,8 +106,16 @@ def static_smooth(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
 
 register_mitigation(Mitigation("none", plain, description="no mitigation", kernel=PLAIN))
 register_mitigation(Mitigation("var", var, description="per-token variance correction", kernel=VARIANCE_SCALE))
-register_mitigation(Mitigation("dpts", dynamic_shift, prepare_row_sums, description="dynamic median shift + rank-1 term", kernel=MEDIAN_SHIFT))
+register_mitigation(
+    Mitigation("dpts", dynamic_shift, prepare_row_sums, description="dynamic median shift + rank-1 term", kernel=MEDIAN_SHIFT)
+)
 register_mitigation(Mitigation("smooth", smooth, causal=False, description="SmoothQuant-style migration, s from this batch"))
 register_mitigation(
-    Mitigation("smooth-static", static_smooth, prepare_static_smooth, needs_calibration=True, description="smooth with s from calibration")
+    Mitigation(
+        "smooth-static",
+        static_smooth,
+        prepare_static_smooth,
+        needs_calibration=True,
+        description="smooth with s from calibration",
+    )
 )

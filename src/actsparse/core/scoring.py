@@ -121,14 +121,32 @@ def calibration_norm_vector(weight: torch.Tensor, stats: InputStats | None) -> t
 
 register_criterion(Criterion("magnitude", scaled_magnitude, description="|x|", kernel_score=ABS_TIMES_VECTOR))
 register_criterion(Criterion("wina", scaled_magnitude, wina_vector, description="|x| * ||W_:,j||", kernel_score=ABS_TIMES_VECTOR))
-register_criterion(Criterion("amber", scaled_magnitude, amber_vector, description="|x| * robust column norm of W", kernel_score=ABS_TIMES_VECTOR))
-register_criterion(Criterion("amber-clamp", scaled_magnitude, amber_clamped_vector, description="amber with outlier weights clamped", kernel_score=ABS_TIMES_VECTOR))
-register_criterion(Criterion("var-weight", scaled_magnitude, var_weight_vector, description="|x| * Var_i(W_ij)", kernel_score=ABS_TIMES_VECTOR))
+register_criterion(
+    Criterion("amber", scaled_magnitude, amber_vector, description="|x| * robust column norm of W", kernel_score=ABS_TIMES_VECTOR)
+)
 register_criterion(
     Criterion(
-        "clact", scaled_magnitude, calibration_norm_vector, needs_calibration=True, kernel_score=ABS_TIMES_VECTOR,
+        "amber-clamp",
+        scaled_magnitude,
+        amber_clamped_vector,
+        description="amber with outlier weights clamped",
+        kernel_score=ABS_TIMES_VECTOR,
+    )
+)
+register_criterion(
+    Criterion("var-weight", scaled_magnitude, var_weight_vector, description="|x| * Var_i(W_ij)", kernel_score=ABS_TIMES_VECTOR)
+)
+register_criterion(
+    Criterion(
+        "clact",
+        scaled_magnitude,
+        calibration_norm_vector,
+        needs_calibration=True,
+        kernel_score=ABS_TIMES_VECTOR,
         description="|x| * calibration ||X_:,j|| / ||x_t||",
     )
 )
-register_criterion(Criterion("clact-batch", clact_batch_score, causal=False, description="P1's CLACT over the batch (non-causal)"))
+register_criterion(
+    Criterion("clact-batch", clact_batch_score, causal=False, description="P1's CLACT over the batch (non-causal)")
+)
 register_criterion(Criterion("random", random_score, description="uniform random (control)"))

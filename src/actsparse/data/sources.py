@@ -24,8 +24,7 @@ DEFAULT_EVAL = "brown:news"
 DEFAULT_CALIB = "brown:learned+belles_lettres"
 
 FORMS = (
-    "brown:CATEGORY[+CATEGORY...] (e.g. brown:news), "
-    "wikitext2[:test|validation|train], or a local text file (PATH or file:PATH)"
+    "brown:CATEGORY[+CATEGORY...] (e.g. brown:news), wikitext2[:test|validation|train], or a local text file (PATH or file:PATH)"
 )
 WIKITEXT_SPLITS = ("test", "validation", "train")
 _TRUE = {"1", "on", "yes", "true"}
@@ -78,10 +77,7 @@ class TextSource:
 def _brown(arg: str | None) -> TextSource:
     if not arg:
         names = ", ".join(brown.CATEGORIES.values())
-        raise ActsparseError(
-            f"`brown` needs categories, e.g. brown:news or brown:learned+belles_lettres; "
-            f"categories: {names}"
-        )
+        raise ActsparseError(f"`brown` needs categories, e.g. brown:news or brown:learned+belles_lettres; categories: {names}")
     letters = sorted({brown.resolve_category(name) for name in arg.split("+")})
     spec = "brown:" + "+".join(brown.CATEGORIES[l] for l in letters)
     return TextSource(spec, brown.brown_text(letters), frozenset(f"brown:{l}" for l in letters))
@@ -138,8 +134,7 @@ def _wikitext2(arg: str | None) -> TextSource:
         from datasets import load_dataset
     except ImportError as e:
         raise ActsparseError(
-            f"WikiText-2 needs the `datasets` library and the Hugging Face hub; "
-            f"`pip install actsparse[wikitext]`, or {fix}"
+            f"WikiText-2 needs the `datasets` library and the Hugging Face hub; `pip install actsparse[wikitext]`, or {fix}"
         ) from e
     local_only = offline or not hub_reachable()  # one quick connection attempt instead of the hub client's retries
     try:

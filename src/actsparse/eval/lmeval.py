@@ -148,7 +148,8 @@ def _task_manager(prepared: PreparedTasks):
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)
             raise ActsparseError(
-                f"lm-eval has no task '{name}'" + (f"; did you mean {', '.join(close)}?" if close else "")
+                f"lm-eval has no task '{name}'"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
                 + f"; proxies: {', '.join(proxy_tasks.KINDS)}"
             )
     return manager

@@ -210,7 +210,9 @@ def write_proxy_tasks(source: TextSource, directory, seed: int = 0, count: int =
     docs = documents(source.text)
     built = {
         LASTWORD: _choose(lastword_items(docs), count, random.Random(f"{seed}:lastword")),
-        CONTINUATION: _choose(continuation_items(docs, random.Random(f"{seed}:continuation")), count, random.Random(f"{seed}:choose")),
+        CONTINUATION: _choose(
+            continuation_items(docs, random.Random(f"{seed}:continuation")), count, random.Random(f"{seed}:choose")
+        ),
     }
     manifest = {
         "format": FORMAT, "source": source.spec, "source_parts": sorted(source.parts), "seed": seed, "count": count,
@@ -224,7 +226,10 @@ def write_proxy_tasks(source: TextSource, directory, seed: int = 0, count: int =
         data = directory / f"{name}.jsonl"
         lines = "".join(json.dumps(item, sort_keys=True, ensure_ascii=False) + "\n" for item in items)
         _write_if_changed(data, lines)
-        _write_if_changed(directory / f"{name}.yaml", yaml.safe_dump(_task_yaml(name, kind, data, source.spec, seed, len(items)), sort_keys=False))
+        _write_if_changed(
+            directory / f"{name}.yaml",
+            yaml.safe_dump(_task_yaml(name, kind, data, source.spec, seed, len(items)), sort_keys=False),
+        )
         manifest["tasks"][name] = {"kind": kind, "items": len(items), "sha256": hashlib.sha256(lines.encode("utf-8")).hexdigest()}
     _write_if_changed(directory / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return ProxyTasks(directory, names, manifest)

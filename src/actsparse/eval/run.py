@@ -89,7 +89,9 @@ class Evaluator:
         self.source = load_text(settings.data)  # a bad text is refused before the model loads
         start = time.perf_counter()
         if model is None:
-            model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.resolved_device(), **(placement or {}))
+            model, tokenizer = load_model(
+                settings.model, dtype=settings.dtype, device=settings.resolved_device(), **(placement or {})
+            )
         self.model, self.tokenizer = model, tokenizer
         self.load_seconds = time.perf_counter() - start
         self.info = model_info(model)
@@ -170,7 +172,12 @@ class Evaluator:
         return self._complete(record, sparse, start, criterion.causal and mitigation.causal, config, report, measured)
 
     def run_calibrated(
-        self, config: SparsityConfig, options=None, with_dense: bool = True, save: str | None = None, extra: Extra = None,
+        self,
+        config: SparsityConfig,
+        options=None,
+        with_dense: bool = True,
+        save: str | None = None,
+        extra: Extra = None,
         calib_windows: int | None = None,
     ) -> dict:
         """Calibrate ``config`` layer by layer on ``calib_windows`` windows of calibration text, then evaluate.
@@ -192,11 +199,19 @@ class Evaluator:
         start = time.perf_counter()
         calibration = calibrate_(self.model, config, windows, options=options, bos_id=self.bos_id, progress=self.progress)
         try:
-            record["calibration"] = {"data": calib_spec, "data_parts": sorted(self._calibration_tokens()[0].parts), **calibration.to_dict()}
+            record["calibration"] = {
+                "data": calib_spec,
+                "data_parts": sorted(self._calibration_tokens()[0].parts),
+                **calibration.to_dict(),
+            }
             if save:
                 from actsparse.data.sources import stored_sample
 
-                described = {"data": calib_spec, "data_parts": record["calibration"]["data_parts"], "fingerprints": stored_sample(self._calibration_tokens()[0])}
+                described = {
+                    "data": calib_spec,
+                    "data_parts": record["calibration"]["data_parts"],
+                    "fingerprints": stored_sample(self._calibration_tokens()[0]),
+                }
                 record["state"] = str(save_state(self.model, save, calibration=described))
             report = SparsifyReport.of(self.model, sites)
             sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation}")
@@ -207,7 +222,12 @@ class Evaluator:
         return self._complete(record, sparse, start, causal, config, report, measured)
 
     def run_state(
-        self, directory, expect: SparsityConfig | None = None, with_dense: bool = True, extra: Extra = None, backend: str | None = None
+        self,
+        directory,
+        expect: SparsityConfig | None = None,
+        with_dense: bool = True,
+        extra: Extra = None,
+        backend: str | None = None,
     ) -> dict:
         """Evaluate a calibrated state saved by ``actsparse calibrate`` / ``save_state`` (its own config;
         ``backend`` overrides its backend).
@@ -281,7 +301,13 @@ class Evaluator:
 
     def _record(self, target: str, with_dense: bool, **fields) -> dict:
         """A record's common head: model, data, target (and ``fields``), plus the dense perplexity when asked."""
-        record: dict = {"model": self.settings.model, "model_info": self.info, "data": self.source.spec, "target": target, **fields}
+        record: dict = {
+            "model": self.settings.model,
+            "model_info": self.info,
+            "data": self.source.spec,
+            "target": target,
+            **fields,
+        }
         device_map = getattr(self.model, "hf_device_map", None)
         if device_map and (len(set(device_map.values())) > 1 or "disk" in device_map.values()):  # placed over devices / offloaded
             record["device_map"] = {name: str(device) for name, device in device_map.items()}

@@ -35,12 +35,35 @@ from actsparse.errors import ActsparseError
 from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
 
 PRESETS = {
-    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                      num_key_value_heads=8, num_hidden_layers=32, vocab_size=128256, rope_theta=500000.0),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-                       num_key_value_heads=4, num_hidden_layers=28, vocab_size=152064, rope_theta=1000000.0),
-    "tiny-llama": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                       num_key_value_heads=2, num_hidden_layers=2, vocab_size=512),
+    "llama3-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_hidden_layers=32,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        num_hidden_layers=28,
+        vocab_size=152064,
+        rope_theta=1000000.0,
+    ),
+    "tiny-llama": dict(
+        model_type="llama",
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=512,
+    ),
 }
 MODES = ("eager", "graph")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -102,13 +125,16 @@ class BenchResult:
         return out
 
     def table(self) -> str:
-        lines = [f"{self.model} on {self.device}; {self.config.get('pattern')} {self.config.get('criterion')} "
-                 f"{self.config.get('mitigation')}",
-                 f"{'phase':<8} {'mode':<6} {'size':>6} {'dense':>12} {'sparse':>12} {'speedup':>8}"]
+        lines = [
+            f"{self.model} on {self.device}; {self.config.get('pattern')} {self.config.get('criterion')} "
+            f"{self.config.get('mitigation')}",
+            f"{'phase':<8} {'mode':<6} {'size':>6} {'dense':>12} {'sparse':>12} {'speedup':>8}",
+        ]
         for m in self.measurements:
             unit = "ms" if m.phase == "prefill" else "tok/s"
-            lines.append(f"{m.phase:<8} {m.mode:<6} {m.size:>6} {m.dense:>9.2f} {unit:<2} {m.sparse:>9.2f} {unit:<2} "
-                         f"{m.speedup:>7.2f}x")
+            lines.append(
+                f"{m.phase:<8} {m.mode:<6} {m.size:>6} {m.dense:>9.2f} {unit:<2} {m.sparse:>9.2f} {unit:<2} {m.speedup:>7.2f}x"
+            )
         lines += [f"skipped: {s}" for s in self.skipped]
         return "\n".join(lines)
 
@@ -191,15 +217,21 @@ class Decoder:
         """Reset the cache and run the prompt (eagerly): the next call decodes position ``prompt``."""
         self.cache.reset()
         positions = torch.arange(self.prompt, device=self.token.device)
-        out = self.model(input_ids=self.prompt_ids, past_key_values=self.cache, cache_position=positions,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=self.prompt_ids, past_key_values=self.cache, cache_position=positions, use_cache=True, logits_to_keep=1
+        )
         self.token.copy_(out.logits[:, -1:].argmax(dim=-1))
         self.position.fill_(self.prompt)
 
     @torch.no_grad()
     def step(self):
-        out = self.model(input_ids=self.token, past_key_values=self.cache, cache_position=self.position,
-                         position_ids=self.position.expand(self.batch, 1), use_cache=True)
+        out = self.model(
+            input_ids=self.token,
+            past_key_values=self.cache,
+            cache_position=self.position,
+            position_ids=self.position.expand(self.batch, 1),
+            use_cache=True,
+        )
         self.token.copy_(out.logits[:, -1:].argmax(dim=-1))
         self.position.add_(1)
 
@@ -214,9 +246,11 @@ def decode_tokens_per_s(model, batch, options: BenchOptions, mode: str, timer: T
             for _ in range(options.steps):
                 graph.replay()
     else:
+
         def run():
             for _ in range(options.steps):
                 decoder.step()
+
     ms = timer(run, before=decoder.start)
     return batch * options.steps / (ms / 1e3)
 
@@ -259,8 +293,10 @@ def check_fast_path(model, config: SparsityConfig, generator) -> dict:
     tolerance = 2e-2 if next(model.parameters()).dtype != torch.float32 else 1e-4
     bad = {rows: err for rows, err in worst.items() if not err < tolerance}
     if bad:
-        raise ActsparseError(f"the fast path disagrees with the reference (relative error {bad} > {tolerance}); "
-                             "fix: report this, and bench with --backend torch meanwhile")
+        raise ActsparseError(
+            f"the fast path disagrees with the reference (relative error {bad} > {tolerance}); "
+            "fix: report this, and bench with --backend torch meanwhile"
+        )
     return {"layer_rel_err": worst, "tolerance": tolerance, "layers_checked": len(seen)}
 
 
@@ -270,10 +306,15 @@ def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -
 
     device = next(model.parameters()).device
     result = BenchResult(
-        model=name, config=config.to_dict(),
+        model=name,
+        config=config.to_dict(),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        versions={"actsparse": __version__, "torch": torch.__version__,
-                  "transformers": transformers.__version__, "dtype": str(next(model.parameters()).dtype)},
+        versions={
+            "actsparse": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "dtype": str(next(model.parameters()).dtype),
+        },
     )
     modes = list(options.modes)
     if device.type != "cuda" and "graph" in modes:
@@ -300,7 +341,9 @@ def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -
                         else:
                             value = decode_tokens_per_s(model, size, options, mode, timer, generator)
                 except (RuntimeError, torch.OutOfMemoryError) as error:  # reported, not hidden: the row is left out
-                    result.skipped.append(f"{label} {phase} {mode} {size}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+                    result.skipped.append(
+                        f"{label} {phase} {mode} {size}: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                    )
                     continue
                 timings.setdefault((phase, mode, size), {})[label] = value
         if device.type == "cuda":
@@ -308,6 +351,5 @@ def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -
     unsparsify_(model)
     for (phase, mode, size), pair in timings.items():
         if len(pair) == 2:
-                result.measurements.append(Measurement(phase, mode, size, pair["dense"], pair["sparse"]))
+            result.measurements.append(Measurement(phase, mode, size, pair["dense"], pair["sparse"]))
     return result
-

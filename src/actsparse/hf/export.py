@@ -21,7 +21,15 @@ CARD_FILE = "README.md"
 RECORD_FILE = "actsparse_export.json"
 
 
-def export(settings, out: str | Path, *, config=None, state: str | Path | None = None, progress: bool = True, placement: dict | None = None) -> dict:
+def export(
+    settings,
+    out: str | Path,
+    *,
+    config=None,
+    state: str | Path | None = None,
+    progress: bool = True,
+    placement: dict | None = None,
+) -> dict:
     """Export ``settings.model`` sparsified by ``config`` (a ``SparsityConfig`` or a
     ``WeightPruneConfig``) or by a calibrated ``state`` directory into ``out``; returns the
     evaluation record (also written as ``actsparse_export.json``)."""
@@ -38,6 +46,7 @@ def export(settings, out: str | Path, *, config=None, state: str | Path | None =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
+
         def save(model, tokenizer) -> dict:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -124,7 +133,9 @@ def model_card(record: dict) -> str:
         f"{record.get('sparse_flop_fraction', 0):.1%} of the decoder's linear FLOPs",
     ]
     if calibration.get("data"):
-        lines.append(f"- calibration text: {calibration['data']} ({calibration.get('windows', '?')} windows), never overlapping the evaluation text")
+        lines.append(
+            f"- calibration text: {calibration['data']} ({calibration.get('windows', '?')} windows), never overlapping the evaluation text"
+        )
     if record.get("state"):
         lines.append(f"- calibrated state: {Path(record['state']).name}")
     if not record.get("causal", True):
@@ -166,5 +177,8 @@ def model_card(record: dict) -> str:
             "",
         ]
     versions = record.get("versions", {})
-    lines += ["Versions: " + ", ".join(f"{k} {versions[k]}" for k in ("actsparse", "torch", "transformers") if k in versions) + ".", ""]
+    lines += [
+        "Versions: " + ", ".join(f"{k} {versions[k]}" for k in ("actsparse", "torch", "transformers") if k in versions) + ".",
+        "",
+    ]
     return "\n".join(lines)

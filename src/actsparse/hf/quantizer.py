@@ -37,7 +37,9 @@ def _sparsity(raw: dict) -> SparsityConfig:
     fields = set(SparsityConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise ActsparseError(f"unknown sparsity field(s) {', '.join(unknown)} in an actsparse quantization_config; known: {', '.join(sorted(fields))}")
+        raise ActsparseError(
+            f"unknown sparsity field(s) {', '.join(unknown)} in an actsparse quantization_config; known: {', '.join(sorted(fields))}"
+        )
     return state_config({"config": raw})
 
 
@@ -59,10 +61,14 @@ class ActsparseConfig(QuantizationConfigMixin):
         if quant_method != QUANT_METHOD:
             raise ActsparseError(f"ActsparseConfig has quant_method '{QUANT_METHOD}', got '{quant_method}'")
         if format_version > FORMAT_VERSION:
-            raise ActsparseError(f"this checkpoint has actsparse format version {format_version}; this actsparse reads up to {FORMAT_VERSION}: upgrade actsparse")
+            raise ActsparseError(
+                f"this checkpoint has actsparse format version {format_version}; this actsparse reads up to {FORMAT_VERSION}: upgrade actsparse"
+            )
         if isinstance(sparsity, SparsityConfig):
             if fields:
-                raise ActsparseError("pass either a SparsityConfig or its fields (pattern=..., criterion=...) to ActsparseConfig, not both")
+                raise ActsparseError(
+                    "pass either a SparsityConfig or its fields (pattern=..., criterion=...) to ActsparseConfig, not both"
+                )
             config = sparsity
         else:
             config = _sparsity({**(sparsity or {}), **fields})
@@ -114,9 +120,13 @@ def actsparse_tensors(model, check: bool = True, copy: bool = True) -> dict[str,
 
     layers = sparse_layers(model)
     if check:
-        waiting = [name for name, layer in layers.items() if getattr(layer, "state_names", ()) and not getattr(layer, "calibrated", True)]
+        waiting = [
+            name for name, layer in layers.items() if getattr(layer, "state_names", ()) and not getattr(layer, "calibrated", True)
+        ]
         if waiting:
-            raise ActsparseError(f"{len(waiting)} sparse layers are not calibrated (e.g. {waiting[0]}); run actsparse.calibrate_ before saving")
+            raise ActsparseError(
+                f"{len(waiting)} sparse layers are not calibrated (e.g. {waiting[0]}); run actsparse.calibrate_ before saving"
+            )
     tensors = {}
     if _has_state(layers):
         for layer in layers.values():
@@ -211,7 +221,9 @@ class ActsparseHfQuantizer(HfQuantizer):
                 name, _, field = key.removeprefix(STATS).rpartition(".")
                 entry = stats.setdefault(name, {})
                 entry[field] = int(t.item()) if field == "tokens" else t.to(torch.float64)
-            built = {name: InputStats(v["square_sum"].numel(), v["tokens"], v["square_sum"], v["abs_max"]) for name, v in stats.items()}
+            built = {
+                name: InputStats(v["square_sum"].numel(), v["tokens"], v["square_sum"], v["abs_max"]) for name, v in stats.items()
+            }
             sparsify_(model, config, stats=built or None)
         return model
 
@@ -245,7 +257,9 @@ class ActsparseHfQuantizer(HfQuantizer):
         from actsparse.calibration.state import _owned
 
         if sparsity_config_of(model) is None:
-            raise ActsparseError("model has the actsparse quantizer but is not sparsified; call actsparse.sparsify_ (or unsparsify_ to save it dense)")
+            raise ActsparseError(
+                "model has the actsparse quantizer but is not sparsified; call actsparse.sparsify_ (or unsparsify_ to save it dense)"
+            )
         tensors = actsparse_tensors(model, check=True)
         self.refresh(model)
         state_dict = model.state_dict()

@@ -125,13 +125,20 @@ def decompress24_reference(compressed: torch.Tensor, K: int) -> torch.Tensor:
     Tp = compressed.shape[0]
     flat = compressed.reshape(-1)
     values = flat[: Tp * K // 2].reshape(Tp, K // 4, 2)
-    words = flat[Tp * K // 2: Tp * K * 9 // 16].view(torch.int16).to(torch.int32) & 0xFFFF
+    words = flat[Tp * K // 2 : Tp * K * 9 // 16].view(torch.int16).to(torch.int32) & 0xFFFF
     nib = (words.view(-1, 1) >> torch.arange(0, 16, 4, device=words.device)) & 15
     # nibble index of every group, from the layout formula
     r = torch.arange(Tp, device=words.device).view(-1, 1)
     c = torch.arange(0, K, 4, device=words.device).view(1, -1)
-    n = ((r // 64) * (K // 32) * 512 + (c // 32) * 512 + (r % 64 // 16) * 128
-         + (r % 8) * 16 + (c % 16 // 4) * 4 + (c % 32 // 16) * 2 + (r % 16 // 8))
+    n = (
+        (r // 64) * (K // 32) * 512
+        + (c // 32) * 512
+        + (r % 64 // 16) * 128
+        + (r % 8) * 16
+        + (c % 16 // 4) * 4
+        + (c % 32 // 16) * 2
+        + (r % 16 // 8)
+    )
     codes = nib.view(-1)[n]
     dense = torch.zeros(Tp, K // 4, 4, dtype=compressed.dtype, device=compressed.device)
     dense.scatter_(-1, torch.stack([codes & 3, codes >> 2], -1), values)
@@ -141,8 +148,7 @@ def decompress24_reference(compressed: torch.Tensor, K: int) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _sparsify_compress24_kernel(x_ptr, v_ptr, vals_ptr, meta_ptr, T, K, stride_x,
-                                    HAS_V: tl.constexpr, BK: tl.constexpr):
+    def _sparsify_compress24_kernel(x_ptr, v_ptr, vals_ptr, meta_ptr, T, K, stride_x, HAS_V: tl.constexpr, BK: tl.constexpr):
         """One 64 x BK block per program, in 4 quarters: rows with (r % 16)//8 == R8 and columns
         with (c % 32)//16 == C16, so each quarter fills one nibble of every metadata word."""
         kb = tl.program_id(0)
@@ -156,8 +162,7 @@ if triton is not None:
             C16 = q // 2
             rows = band * 64 + (i // 8) * 16 + R8 * 8 + (i % 8)
             cols = kb * BK + (k // 16) * 32 + C16 * 16 + (k % 16)
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :],
-                        mask=rows[:, None] < T, other=0.0)
+            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=rows[:, None] < T, other=0.0)
             s = tl.abs(x.to(tl.float32))
             if HAS_V:
                 s = s * tl.load(v_ptr + cols)[None, :]
@@ -188,8 +193,13 @@ if triton is not None:
             tl.store(vals_ptr + rows.to(tl.int64)[:, None] * (K // 2) + vcols[None, :], vals)
             words = words | ((i0 | (i1 << 2)) << (4 * (2 * C16 + R8)))
         g = tl.arange(0, BK // 8)  # (chunk32, c4)
-        offs = (band.to(tl.int64) * (K // 32) * 128 + (kb * (BK // 32) + g[None, :] // 4) * 128
-                + (i[:, None] // 8) * 32 + (i[:, None] % 8) * 4 + g[None, :] % 4)
+        offs = (
+            band.to(tl.int64) * (K // 32) * 128
+            + (kb * (BK // 32) + g[None, :] // 4) * 128
+            + (i[:, None] // 8) * 32
+            + (i[:, None] % 8) * 4
+            + g[None, :] % 4
+        )
         tl.store(meta_ptr + offs, words.to(tl.int16))
 
     _interpreted = None
@@ -201,12 +211,14 @@ if triton is not None:
             return _sparsify_compress24_kernel
         if _interpreted is None:
             from triton.runtime.interpreter import InterpretedFunction
+
             _interpreted = InterpretedFunction(_sparsify_compress24_kernel.fn)
         return _interpreted
 
 
-def sparsify_compress24(x: torch.Tensor, vector: torch.Tensor | None = None,
-                        block_k: int | None = None, num_warps: int = 8) -> torch.Tensor:
+def sparsify_compress24(
+    x: torch.Tensor, vector: torch.Tensor | None = None, block_k: int | None = None, num_warps: int = 8
+) -> torch.Tensor:
     """One pass over x ``[T, K]``: keep the 2 of every 4 with the largest ``|x|`` (``|x| * vector``,
     ties to the lower index) and return the cuSPARSELt compressed buffer ``[Tp, 9K/16]``
     (Tp = T rounded up to 64; the padding rows are zeros)."""
@@ -222,7 +234,7 @@ def sparsify_compress24(x: torch.Tensor, vector: torch.Tensor | None = None,
         raise ValueError(f"K={K} is not a multiple of block_k={bk}")
     out = torch.empty(Tp, K * 9 // 16, dtype=x.dtype, device=x.device)
     flat = out.view(-1)
-    vals, meta = flat[: Tp * K // 2], flat[Tp * K // 2:].view(torch.int16)
+    vals, meta = flat[: Tp * K // 2], flat[Tp * K // 2 :].view(torch.int16)
     has_v = vector is not None
     v = vector.float().contiguous() if has_v else x  # dummy pointer when unused
     _kernel_for(x)[(K // bk, Tp // BAND)](x, v, vals, meta, T, K, x.stride(0), HAS_V=has_v, BK=bk, num_warps=num_warps)

@@ -101,7 +101,9 @@ class DecodeWeight:
         return self._scratch[key]
 
     def __repr__(self) -> str:
-        return f"DecodeWeight(in={self.in_features}, out={self.out_features}, dtype={self.wt.dtype}, bias={self.bias is not None})"
+        return (
+            f"DecodeWeight(in={self.in_features}, out={self.out_features}, dtype={self.wt.dtype}, bias={self.bias is not None})"
+        )
 
 
 def nm_decode_linear_reference(x_pruned: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,9 +146,7 @@ def _require_triton() -> None:
 # ----------------------------------------------------------------------------- compaction
 
 
-def compact_nm(
-    x_pruned: torch.Tensor, n: int, m: int, mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def compact_nm(x_pruned: torch.Tensor, n: int, m: int, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept indices ``idx`` ``[B, K*N/M]`` (int32, ascending) and values ``val`` (x's dtype).
 
     Without ``mask`` the kept set is the N largest ``|x|`` of each group of M, ties to the lower
@@ -185,8 +185,18 @@ def _compact_triton(x: torch.Tensor, n: int, m: int, mask: torch.Tensor | None) 
     mask_arg = x if mask is None else mask.contiguous().view(torch.uint8)
     grid = (tokens, triton.cdiv(groups, block_g))
     _compact_kernel[grid](
-        x, mask_arg, idx, val, k, groups, count,
-        N=n, M=m, M_P2=m_p2, BLOCK_G=block_g, HAS_MASK=mask is not None,
+        x,
+        mask_arg,
+        idx,
+        val,
+        k,
+        groups,
+        count,
+        N=n,
+        M=m,
+        M_P2=m_p2,
+        BLOCK_G=block_g,
+        HAS_MASK=mask is not None,
     )
     return idx, val
 
@@ -195,8 +205,18 @@ if triton is not None:
 
     @triton.jit
     def _compact_kernel(
-        x_ptr, mask_ptr, idx_ptr, val_ptr, K, G, KEPT,
-        N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, BLOCK_G: tl.constexpr, HAS_MASK: tl.constexpr,
+        x_ptr,
+        mask_ptr,
+        idx_ptr,
+        val_ptr,
+        K,
+        G,
+        KEPT,
+        N: tl.constexpr,
+        M: tl.constexpr,
+        M_P2: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        HAS_MASK: tl.constexpr,
     ):
         b = tl.program_id(0)
         groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -251,8 +271,16 @@ class GemvConfig(NamedTuple):
 
 
 def gemv_config(
-    dw: DecodeWeight, tokens: int, m: int = 16, *, block_o: int | None = None, block_k: int | None = None,
-    split: int | None = None, num_warps: int | None = None, stages: int | None = None, check: bool = True,
+    dw: DecodeWeight,
+    tokens: int,
+    m: int = 16,
+    *,
+    block_o: int | None = None,
+    block_k: int | None = None,
+    split: int | None = None,
+    num_warps: int | None = None,
+    stages: int | None = None,
+    check: bool = True,
 ) -> GemvConfig:
     """Tile choices for ``tokens`` rows through ``dw`` (any argument given overrides the choice).
 
@@ -303,10 +331,28 @@ def _launch(x, mask, dw: DecodeWeight, n: int, m: int, cfg: GemvConfig, out: tor
     m_p2 = triton.next_power_of_2(m)
     grid = (triton.cdiv(width, cfg.block_o), cfg.split)
     _nm_decode_kernel[grid](
-        x, x if mask is None else mask.contiguous().view(torch.uint8), dw.wt, bias,
-        out, ws, tokens, k, width,
-        CHUNK=cfg.chunk, N_SPLIT=cfg.split, N=n, M=m, M_P2=m_p2, CHECK_G=max(1, 1024 // m_p2), HAS_BIAS=dw.bias is not None, HAS_MASK=mask is not None,
-        CHECK=cfg.check, BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_O=cfg.block_o, STAGES=cfg.stages,
+        x,
+        x if mask is None else mask.contiguous().view(torch.uint8),
+        dw.wt,
+        bias,
+        out,
+        ws,
+        tokens,
+        k,
+        width,
+        CHUNK=cfg.chunk,
+        N_SPLIT=cfg.split,
+        N=n,
+        M=m,
+        M_P2=m_p2,
+        CHECK_G=max(1, 1024 // m_p2),
+        HAS_BIAS=dw.bias is not None,
+        HAS_MASK=mask is not None,
+        CHECK=cfg.check,
+        BLOCK_B=cfg.block_b,
+        BLOCK_K=cfg.block_k,
+        BLOCK_O=cfg.block_o,
+        STAGES=cfg.stages,
         num_warps=cfg.num_warps,
     )
     if cfg.split > 1:
@@ -318,8 +364,14 @@ def _launch(x, mask, dw: DecodeWeight, n: int, m: int, cfg: GemvConfig, out: tor
 
 
 def nm_decode_linear(
-    x_pruned: torch.Tensor, dw: DecodeWeight, n: int, m: int, mask: torch.Tensor | None = None,
-    *, out: torch.Tensor | None = None, config: GemvConfig | None = None,
+    x_pruned: torch.Tensor,
+    dw: DecodeWeight,
+    n: int,
+    m: int,
+    mask: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """``F.linear(x_pruned, W, b)`` reading only the weight rows of the kept inputs: ``[B, O]``.
 
@@ -343,7 +395,11 @@ def nm_decode_linear(
 
 
 def nm_gemv(
-    idx: torch.Tensor, val: torch.Tensor, dw: DecodeWeight, *, out: torch.Tensor | None = None,
+    idx: torch.Tensor,
+    val: torch.Tensor,
+    dw: DecodeWeight,
+    *,
+    out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """``y[b] = sum_i val[b, i] * Wt[idx[b, i]] (+ bias)`` from a compacted input: ``[B, O]`` in val's dtype.
@@ -374,8 +430,9 @@ def nm_gemv(
 if triton is not None:
 
     @triton.jit
-    def _slow_keep(x_ptr, mask_ptr, b, ks, kin, B, K, N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr,
-                   HAS_MASK: tl.constexpr):
+    def _slow_keep(
+        x_ptr, mask_ptr, b, ks, kin, B, K, N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, HAS_MASK: tl.constexpr
+    ):
         """Exact N:M keep flags of token ``b`` at rows ``ks`` (the rule of :func:`compact_nm`), by ranking."""
         lanes = tl.arange(0, M_P2)
         mates = (ks // M * M)[:, None] + lanes[None, :]
@@ -397,8 +454,20 @@ if triton is not None:
         return keep
 
     @triton.jit
-    def _rows(x_ptr, mask_ptr, ks, kin, B, K, N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr,
-              HAS_MASK: tl.constexpr, SLOW: tl.constexpr, BLOCK_B: tl.constexpr):
+    def _rows(
+        x_ptr,
+        mask_ptr,
+        ks,
+        kin,
+        B,
+        K,
+        N: tl.constexpr,
+        M: tl.constexpr,
+        M_P2: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        SLOW: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+    ):
         """Which of the rows ``ks`` some token needs (a nonzero kept input)."""
         row = ks < 0
         for b in tl.static_range(BLOCK_B):
@@ -413,8 +482,23 @@ if triton is not None:
         return row
 
     @triton.jit
-    def _accumulate(acc, w, x_ptr, mask_ptr, ks, kin, toks, B, K, N: tl.constexpr, M: tl.constexpr,
-                    M_P2: tl.constexpr, HAS_MASK: tl.constexpr, SLOW: tl.constexpr, BLOCK_B: tl.constexpr):
+    def _accumulate(
+        acc,
+        w,
+        x_ptr,
+        mask_ptr,
+        ks,
+        kin,
+        toks,
+        B,
+        K,
+        N: tl.constexpr,
+        M: tl.constexpr,
+        M_P2: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        SLOW: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+    ):
         """``acc[b] += x[b, ks] @ w`` for every token (the sum over rows stays inside each thread)."""
         wf = w.to(tl.float32)
         toks_2d = toks[:, None]
@@ -432,9 +516,29 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _chunk(acc, x_ptr, mask_ptr, wt_ptr, lo, hi, CHUNK: tl.constexpr, cols, col_ok, toks, B, K, O,
-               N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, HAS_MASK: tl.constexpr, SLOW: tl.constexpr,
-               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    def _chunk(
+        acc,
+        x_ptr,
+        mask_ptr,
+        wt_ptr,
+        lo,
+        hi,
+        CHUNK: tl.constexpr,
+        cols,
+        col_ok,
+        toks,
+        B,
+        K,
+        O,
+        N: tl.constexpr,
+        M: tl.constexpr,
+        M_P2: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        SLOW: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):
         """Accumulate the rows ``lo <= k < hi`` into ``acc``; weight rows of unneeded inputs are never read."""
         if STAGES == 0 and not SLOW:
             # Registers, one step ahead: this step's weight rows are in flight while the previous
@@ -457,14 +561,26 @@ if triton is not None:
                 ks = lo + k0 + tl.arange(0, BLOCK_K)
                 kin = ks < hi
                 row = _rows(x_ptr, mask_ptr, ks, kin, B, K, N, M, M_P2, HAS_MASK, SLOW, BLOCK_B)
-                w = tl.load(wt_ptr + ks.to(tl.int64)[:, None] * O + cols[None, :], mask=row[:, None] & col_ok[None, :],
-                            other=0.0)
+                w = tl.load(wt_ptr + ks.to(tl.int64)[:, None] * O + cols[None, :], mask=row[:, None] & col_ok[None, :], other=0.0)
                 acc = _accumulate(acc, w, x_ptr, mask_ptr, ks, kin, toks, B, K, N, M, M_P2, HAS_MASK, SLOW, BLOCK_B)
         return acc
 
     @triton.jit
-    def _over_n(x_ptr, mask_ptr, lo, hi, CHUNK: tl.constexpr, B, K, N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr,
-                CHECK_G: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr):
+    def _over_n(
+        x_ptr,
+        mask_ptr,
+        lo,
+        hi,
+        CHUNK: tl.constexpr,
+        B,
+        K,
+        N: tl.constexpr,
+        M: tl.constexpr,
+        M_P2: tl.constexpr,
+        CHECK_G: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+    ):
         """Whether some group of M in ``lo <= k < hi`` has more than N nonzeros (or masked features) for some token."""
         groups = tl.arange(0, CHECK_G)
         lanes = tl.arange(0, M_P2)
@@ -482,11 +598,28 @@ if triton is not None:
 
     @triton.jit
     def _nm_decode_kernel(
-        x_ptr, mask_ptr, wt_ptr, bias_ptr, y_ptr, ws_ptr,
-        B, K, O,
-        CHUNK: tl.constexpr, N_SPLIT: tl.constexpr, N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, CHECK_G: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CHECK: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr,
+        x_ptr,
+        mask_ptr,
+        wt_ptr,
+        bias_ptr,
+        y_ptr,
+        ws_ptr,
+        B,
+        K,
+        O,
+        CHUNK: tl.constexpr,
+        N_SPLIT: tl.constexpr,
+        N: tl.constexpr,
+        M: tl.constexpr,
+        M_P2: tl.constexpr,
+        CHECK_G: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        CHECK: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_O: tl.constexpr,
+        STAGES: tl.constexpr,
     ):
         pid_o = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -496,14 +629,56 @@ if triton is not None:
         lo = pid_s * CHUNK
         hi = tl.minimum(lo + CHUNK, K)
         acc = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
-        acc = _chunk(acc, x_ptr, mask_ptr, wt_ptr, lo, hi, CHUNK, cols, col_ok, toks, B, K, O,
-                     N, M, M_P2, HAS_MASK, False, BLOCK_B, BLOCK_K, STAGES)
+        acc = _chunk(
+            acc,
+            x_ptr,
+            mask_ptr,
+            wt_ptr,
+            lo,
+            hi,
+            CHUNK,
+            cols,
+            col_ok,
+            toks,
+            B,
+            K,
+            O,
+            N,
+            M,
+            M_P2,
+            HAS_MASK,
+            False,
+            BLOCK_B,
+            BLOCK_K,
+            STAGES,
+        )
         if CHECK:
             # x was not N:M here (unpruned input, or a mask with too many features): redo exactly.
             if _over_n(x_ptr, mask_ptr, lo, hi, CHUNK, B, K, N, M, M_P2, CHECK_G, HAS_MASK, BLOCK_B):
                 acc = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
-                acc = _chunk(acc, x_ptr, mask_ptr, wt_ptr, lo, hi, CHUNK, cols, col_ok, toks, B, K, O,
-                             N, M, M_P2, HAS_MASK, True, BLOCK_B, 2, STAGES)  # few rows a step: few registers
+                acc = _chunk(
+                    acc,
+                    x_ptr,
+                    mask_ptr,
+                    wt_ptr,
+                    lo,
+                    hi,
+                    CHUNK,
+                    cols,
+                    col_ok,
+                    toks,
+                    B,
+                    K,
+                    O,
+                    N,
+                    M,
+                    M_P2,
+                    HAS_MASK,
+                    True,
+                    BLOCK_B,
+                    2,
+                    STAGES,
+                )  # few rows a step: few registers
         out_at = toks[:, None] * O + cols[None, :]
         out_ok = (toks < B)[:, None] & col_ok[None, :]
         if N_SPLIT == 1:

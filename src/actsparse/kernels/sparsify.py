@@ -94,8 +94,15 @@ def _config(T, K, m, elem_bytes, var):
     if var:  # several rows per program only while they fit one tile (keeps the rows re-read in pass 2 few)
         block_t = max(1, min(block_t, tile // triton.next_power_of_2(groups)))
     num_warps = max(1, min(NUM_WARPS, block_t * block_g * mp // (32 * ELEMS_PER_THREAD)))
-    return dict(MP=mp, VEC=vec, LOG_VEC=vec.bit_length() - 1, LOG_MP=mp.bit_length() - 1, BLOCK_T=block_t,
-                BLOCK_G=block_g, num_warps=num_warps)
+    return dict(
+        MP=mp,
+        VEC=vec,
+        LOG_VEC=vec.bit_length() - 1,
+        LOG_MP=mp.bit_length() - 1,
+        BLOCK_T=block_t,
+        BLOCK_G=block_g,
+        num_warps=num_warps,
+    )
 
 
 def nm_sparsify(x, n, m, vector=None, var=False, shift=None):
@@ -113,9 +120,22 @@ def nm_sparsify(x, n, m, vector=None, var=False, shift=None):
     unique = x.element_size() == 2 and vector is None  # 15-bit |x| and a 5-bit lane fit one int32 key
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), 1 if var else triton.cdiv(K // m, cfg["BLOCK_G"]))
     _nm_kernel[grid](
-        x, y, x if vector is None else vector.contiguous(), x if shift is None else shift.contiguous(), T, K,
-        N=n, M=m, HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None, VAR=var, RESCALE_Y=VAR_RESCALE_Y,
-        UNIQUE=unique, NAN_KEY=NAN_KEY.get(x.dtype, 0), INTERPRET=_INTERPRETED, **cfg,
+        x,
+        y,
+        x if vector is None else vector.contiguous(),
+        x if shift is None else shift.contiguous(),
+        T,
+        K,
+        N=n,
+        M=m,
+        HAS_VECTOR=vector is not None,
+        HAS_SHIFT=shift is not None,
+        VAR=var,
+        RESCALE_Y=VAR_RESCALE_Y,
+        UNIQUE=unique,
+        NAN_KEY=NAN_KEY.get(x.dtype, 0),
+        INTERPRET=_INTERPRETED,
+        **cfg,
     )
     return y
 
@@ -199,8 +219,17 @@ if triton is not None:
                 tl.store(row_ptr + cols + lane, chunk, mask=ok & (lane < M))
 
     @triton.jit
-    def _key(x, v, j: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, HAS_VECTOR: tl.constexpr,
-             UNIQUE: tl.constexpr, NAN_KEY: tl.constexpr, INTERPRET: tl.constexpr):
+    def _key(
+        x,
+        v,
+        j: tl.constexpr,
+        M: tl.constexpr,
+        MP: tl.constexpr,
+        HAS_VECTOR: tl.constexpr,
+        UNIQUE: tl.constexpr,
+        NAN_KEY: tl.constexpr,
+        INTERPRET: tl.constexpr,
+    ):
         """Order-preserving int32 key of lane j's score (|x| or |x| * v); NaN is largest, -0 == +0."""
         if j >= M:
             key = tl.full(x.shape, -2147483648, tl.int32)  # padded lane: never kept
@@ -236,9 +265,24 @@ if triton is not None:
         return keys[MP - N]
 
     @triton.jit
-    def _prune_tile(v_ptr, row_ptr, cols, ok, eta, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
-                    VEC: tl.constexpr, LOG_VEC: tl.constexpr, LOG_MP: tl.constexpr, HAS_VECTOR: tl.constexpr,
-                    HAS_SHIFT: tl.constexpr, UNIQUE: tl.constexpr, NAN_KEY: tl.constexpr, INTERPRET: tl.constexpr):
+    def _prune_tile(
+        v_ptr,
+        row_ptr,
+        cols,
+        ok,
+        eta,
+        N: tl.constexpr,
+        M: tl.constexpr,
+        MP: tl.constexpr,
+        VEC: tl.constexpr,
+        LOG_VEC: tl.constexpr,
+        LOG_MP: tl.constexpr,
+        HAS_VECTOR: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
+        UNIQUE: tl.constexpr,
+        NAN_KEY: tl.constexpr,
+        INTERPRET: tl.constexpr,
+    ):
         """Load a tile ([BT, 1, 1] row pointers, [1, G, 1] group columns); return its x lanes (shifted if asked)
         and keep-mask lanes."""
         xs = _load_lanes(row_ptr, cols, ok, M, MP, VEC, LOG_VEC)
@@ -270,10 +314,29 @@ if triton is not None:
         return xs, keep
 
     @triton.jit
-    def _nm_kernel(x_ptr, y_ptr, v_ptr, shift_ptr, T, K, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
-                   VEC: tl.constexpr, LOG_VEC: tl.constexpr, LOG_MP: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_G: tl.constexpr, HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr, VAR: tl.constexpr,
-                   RESCALE_Y: tl.constexpr, UNIQUE: tl.constexpr, NAN_KEY: tl.constexpr, INTERPRET: tl.constexpr):
+    def _nm_kernel(
+        x_ptr,
+        y_ptr,
+        v_ptr,
+        shift_ptr,
+        T,
+        K,
+        N: tl.constexpr,
+        M: tl.constexpr,
+        MP: tl.constexpr,
+        VEC: tl.constexpr,
+        LOG_VEC: tl.constexpr,
+        LOG_MP: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        HAS_VECTOR: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
+        VAR: tl.constexpr,
+        RESCALE_Y: tl.constexpr,
+        UNIQUE: tl.constexpr,
+        NAN_KEY: tl.constexpr,
+        INTERPRET: tl.constexpr,
+    ):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows[:, None, None] < T
         offset = rows.to(tl.int64)[:, None, None] * K
@@ -286,8 +349,9 @@ if triton is not None:
         if not VAR:  # one tile per program
             cols = tl.program_id(1) * (BLOCK_G * M) + groups
             ok = row_ok & (cols < K)
-            xs, keep = _prune_tile(v_ptr, x_row, cols, ok, eta, N, M, MP, VEC, LOG_VEC, LOG_MP,
-                                   HAS_VECTOR, HAS_SHIFT, UNIQUE, NAN_KEY, INTERPRET)
+            xs, keep = _prune_tile(
+                v_ptr, x_row, cols, ok, eta, N, M, MP, VEC, LOG_VEC, LOG_MP, HAS_VECTOR, HAS_SHIFT, UNIQUE, NAN_KEY, INTERPRET
+            )
             out = ()
             for j in tl.static_range(MP):
                 out = out + (tl.where(keep[j], xs[j], 0.0),)
@@ -302,8 +366,9 @@ if triton is not None:
             while k0 < K:  # (a while loop: the CPU interpreter cannot range() over a runtime bound)
                 cols = k0 + groups
                 ok = row_ok & (cols < K)
-                xs, keep = _prune_tile(v_ptr, x_row, cols, ok, eta, N, M, MP, VEC, LOG_VEC, LOG_MP,
-                                       HAS_VECTOR, HAS_SHIFT, UNIQUE, NAN_KEY, INTERPRET)
+                xs, keep = _prune_tile(
+                    v_ptr, x_row, cols, ok, eta, N, M, MP, VEC, LOG_VEC, LOG_MP, HAS_VECTOR, HAS_SHIFT, UNIQUE, NAN_KEY, INTERPRET
+                )
                 out = ()
                 for j in tl.static_range(MP):
                     out = out + (tl.where(keep[j], xs[j], 0.0),)
@@ -338,8 +403,24 @@ if triton is not None:
                         y = tl.load(y_row + cols + lane, mask=ok_c, other=0.0)
                         tl.store(y_row + cols + lane, _cast(_f32(y, INTERPRET) * scale, y.dtype, INTERPRET), mask=ok_c)
                 else:
-                    xs, keep = _prune_tile(v_ptr, x_row, cols, ok, eta, N, M, MP, VEC, LOG_VEC, LOG_MP,
-                                           HAS_VECTOR, HAS_SHIFT, UNIQUE, NAN_KEY, INTERPRET)
+                    xs, keep = _prune_tile(
+                        v_ptr,
+                        x_row,
+                        cols,
+                        ok,
+                        eta,
+                        N,
+                        M,
+                        MP,
+                        VEC,
+                        LOG_VEC,
+                        LOG_MP,
+                        HAS_VECTOR,
+                        HAS_SHIFT,
+                        UNIQUE,
+                        NAN_KEY,
+                        INTERPRET,
+                    )
                     out = ()
                     for j in tl.static_range(MP):
                         scaled = _f32(xs[j], INTERPRET) * tl.reshape(scale, [BLOCK_T, 1])

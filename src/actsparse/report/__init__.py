@@ -1,7 +1,7 @@
 """The report: result stores in, Markdown (and PNG plots) out.
 
-    from actsparse.report import write_report
-    path = write_report(["results/sweeps/papers.jsonl"], "reports/papers")   # reports/papers/report.md + *.png
+from actsparse.report import write_report
+path = write_report(["results/sweeps/papers.jsonl"], "reports/papers")   # reports/papers/report.md + *.png
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def write_report(stores, out_dir, plots: bool = True, command: str | None = None
             try:
                 records.append(json.loads(Path(store).read_text(encoding="utf-8")))
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ActsparseError(f"{store} is not a JSON record ({error}); give a file written by `actsparse eval --out`") from error
+                raise ActsparseError(
+                    f"{store} is not a JSON record ({error}); give a file written by `actsparse eval --out`"
+                ) from error
         else:
             records += read_records(store)
     found = studies(records)

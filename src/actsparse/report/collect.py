@@ -136,7 +136,9 @@ def studies(records: list[dict]) -> list[Study]:
         method = method_label(target, config)
         point = study.points.get((target, pattern, method))
         if point is None:
-            point = study.points[(target, pattern, method)] = Point(target, pattern, method, record["sparse_ppl"], record["dense_ppl"])
+            point = study.points[(target, pattern, method)] = Point(
+                target, pattern, method, record["sparse_ppl"], record["dense_ppl"]
+            )
         point.ppl, point.dense_ppl = record["sparse_ppl"], record["dense_ppl"]
         point.causal = bool(record.get("causal", True))
         point.records += 1

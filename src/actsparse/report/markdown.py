@@ -102,7 +102,11 @@ def _headline(study: Study, images: dict) -> list[str]:
         if not table:
             continue
         lines += [f"<details><summary>per method: {_cell(_metric_label(metric, study))}</summary>", ""]
-        rows = [[_cell(m)] + [fmt_ratio(row.get(p)) for p in patterns] for m, row in table.items() if any(v is not None for v in row.values())]
+        rows = [
+            [_cell(m)] + [fmt_ratio(row.get(p)) for p in patterns]
+            for m, row in table.items()
+            if any(v is not None for v in row.values())
+        ]
         lines += _table(["method"] + patterns, rows)
         lines += ["</details>", ""]
     return lines
@@ -134,7 +138,11 @@ def _versus(study: Study, images: dict) -> list[str]:
             best = better(options) if options else None
             magnitude = study.get("activations", pattern, "magnitude + none")
             rows.append(
-                [pattern, f"{_num(best[0], 2 if metric.name == 'ppl' else 3)} ({_cell(best[1])})" if best else "–", _score(metric, magnitude)]
+                [
+                    pattern,
+                    f"{_num(best[0], 2 if metric.name == 'ppl' else 3)} ({_cell(best[1])})" if best else "–",
+                    _score(metric, magnitude),
+                ]
                 + [_score(metric, study.get("weights", pattern, w)) for w in weight_methods]
             )
         header = ["pattern", "best activations", "activations magnitude + none"] + [_cell(w) for w in weight_methods]

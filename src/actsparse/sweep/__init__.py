@@ -5,4 +5,15 @@ from actsparse.sweep.runner import SweepSummary, execute, run_sweep
 from actsparse.sweep.spec import Run, SweepSpec, load_sweep, parse_sweep
 from actsparse.sweep.store import Store, latest_by_key, read_records
 
-__all__ = ["Run", "Store", "SweepSpec", "SweepSummary", "execute", "latest_by_key", "load_sweep", "parse_sweep", "read_records", "run_sweep"]
+__all__ = [
+    "Run",
+    "Store",
+    "SweepSpec",
+    "SweepSummary",
+    "execute",
+    "latest_by_key",
+    "load_sweep",
+    "parse_sweep",
+    "read_records",
+    "run_sweep",
+]

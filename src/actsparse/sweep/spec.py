@@ -132,7 +132,7 @@ def _list(where: str, value, name: str) -> list[str]:
         raise ActsparseError(f"{where}: '{name}' is empty")
     for item in items:
         if isinstance(item, int) and not isinstance(item, bool) and name == "patterns":
-            raise ActsparseError(f"{where}: pattern {item} is a number (YAML reads an unquoted 2:4 as 124); quote it, e.g. \"2:4\"")
+            raise ActsparseError(f'{where}: pattern {item} is a number (YAML reads an unquoted 2:4 as 124); quote it, e.g. "2:4"')
         if not isinstance(item, str) or not item.strip():
             raise ActsparseError(f"{where}: every entry of '{name}' must be a name, got {item!r}")
     return items
@@ -203,7 +203,12 @@ def _grid_runs_checked(grid: dict, settings: EvalSettings, tasks, generate) -> l
         raise ActsparseError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     _check_keys("", grid, _GRID[target])
     patterns = [str(parse_pattern(p)) for p in _list("patterns", grid.get("patterns"), "patterns")]
-    shared = {"roles": grid.get("roles"), "layers": grid.get("layers"), "skip": grid.get("skip") or (), "seed": grid.get("seed", 0)}
+    shared = {
+        "roles": grid.get("roles"),
+        "layers": grid.get("layers"),
+        "skip": grid.get("skip") or (),
+        "seed": grid.get("seed", 0),
+    }
     runs = []
     if target == "weights":
         windows = grid.get("calib_windows", 128)

@@ -28,9 +28,13 @@ def worker_devices(workers: int) -> list[str | None]:
     if not torch.cuda.is_available():
         return [None] * workers
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    devices = (
+        [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    )
     if workers > len(devices):
-        raise ActsparseError(f"--workers {workers} asks for one GPU per worker, but {len(devices)} are visible; use --workers {len(devices)} or fewer")
+        raise ActsparseError(
+            f"--workers {workers} asks for one GPU per worker, but {len(devices)} are visible; use --workers {len(devices)} or fewer"
+        )
     return devices[:workers]
 
 
