@@ -1,4 +1,4 @@
-"""The Amber Pruner (P2) table: layer skipping by sensitivity vs random vs none, and W8A8 + sparsity.
+"""The Amber Pruner table: layer skipping by sensitivity vs random vs none, and W8A8 + sparsity.
 
     .venv/bin/python scripts/amber_table.py --model smollm2-135m --max-tokens 32768 --out results/amber-smollm2-135m.jsonl
 
@@ -6,12 +6,12 @@ Rows, for each pattern (default 2:4 and 8:16):
 
 - naive: magnitude criterion, every linear layer sparse;
 - amber, all layers;
-- amber, sensitivity skip: the layers kept dense are chosen from P2's sensitivity e_q
+- amber, sensitivity skip: the layers kept dense are chosen from the Amber Pruner paper's sensitivity e_q
   (measured on calibration text with that pattern and criterion amber) so that
   ``--target-fraction`` (default 0.55) of the linear FLOPs run sparse (``budget_skip``);
 - amber, random skip: a seeded random choice of layers at the fraction the sensitivity
   choice reached (``random_skip``);
-- amber, P2 rule: P2's Llama-3.1-8B skip rule with its layers mapped to this model's depth;
+- amber, P2 rule: the Amber Pruner paper's Llama-3.1-8B skip rule with its layers mapped to this model's depth;
 - W8A8 + amber (no smoothing), W8A8 SmoothQuant + amber, Outstanding-sparse: with the
   sensitivity skip; every other decoder linear layer runs the same W8A8 mitigation dense
   (``quantize_rest_``), so the whole decoder is W8A8 and the chosen layers are also sparse;

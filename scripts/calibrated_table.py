@@ -1,10 +1,10 @@
-"""Perplexity of the calibrated and learned mitigations (P1), with the calibration time of each run.
+"""Perplexity of the calibrated and learned mitigations (the error-mitigation paper), with the calibration time of each run.
 
     .venv/bin/python scripts/calibrated_table.py --model smollm2-135m --max-tokens 32768 --out results/calibrated-smollm2-135m.jsonl
 
 Patterns 2:4 and 8:16 x criteria magnitude and amber x mitigations none, var, dpts, spts, scap,
 rotation, rotation-spread, lowrank, lpts, oshift, oscale, oscale-shift, var-oscale. Mitigations calibrated layer by
-layer (``actsparse.calibrate_``) use ``--calib-windows`` windows of calibration text (P1: 256) and
+layer (``actsparse.calibrate_``) use ``--calib-windows`` windows of calibration text (the error-mitigation paper: 256) and
 ``--steps`` training steps per decoder layer (default: one pass). Every finished run is appended to
 the JSONL store at once (atomically); running the same command again skips the runs already there,
 so an interrupted run resumes. The Markdown table is printed at the end (and written beside the

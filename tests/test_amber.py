@@ -120,7 +120,7 @@ def test_amber_preset_skip_set():
     qwen = dict(parse_skip(e) for e in amber_preset("qwen2-7b") if "@" in e)
     assert qwen["q"] == {0, 6, 23, 26, 27} and qwen["gate"] == {0, 6, 23, 26, 27}
     assert dict(parse_skip(e) for e in amber_preset("llama3.1-8b", num_layers=2) if "@" in e)["q"] == {1}
-    # P2's >55%: the Llama-3.1-8B shapes with the preset
+    # the Amber Pruner paper's >55%: the Llama-3.1-8B shapes with the preset
     shapes = {"q": (4096, 4096), "k": (4096, 1024), "v": (4096, 1024), "o": (4096, 4096), "gate": (4096, 14336),
               "up": (4096, 14336), "down": (14336, 4096)}  # fmt: skip
     llama = [LinearSite(f"{l}.{r}", l, r, *shapes[r]) for l in range(32) for r in shapes]

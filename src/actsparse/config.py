@@ -29,7 +29,7 @@ class SparsityConfig:
     - ``seed``: seeds the ``random`` criterion.
     - ``backend``: ``auto`` (Triton kernels on CUDA where supported), ``torch`` or ``triton``.
     - ``prefill_only``: sparsify prompt tokens only; single-token decode steps (KV cache) run
-      dense (P2). Perplexity (teacher forcing) is all prefill, so it is unaffected.
+      dense (as in the Amber Pruner paper). Perplexity (teacher forcing) is all prefill, so it is unaffected.
     """
 
     pattern: str = "2:4"

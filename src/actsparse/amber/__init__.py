@@ -1,8 +1,8 @@
-"""Amber Pruner in full (P2): layer sensitivity, budgeted skipping, presets, prefill-only, W8A8 + sparsity.
+"""Amber Pruner in full (docs/methods.md, Amber Pruner): layer sensitivity, budgeted skipping, presets, prefill-only, W8A8 + sparsity.
 
 - ``measure_sensitivity`` -> ``Sensitivity`` (``e_q`` per layer, text/PNG heat map, JSON dict)
 - ``budget_skip`` / ``random_skip`` -> ``BudgetChoice`` (skip entries for ``SparsityConfig.skip``)
-- ``amber_preset("llama3.1-8b")``: P2's published skip rule
+- ``amber_preset("llama3.1-8b")``: the Amber Pruner paper's published skip rule
 - mitigations ``w8a8``, ``w8a8-smoothquant``, ``outstanding-sparse`` (registered on import)
 - prefill-only mode: ``SparsityConfig(prefill_only=True)``
 """

@@ -1,4 +1,4 @@
-"""Which layers stay dense: budgeted skipping by sensitivity, P2's published presets, a random control.
+"""Which layers stay dense: budgeted skipping by sensitivity, the Amber Pruner paper's published presets, a random control.
 
 All of them return skip entries for ``SparsityConfig.skip`` (``"ROLE@L1,L2"``, see
 ``actsparse.config.parse_skip``) and measure fractions as ``SparsifyReport`` does: the share
@@ -17,7 +17,7 @@ from actsparse.models.discovery import ROLES, LinearSite
 
 ORDERS = ("score", "score-per-flop")
 
-# P2's published rule: always skip k, v, o, up; always prune down; q and gate are skipped only
+# The Amber Pruner paper's published rule: always skip k, v, o, up; always prune down; q and gate are skipped only
 # in these layers. {name: (decoder depth, layers where q and gate stay dense)}
 AMBER_PRESETS: dict[str, tuple[int, tuple[int, ...]]] = {
     "llama3.1-8b": (32, (19, 21, 28, 30, 31)),
@@ -148,7 +148,7 @@ def _choice(sites, candidates, ranked, target_fraction, order) -> BudgetChoice:
 
 
 def amber_skip(dense_layers: Iterable[int]) -> tuple[str, ...]:
-    """P2's rule for any model: skip k, v, o, up everywhere; q and gate in ``dense_layers``; prune down."""
+    """The Amber Pruner paper's rule for any model: skip k, v, o, up everywhere; q and gate in ``dense_layers``; prune down."""
     layers = sorted(set(dense_layers))
     entries = list(ALWAYS_DENSE)
     if layers:
@@ -157,11 +157,11 @@ def amber_skip(dense_layers: Iterable[int]) -> tuple[str, ...]:
 
 
 def amber_preset(name: str, num_layers: int | None = None) -> tuple[str, ...]:
-    """P2's published skip rule as ``SparsityConfig.skip``: ``amber_preset("llama3.1-8b")``.
+    """The Amber Pruner paper's published skip rule as ``SparsityConfig.skip``: ``amber_preset("llama3.1-8b")``.
 
     Presets: ``llama3.1-8b`` (32 layers; q/gate dense in 19, 21, 28, 30, 31) and ``qwen2-7b``
     (28 layers; 0, 6, 23, 26, 27). ``num_layers`` other than the preset's depth maps the layer
-    indices proportionally, ``round(i · (L−1) / (L₀−1))`` — an extrapolation, not P2's rule.
+    indices proportionally, ``round(i · (L−1) / (L₀−1))`` — an extrapolation, not the paper's rule.
     Models with fused ``qkv``/``gate_up`` layers are not covered by the rule.
     """
     if name not in AMBER_PRESETS:

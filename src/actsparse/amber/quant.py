@@ -1,4 +1,4 @@
-"""Simulated W8A8 (int8 fake quantisation) combined with activation sparsity (P2's Outstanding-sparse).
+"""Simulated W8A8 (int8 fake quantisation) combined with activation sparsity (the Amber Pruner paper's Outstanding-sparse).
 
 Symmetric int8 fake quantisation ``q(x) = clamp(round(x/s), -127, 127) · s`` with
 ``s = max|·| / 127``: activations per token (each row of ``x`` ``[tokens, in]``), weights per
@@ -11,7 +11,7 @@ Three mitigations, registered with ``register_mitigation`` (usable through ``spa
 - ``w8a8-smoothquant``: SmoothQuant first, ``s_j = max|X_j|^α / max|W_{:,j}|^{1−α}``
   (α = 0.5, ``max|X_j|`` over calibration tokens), folded as ``x/s`` and ``W·diag(s)``; then
   ``y = q(P(x/s)) q(W diag(s))ᵀ + b``.
-- ``outstanding-sparse``: P2's inverted smoothing ``ŝ_j = max|W_{:,j}|^{1−α} / max|X_j|^{α}``
+- ``outstanding-sparse``: the Amber Pruner paper's inverted smoothing ``ŝ_j = max|W_{:,j}|^{1−α} / max|X_j|^{α}``
   with α = 0.10, folded the same way (``x/ŝ``, ``W·diag(ŝ)``), then the same order.
 
 Order: smooth -> sparsify -> quantise. The criterion scores the smoothed input, and its
@@ -72,7 +72,7 @@ def smoothquant_scale(input_abs_max: torch.Tensor, weight: torch.Tensor, alpha: 
 
 
 def outstanding_scale(input_abs_max: torch.Tensor, weight: torch.Tensor, alpha: float = OUTSTANDING_ALPHA) -> torch.Tensor:
-    """P2's inverted smoothing ``ŝ_j = max_i|W_ij|^{1−α} / max|X_j|^{α}`` (float32); folded as ``x/ŝ``, ``W·diag(ŝ)``."""
+    """The Amber Pruner paper's inverted smoothing ``ŝ_j = max_i|W_ij|^{1−α} / max|X_j|^{α}`` (float32); folded as ``x/ŝ``, ``W·diag(ŝ)``."""
     return 1.0 / smoothquant_scale(input_abs_max, weight, alpha)
 
 
@@ -126,7 +126,7 @@ register_mitigation(
         w8a8,
         partial(_prepare, scale_fn=outstanding_scale, name="outstanding-sparse"),
         needs_calibration=True,
-        description="P2's inverted smoothing (alpha 0.1) then sparsify then W8A8",
+        description="Amber Pruner's inverted smoothing (alpha 0.1) then sparsify then W8A8",
     )
 )
 

@@ -1,4 +1,4 @@
-"""Per-layer sensitivity to activation sparsity (P2's layer analysis).
+"""Per-layer sensitivity to activation sparsity (the Amber Pruner paper's layer analysis).
 
 For each decoder linear layer with a recognised role,
 ``e_q = ‖Y − Y'‖₂ / (‖Y‖₂ + ε)``: ``Y`` the dense layer's output on the calibration inputs,

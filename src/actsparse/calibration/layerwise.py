@@ -1,4 +1,4 @@
-"""``calibrate_(model, config, windows)``: sparsify a model and calibrate its mitigation layer by layer (P1).
+"""``calibrate_(model, config, windows)``: sparsify a model and calibrate its mitigation layer by layer (the error-mitigation paper's procedure).
 
 For each decoder layer in order:
 
@@ -58,7 +58,7 @@ SHOW_EVERY = 16  # training steps between loss updates of the progress bar (each
 
 @dataclass(frozen=True)
 class CalibrationOptions:
-    """How learned mitigations are trained (P1's recipe); ``steps=None``: one pass over the windows."""
+    """How learned mitigations are trained (the error-mitigation paper's recipe); ``steps=None``: one pass over the windows."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -396,7 +396,7 @@ def collect_covariance_stats(
     """``CovarianceStats`` of every decoder linear layer's inputs in the *dense* model, for ``sparsify_(..., stats=...)``.
 
     What is collected follows ``mitigation`` (covariance for rotation, token rows for scap).
-    ``calibrate_`` is the P1 procedure (statistics from the sparse upstream layers); this is
+    ``calibrate_`` is the error-mitigation paper's procedure (statistics from the sparse upstream layers); this is
     the one-pass alternative for the statistics-only mitigations.
     """
     needs = collects(ensure_mitigation(mitigation))

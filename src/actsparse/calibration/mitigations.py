@@ -1,4 +1,4 @@
-"""Calibrated and learned error mitigations (P1's statistics-only and trained corrections).
+"""Calibrated and learned error mitigations (the error-mitigation paper's statistics-only and trained corrections; docs/methods.md, Calibrated mitigations).
 
 Statistics-only (estimated from calibration inputs, no training):
 

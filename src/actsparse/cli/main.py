@@ -561,7 +561,7 @@ def cmd_fetch(args) -> None:
 
 
 def cmd_sensitivity(args) -> None:
-    """P2's layer sensitivity e_q on calibration text: text heat map, JSON (and PNG with matplotlib)."""
+    """The Amber Pruner paper's layer sensitivity e_q on calibration text: text heat map, JSON (and PNG with matplotlib)."""
     from pathlib import Path
 
     from actsparse.amber import budget_skip, measure_sensitivity
@@ -700,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser(
         "eval", help="dense vs sparse perplexity of a model",
-        description="Dense vs sparse perplexity (SPEC §7); --prune weights evaluates weight pruning at the same pattern instead.",
+        description="Dense vs sparse perplexity (docs/methods.md, Perplexity); --prune weights evaluates weight pruning at the same pattern instead.",
     )  # fmt: skip
     add_sparsity_options(ev)
     add_eval_options(ev)
@@ -785,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.set_defaults(func=cmd_calibrate)
 
     se = commands.add_parser(
-        "sensitivity", help="per-layer sensitivity to activation sparsity (P2)",
+        "sensitivity", help="per-layer sensitivity to activation sparsity (Amber Pruner)",
         description="e_q = ||Y - Y'|| / (||Y|| + eps) of every decoder linear layer with only its own input sparsified, "
         "on calibration text; prints a roles x layers heat map, writes JSON (and PNG when matplotlib is installed).",
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Dynamic error mitigations: what to do around the pruned product (SPEC §4).
+"""Dynamic error mitigations: what to do around the pruned product (docs/methods.md, Dynamic mitigations).
 
 A mitigation gets the layer and its input rows ``x`` ``[tokens, in]`` and returns the
 output rows. It calls ``layer.prune(x)`` (criterion -> mask -> zeroed input),

@@ -1,4 +1,4 @@
-"""Scoring criteria: how important each input feature of each token is (SPEC §3).
+"""Scoring criteria: how important each input feature of each token is (docs/methods.md, Criteria).
 
 A criterion has up to two parts:
 
@@ -58,7 +58,7 @@ def scaled_magnitude(x: torch.Tensor, vector: torch.Tensor | None, generator=Non
 
 
 def clact_batch_score(x: torch.Tensor, vector=None, generator=None) -> torch.Tensor:
-    """P1's exact CLACT: ``c_j`` is the norm of feature j over the tokens of this batch (non-causal)."""
+    """The error-mitigation paper's exact CLACT: ``c_j`` is the norm of feature j over the tokens of this batch (non-causal)."""
     return scaled_magnitude(x, x.float().norm(dim=0))
 
 
@@ -147,6 +147,11 @@ register_criterion(
     )
 )
 register_criterion(
-    Criterion("clact-batch", clact_batch_score, causal=False, description="P1's CLACT over the batch (non-causal)")
+    Criterion(
+        "clact-batch",
+        clact_batch_score,
+        causal=False,
+        description="the error-mitigation paper's CLACT over the batch (non-causal)",
+    )
 )
 register_criterion(Criterion("random", random_score, description="uniform random (control)"))

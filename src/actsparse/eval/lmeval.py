@@ -6,7 +6,7 @@
 
 The model is wrapped, not copied (lm-eval's ``HFLM(pretrained=model)``), so whatever
 ``sparsify_`` / ``prune_weights_`` / ``load_state_`` did to it is what lm-eval measures.
-Zero-shot, fixed batch size, BOS exactly as the tokenizer adds it by default (SPEC §7).
+Zero-shot, fixed batch size, BOS exactly as the tokenizer adds it by default (docs/methods.md, Zero-shot tasks).
 ``actsparse_lastword`` / ``actsparse_continuation`` name the offline proxy tasks of
 ``proxy_tasks``: they are built from the evaluation text into the task directory first.
 lm-eval is imported only here and only when tasks are asked for (``pip install actsparse[eval]``).

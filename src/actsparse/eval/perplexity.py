@@ -1,4 +1,4 @@
-"""Perplexity exactly as SPEC §7: non-overlapping windows, mean NLL over predicted tokens."""
+"""Perplexity exactly as docs/methods.md (Perplexity) defines it: non-overlapping windows, mean NLL over predicted tokens."""
 
 from __future__ import annotations
 

@@ -182,7 +182,7 @@ class Evaluator:
     ) -> dict:
         """Calibrate ``config`` layer by layer on ``calib_windows`` windows of calibration text, then evaluate.
 
-        ``options``: ``CalibrationOptions`` (default: P1's recipe); ``save``: also write the
+        ``options``: ``CalibrationOptions`` (default: the error-mitigation paper's recipe); ``save``: also write the
         calibrated state to this directory; ``calib_windows``: how many windows (default: the
         settings'). The model is dense again afterwards.
         """

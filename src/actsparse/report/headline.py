@@ -1,4 +1,4 @@
-"""P1's headline number: how many times smaller a pattern's drop from dense is than 2:4's.
+"""The error-mitigation paper's headline number: how many times smaller a pattern's drop from dense is than 2:4's.
 
 For a metric and a method, drop(p) = dense − value(p) for accuracies (value(p) − dense for
 perplexity), and the ratio is drop(2:4) / drop(p): 2.7 means the pattern loses 2.7 times less
