@@ -49,8 +49,7 @@ from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import find_decoder_layers, find_linear_sites
 from actsparse.modules import io_features, set_module
-from actsparse.pipeline import as_windows as _as_windows
-from actsparse.pipeline import capture_layer_inputs
+from actsparse.pipeline import as_windows, capture_layer_inputs
 from actsparse.sparsify import CALIBRATION_ATTR, mark_sparsified_, sparse_layers, unsparsify_  # noqa: F401  (CALIBRATION_ATTR: also imported from here)
 
 SHOW_EVERY = 16  # training steps between loss updates of the progress bar (each one waits for the device)
@@ -301,7 +300,7 @@ def calibrate_(
             f"mitigation '{mitigation.name}' uses whole-model input statistics; "
             "layer-by-layer calibration supports the calibrated mitigations and the dynamic ones"
         )
-    windows = _as_windows(calib_windows)
+    windows = as_windows(calib_windows)
     sites = find_linear_sites(model)
     from actsparse.selection import choose_sites
 
@@ -404,4 +403,4 @@ def collect_covariance_stats(
     def make(site):
         return CovarianceStats(site.in_features, covariance="covariance" in needs, keep_rows="rows" in needs)
 
-    return collect_input_stats(model, _as_windows(windows), bos_id=bos_id, progress=progress, make=make)
+    return collect_input_stats(model, as_windows(windows), bos_id=bos_id, progress=progress, make=make)
