@@ -376,7 +376,8 @@ def test_sweep_workers_processes_do_each_run_once(tmp_path, capsys, monkeypatch)
     assert sorted(r["key"] for r in records) == expected  # every run stored exactly once across the workers
     assert Store(store).claims() == {}
     workers = {r["worker"] for r in records[1:]}
-    assert len(workers) == 2 and all(not w.endswith(f":{os.getpid()}") for w in workers)  # both child processes took runs
+    # runs were taken by the child processes (how many each took depends on timing: one may take them all)
+    assert workers and len(workers) <= 2 and all(not w.endswith(f":{os.getpid()}") for w in workers)
     assert f"{len(expected) - 1} runs done now by 2 workers, 1 were already" in out
 
 
