@@ -24,27 +24,16 @@ import time
 import torch
 import torch.nn.functional as F
 
+from actsparse.eval.speed import capture_graph
+
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]  # gate/up, down, q/o, k/v
 PATTERNS = [(2, 4), (8, 16), (16, 32)]
-
-
-def graph_of(fn):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def time_us(fns, rep=200) -> float:
     from triton.testing import do_bench
 
-    graphs = itertools.cycle([graph_of(fn) for fn in fns])
+    graphs = itertools.cycle([capture_graph(fn) for fn in fns])
     return do_bench(lambda: next(graphs).replay(), warmup=25, rep=rep, return_mode="median") * 1e3
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from actsparse import SparsityConfig, sparsify_
-from actsparse.eval.speed import Decoder, _graph, preset_model
+from actsparse.eval.speed import Decoder, capture_graph, preset_model
 from conftest import VOCAB, tiny_model
 
 
@@ -34,7 +34,7 @@ def test_decode_step_replays_as_a_cuda_graph():
         decoder.step()
     eager_tokens = decoder.token.clone()
     decoder.start()
-    graph = _graph(decoder.step)  # two warm-up steps, then the capture
+    graph = capture_graph(decoder.step)  # two warm-up steps, then the capture
     decoder.start()
     for _ in range(4):
         graph.replay()

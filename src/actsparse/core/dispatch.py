@@ -121,8 +121,9 @@ PREFILL_CHOICE = PrefillChoice()
 class DecodeChoice:
     """Whether the sparse GEMV beats sparsify + dense product, per (K, O, rows, N, M, dtype).
 
-    Entries come from :meth:`measure` (run at warm-up, never inside ``forward``); shapes not
-    measured follow :meth:`default`, the rule the H200 measurements support (BENCHMARKS.md).
+    Entries of ``measured`` override the rule (set them from a measurement made once, outside
+    ``forward``: no warm-up measurer exists yet); other shapes follow :meth:`default`, the rule
+    the H200 measurements support (BENCHMARKS.md §5).
     """
 
     def __init__(self):
@@ -138,11 +139,6 @@ class DecodeChoice:
         if rows > MAX_ROWS:
             return False
         return self.measured.get((k, o, rows, n, m, dtype), self.default(k, o, rows, n, m))
-
-    def measure(self, key: tuple, run_sparse, run_dense, repeats: int = 20) -> bool:
-        """Time both (CUDA events, medians after a warm-up) and remember which wins for ``key``."""
-        self.measured[key] = _median_ms(run_sparse, repeats) < _median_ms(run_dense, repeats)
-        return self.measured[key]
 
 
 DECODE_CHOICE = DecodeChoice()

@@ -184,7 +184,7 @@ class Timer:
         return statistics.median(times)
 
 
-def _graph(fn):
+def capture_graph(fn):
     """``fn`` captured as a CUDA graph after warm-up calls on a side stream (workspaces made outside)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -240,7 +240,7 @@ def decode_tokens_per_s(model, batch, options: BenchOptions, mode: str, timer: T
     decoder = Decoder(model, batch, options.prompt, options.steps, generator)
     if mode == "graph":
         decoder.start()
-        graph = _graph(decoder.step)
+        graph = capture_graph(decoder.step)
 
         def run():
             for _ in range(options.steps):
@@ -265,7 +265,7 @@ def prefill_ms(model, length, mode: str, timer: Timer, generator) -> float:
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
     if mode == "graph":
-        graph = _graph(forward)
+        graph = capture_graph(forward)
         return timer(graph.replay, before=fresh)
     return timer(forward, before=fresh)
 

@@ -182,10 +182,14 @@ def _allocate(sizes, device) -> Workspace:
                      torch.empty(rows, dtype=torch.int32, device=device), torch.empty(values, **f32))
 
 
+def workspace_need(k: int, o: int, plans) -> tuple[int, ...]:
+    """Elements of each workspace tensor that every plan in ``plans`` fits in."""
+    return tuple(max(column) for column in zip(*[workspace_sizes(k, o, p) for p in plans]))
+
+
 def workspace_for(k: int, o: int, plans, device) -> Workspace:
     """A workspace large enough for every plan in ``plans`` (counters zeroed)."""
-    sizes = [workspace_sizes(k, o, p) for p in plans]
-    return _allocate(tuple(max(column) for column in zip(*sizes)), device)
+    return _allocate(workspace_need(k, o, plans), device)
 
 
 _SHARED: dict[str, Workspace] = {}
@@ -194,11 +198,14 @@ _RETIRED: list[Workspace] = []  # outgrown workspaces stay allocated: a captured
 
 def shared_workspace(k: int, o: int, plans, device) -> Workspace:
     """The device's one workspace, grown to fit ``plans`` if needed (warm up before graph capture)."""
+    return _shared(workspace_need(k, o, plans), device)
+
+
+def _shared(need: tuple[int, ...], device) -> Workspace:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" are one device
     key = str(device)
-    need = tuple(max(column) for column in zip(*[workspace_sizes(k, o, p) for p in plans]))
     have = _SHARED.get(key)
     if have is None or any(t.numel() < n for t, n in zip(have, need)):
         if have is not None:
@@ -484,7 +491,7 @@ class GemvWeight:
         self.bias = None if bias is None else bias.detach()
         self.row_sum = None if row_sum is None else row_sum.detach().float()
         self.plans: dict[tuple[int, int], GemvPlan] = {}
-        self._workspace: dict[int, list[GemvPlan]] = {}
+        self._need: dict[int, tuple[int, ...]] = {}  # workspace sizes per M, for rows 1..MAX_ROWS
 
     @property
     def device(self) -> torch.device:
@@ -498,11 +505,11 @@ class GemvWeight:
         return self.plans[key]
 
     def workspace(self, m: int) -> Workspace:
-        if m not in self._workspace:
+        """The shared workspace, fetched per call (another layer may have grown it); sizes computed once."""
+        if m not in self._need:
             plans = [self.plan(rows, m) for rows in range(1, MAX_ROWS + 1)]
-            shared_workspace(self.in_features, self.out_features, plans, self.device)  # grown once, here
-            self._workspace[m] = plans
-        return shared_workspace(self.in_features, self.out_features, self._workspace[m], self.device)
+            self._need[m] = workspace_need(self.in_features, self.out_features, plans)
+        return _shared(self._need[m], self.device)
 
     def __call__(self, x: torch.Tensor, n: int, m: int, *, vector=None, shift=None, var: bool = False) -> torch.Tensor:
         ws, plan = self.workspace(m), self.plan(x.shape[0], m)
