@@ -108,13 +108,20 @@ def main() -> int:
                 ("var+vec", dict(var=True, vector=vector)),
                 ("var/x", dict(var=True)),
                 ("var/x+vec", dict(var=True, vector=vector)),
+                ("var@out", dict(var=True, at_output=True)),
+                ("var@out+vec", dict(var=True, at_output=True, vector=vector)),
             ]
             for name, opts in cases:
                 S.VAR_RESCALE_Y = "/x" not in name
-                check(S, torch.randn_like(x), n, m, **opts)
-                us = do_bench(lambda: S.nm_sparsify(x, n, m, **opts), return_mode="median") * 1e3
+                if opts.pop("at_output", False):  # VAR's scale left for the product's output: one tiled pass
+                    check_var_scale(S, torch.randn_like(x), n, m, opts.get("vector"))
+                    fn = lambda: S.nm_sparsify_var_scale(x, n, m, vector=opts.get("vector"))  # noqa: E731
+                else:
+                    check(S, torch.randn_like(x), n, m, **opts)
+                    fn = lambda: S.nm_sparsify(x, n, m, **opts)  # noqa: E731
+                us = do_bench(fn, return_mode="median") * 1e3
                 ref_us = float("nan")
-                if not args.no_reference and "/x" not in name:
+                if not args.no_reference and "/x" not in name and "@out" not in name:
                     ref_us = do_bench(lambda: S.nm_sparsify_reference(x, n, m, **opts), return_mode="median") * 1e3
                 gbs = 2 * x.numel() * x.element_size() / (us * 1e-6) / 1e9
                 cfg = S._config(T, K, m, x.element_size(), bool(opts.get("var")))
@@ -127,7 +134,40 @@ def main() -> int:
                     ],
                 )
         S.VAR_RESCALE_Y = True
+    var_layer_table(S, do_bench)
     return 0
+
+
+def check_var_scale(S, x, n, m, vector):
+    pruned, scale = S.nm_sparsify_var_scale(x, n, m, vector=vector)
+    want_pruned, want_scale = S.nm_sparsify_var_scale_reference(x, n, m, vector=vector)
+    if not (torch.equal(pruned, want_pruned) and torch.allclose(scale, want_scale, rtol=1e-3)):
+        raise SystemExit(f"MISMATCH var_scale {tuple(x.shape)} {n}:{m}")
+
+
+def var_layer_table(S, do_bench):
+    """A whole VAR layer, T x K -> O: scale on the input (two-pass kernel) vs on the product's output."""
+    import torch.nn.functional as F
+
+    print("\nVAR layer, 8:16, bf16: scale on the input (nm_sparsify var) vs on the output (nm_sparsify_var_scale + addcmul)")
+    print(f"{'T':>6} {'K->O':>12} {'input us':>9} {'output us':>10} {'ratio':>6}")
+    for K, O in ((4096, 14336), (14336, 4096), (4096, 4096)):
+        w = torch.randn(O, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+        b = torch.randn(O, device="cuda", dtype=torch.bfloat16)
+        for T in (16, 64, 256, 1024, 8192):
+            x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+
+            def at_input():
+                return F.linear(S.nm_sparsify(x, 8, 16, var=True), w, b)
+
+            def at_output():
+                pruned, scale = S.nm_sparsify_var_scale(x, 8, 16)
+                y = F.linear(pruned, w)
+                return torch.addcmul(b, y, scale[:, None], out=y)
+
+            torch.testing.assert_close(at_output().float(), at_input().float(), rtol=3e-2, atol=3e-2)
+            a, o = (do_bench(f, return_mode="median") * 1e3 for f in (at_input, at_output))
+            print(f"{T:>6} {K:>5}->{O:<6} {a:9.1f} {o:10.1f} {a / o:5.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "actsparse"
 # Top-level modules, grouped as the layers they belong to; packages are their own group.
 GROUPS = {
     "errors": "base", "registry": "base", "paths": "base", "artifacts": "base", "modules": "base",
-    "validate": "base", "_version": "base",
+    "validate": "base", "_version": "base", "timing": "base",
     "config": "surgery", "selection": "surgery", "sparsify": "surgery",
     "pipeline": "pipeline",
     "harness": "harness",

@@ -39,3 +39,44 @@ def test_decode_step_replays_as_a_cuda_graph():
     for _ in range(4):
         graph.replay()
     assert torch.equal(decoder.token, eager_tokens)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton paths under the interpreter
+
+
+@pytest.mark.parametrize(
+    "pattern, mitigation, rows", [("8:16", "none", 1), ("8:16", "var", 1), ("4:8", "dpts", 1), ("8:16", "var", 70), ("2:4", "none", 70)]
+)
+def test_fullgraph_compile_through_the_fast_paths(pattern, mitigation, rows, monkeypatch):
+    """The Triton paths themselves (the decode GEMV for one row, sparsify + product, VAR's scale at the
+    output from 64 rows, cuSPARSELt on CUDA when measured to win) trace without a graph break."""
+    pytest.importorskip("triton")
+    from actsparse.core import dispatch
+
+    monkeypatch.setattr(dispatch.DecodeChoice, "default", staticmethod(lambda k, o, r, n, m: r == 1))  # tiny layers too
+    monkeypatch.setattr(dispatch.PREFILL_CHOICE, "measured", {})
+    model = tiny_model("llama").to(DEVICE)
+    if DEVICE == "cuda":
+        model = model.to(torch.bfloat16)
+    sparsify_(model, SparsityConfig(pattern=pattern, criterion="amber", mitigation=mitigation, backend="triton"))
+    for layer in model.modules():  # cuSPARSELt wherever it applies, so that it is traced too
+        if type(layer).__name__ == "SparseLinear":
+            for mode in ("eager", "graph"):
+                dispatch.PREFILL_CHOICE.measured[(mode, rows, layer.in_features, layer.out_features)] = True
+    ids = torch.randint(0, VOCAB, (1, rows), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        eager = model(ids).logits.float()  # also makes the layers' weight copies and workspaces
+        backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+        compiled = torch.compile(model, fullgraph=True, backend=backend)(ids).logits.float()
+    torch.testing.assert_close(compiled, eager, atol=2e-2 if DEVICE == "cuda" else 1e-5, rtol=2e-2 if DEVICE == "cuda" else 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the static-cache generate test runs the CUDA fast paths")
+def test_generate_with_a_static_cache_on_cuda():
+    model = preset_model("tiny-llama", torch.float32, torch.device("cuda"), seed=0)
+    sparsify_(model, SparsityConfig(pattern="8:16", mitigation="var"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        static = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
+        dynamic = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert static.shape == (1, 20) and torch.equal(static, dynamic)

@@ -91,3 +91,47 @@ def test_decode_choice_default_rule_and_measured_entries():
     assert not choice.sparse_wins(4096, 14336, 5, 8, 16, torch.bfloat16)  # beyond the kernel's rows
     choice.measured[(4096, 1024, 1, 8, 16, torch.bfloat16)] = True
     assert choice.sparse_wins(4096, 1024, 1, 8, 16, torch.bfloat16)
+
+
+def test_prefill_choice_reads_the_measured_table_and_defaults_to_dense():
+    from actsparse.core.dispatch import PrefillChoice
+
+    choice = PrefillChoice()
+    assert not choice.sparse_wins("eager", 8192, 4096, 14336)  # nothing measured: the dense product
+    choice.measured[("graph", 2048, 4096, 14336)] = True
+    choice.measured[("graph", 512, 4096, 14336)] = False
+    assert choice.sparse_wins("graph", 2048, 4096, 14336)
+    assert choice.sparse_wins("graph", 8192, 4096, 14336)  # nearest measured rows below: 2048
+    assert not choice.sparse_wins("graph", 1024, 4096, 14336)  # nearest below: 512
+    assert not choice.sparse_wins("graph", 256, 4096, 14336)  # below every measured row count
+    assert not choice.sparse_wins("eager", 8192, 4096, 14336)  # kept per mode
+    assert not choice.sparse_wins("graph", 8192, 4096, 4096)  # and per shape
+
+
+def test_forward_never_times_anything(monkeypatch):
+    """The choice between fast paths is looked up; nothing in a forward pass creates CUDA events or times."""
+    import actsparse.timing
+
+    def refuse(*a, **k):
+        raise AssertionError("forward timed something")
+
+    monkeypatch.setattr(actsparse.timing.Timer, "__call__", refuse)
+    monkeypatch.setattr(torch.cuda, "Event", refuse)
+    model = tiny_model("llama").to(DEVICE)
+    sparsify_(model, SparsityConfig(pattern="2:4", backend="triton"))
+    assert torch.isfinite(logits(model, 70)).all()
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "amber"])
+def test_var_scale_at_the_output_matches_the_reference_in_a_model(criterion):
+    """From VAR_AT_OUTPUT_ROWS rows on VAR's scale multiplies the product's output, not the input."""
+    from actsparse.core.dispatch import VAR_AT_OUTPUT_ROWS
+
+    length = VAR_AT_OUTPUT_ROWS + 6
+    model = tiny_model("llama").to(DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        sparsify_(model, SparsityConfig(pattern="8:16", criterion=criterion, mitigation="var", backend=backend))
+        results[backend] = logits(model, length)
+        unsparsify_(model)
+    torch.testing.assert_close(results["triton"], results["torch"], atol=1e-4, rtol=1e-4)

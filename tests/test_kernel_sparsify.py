@@ -163,3 +163,32 @@ def test_imports_without_triton(monkeypatch):
     x = torch.randn(3, 8)
     assert torch.equal(module.nm_sparsify_reference(x, 2, 4), expected(x, 2, 4))
     assert sparsify.triton_available()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_var_scale_left_for_the_output_matches_the_reference(dtype):
+    """One tiled pass returns the unscaled pruned rows and VAR's per-row scale; scaling the rows by it
+    gives what VAR itself gives (the scale from tile partial sums, the reference from torch.var)."""
+    torch.manual_seed(3)
+    for T, K, n, m in [(17, 256, 2, 4), (3, 200, 2, 4), (70, 96, 16, 32), (4, 96, 5, 12), (1, 4096, 8, 16)]:
+        x = (torch.randn(T, K) + 0.5).to(dtype)
+        for vector in (None, torch.rand(K) + 0.5):
+            on = None if vector is None else vector.to(DEVICE)
+            pruned, scale = (t.cpu() for t in sparsify.nm_sparsify_var_scale(x.to(DEVICE), n, m, vector=on))
+            want_pruned, want_scale = sparsify.nm_sparsify_var_scale_reference(x, n, m, vector=vector)
+            assert torch.equal(bits(pruned), bits(want_pruned))  # unscaled: exactly plain pruning
+            assert scale.dtype == torch.float32 and scale.shape == (T,)
+            torch.testing.assert_close(scale, want_scale, rtol=1e-4, atol=1e-6)
+            var = sparsify.nm_sparsify_reference(x, n, m, vector=vector, var=True).float()
+            torch.testing.assert_close(pruned.float() * scale[:, None], var, rtol=ATOL[dtype], atol=ATOL[dtype])
+
+
+def test_the_registered_ops_give_the_reference_results():
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    v = torch.rand(64) + 0.5
+    got = torch.ops.actsparse.nm_sparsify(x.to(DEVICE), 2, 4, v.to(DEVICE), None, True).cpu()
+    torch.testing.assert_close(got, sparsify.nm_sparsify_reference(x, 2, 4, vector=v, var=True), rtol=1e-5, atol=1e-5)
+    pruned, scale = torch.ops.actsparse.nm_sparsify_var_scale(x.to(DEVICE), 8, 16, None)
+    want_pruned, want_scale = sparsify.nm_sparsify_var_scale_reference(x, 8, 16)
+    assert torch.equal(pruned.cpu(), want_pruned)
+    torch.testing.assert_close(scale.cpu(), want_scale, rtol=1e-4, atol=1e-6)

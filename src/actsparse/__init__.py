@@ -20,6 +20,7 @@ from actsparse.core.patterns import NM, Dense, Unstructured, parse_pattern
 from actsparse.core.scoring import CRITERIA, Criterion, register_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.core.stats import InputStats
+from actsparse.core.tuning import tune_
 from actsparse.errors import ActsparseError
 from actsparse.hf import install_hook as _install_hf_hook
 from actsparse.models.discovery import find_linear_sites
@@ -41,7 +42,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", **placeme
 __all__ = [
     "ActsparseError", "CRITERIA", "Criterion", "Dense", "InputStats", "MITIGATIONS", "Mitigation", "NM",
     "SparseLinear", "SparsifyReport", "SparsityConfig", "Unstructured", "collect_input_stats", "find_linear_sites",
-    "load_model", "parse_pattern", "register_criterion", "register_mitigation", "sparsify_", "unsparsify_",
+    "load_model", "parse_pattern", "register_criterion", "register_mitigation", "sparsify_", "tune_", "unsparsify_",
     "WeightPruneConfig", "WeightPruneReport", "load_pruned_", "prune_weights_", "save_pruned", "verify_pattern",
     "amber_preset", "budget_skip", "measure_sensitivity", "random_skip",
     "CalibrationOptions", "CalibrationReport", "CovarianceStats", "calibrate_", "collect_covariance_stats", "ensure_mitigation", "load_state_", "save_state",

@@ -69,6 +69,12 @@ def add_bench_command(commands) -> None:
     be.add_argument("--repeats", type=_whole, default=5, help="timed repeats, median reported (default: 5)")
     be.add_argument("--num-layers", type=_whole, default=None, help="presets only: fewer decoder layers, for a quick run")
     be.add_argument("--json", default=None, metavar="FILE", help="write the results here (atomically)")
+    be.add_argument(
+        "--no-tune",
+        dest="tune",
+        action="store_false",
+        help="skip timing the fast paths per layer shape before the bench (then the built-in defaults decide)",
+    )
     be.set_defaults(func=cmd_bench)
 
 
@@ -96,6 +102,7 @@ def cmd_bench(args) -> None:
         repeats=args.repeats,
         layers=args.num_layers,
         seed=args.seed,
+        tune=args.tune,
     )
     if args.model in PRESETS:
         model = preset_model(args.model, DTYPES[args.dtype], device, layers=args.num_layers, seed=args.seed)

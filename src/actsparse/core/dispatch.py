@@ -14,9 +14,17 @@ The Triton path, per call with rows ``x [T, K]``:
   rows, with VAR's scale and D-PTS's rank-1 term in its epilogue (``kernels.sparse_gemv``; keeps
   a transposed weight copy). Where the union of kept rows over the tokens makes it lose, the
   rows take the fused sparsify + dense product instead.
-- 2:4 without mitigation, on CUDA, where measured faster for this shape: one pass emits
-  the cuSPARSELt compressed input, then ``torch._cslt_sparse_mm`` (``kernels.cslt24``).
-- otherwise: fused N:M sparsify (``kernels.sparsify``), then the dense product.
+- 2:4 without mitigation, on CUDA, where :data:`PREFILL_CHOICE` says it wins for this mode
+  (eager, or graph: captured or compiled), row count and shape: one pass emits the cuSPARSELt
+  compressed input, then ``torch._cslt_sparse_mm`` (``kernels.cslt24``).
+- otherwise: fused N:M sparsify (``kernels.sparsify``), then the dense product; with VAR from
+  :data:`VAR_AT_OUTPUT_ROWS` rows on, the sparsify pass leaves the per-token scale for the
+  product's output (one pass over x instead of two).
+
+Both tables are filled by :func:`actsparse.tune_` (``core.tuning``), which times the paths once
+per layer shape; ``forward`` only looks them up. Without tuning, decode follows
+:meth:`DecodeChoice.default` and prefill takes the dense product. Kernels are called through
+their ``torch.ops.actsparse`` ops, so that torch.compile and CUDA graphs see single calls.
 """
 
 from __future__ import annotations
@@ -30,9 +38,9 @@ from actsparse.core.mitigation import MEDIAN_SHIFT, MITIGATIONS, PLAIN, VARIANCE
 from actsparse.core.patterns import NM
 from actsparse.core.scoring import ABS_TIMES_VECTOR, CRITERIA, Criterion, get_criterion
 from actsparse.errors import ActsparseError
-from actsparse.kernels.cslt24 import sparsify_compress24
+from actsparse.kernels import cslt24 as _cslt24  # noqa: F401  (registers torch.ops.actsparse.sparsify_compress24)
+from actsparse.kernels import sparsify as _sparsify  # noqa: F401  (registers torch.ops.actsparse.nm_sparsify*)
 from actsparse.kernels.sparse_gemv import MAX_ROWS
-from actsparse.kernels.sparsify import nm_sparsify
 
 if TYPE_CHECKING:
     from actsparse.core.sparse_linear import SparseLinear
@@ -41,6 +49,7 @@ BACKENDS = ("auto", "torch", "triton")
 KERNEL_SCORES = (ABS_TIMES_VECTOR,)  # the criterion kernel_score values the kernels compute
 KERNEL_EPILOGUES = (PLAIN, VARIANCE_SCALE, MEDIAN_SHIFT)  # the mitigation kernel values they compute
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CSLT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _with_kernel(registry, field: str, values) -> str:
@@ -88,31 +97,35 @@ def runs_here(x: torch.Tensor, forced: bool) -> bool:
     return x.is_cuda or (forced and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+EAGER, GRAPH = "eager", "graph"  # the run modes a measured choice is kept for
+
+
+def run_mode() -> str:
+    """``graph`` while a CUDA graph is being captured or torch.compile is tracing, else ``eager``."""
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return GRAPH
+    return EAGER
+
+
 class PrefillChoice:
-    """Per (rows, K, O) shape: is the 2:4 cuSPARSELt product faster than dense? Measured once."""
+    """Whether the 2:4 cuSPARSELt product beats sparsify + dense product, per (mode, rows, K, O).
+
+    Filled by :func:`actsparse.tune_` (``core.tuning``), which times both paths once per layer
+    shape, in eager mode and inside a CUDA graph; ``forward`` only looks the answer up and never
+    times anything. Rows between measured ones take the entry of the nearest measured rows below
+    (the sparse product's advantage grows with the rows); unmeasured shapes take the dense
+    product, which is never slower than the reference path it replaces.
+    """
 
     def __init__(self):
-        self.faster: dict[tuple[int, int, int], bool] = {}
+        self.measured: dict[tuple[str, int, int, int], bool] = {}
 
-    def sparse_is_faster(self, key, run_sparse, run_dense, repeats: int = 5) -> bool:
-        if key not in self.faster:
-            if torch.cuda.is_current_stream_capturing():
-                return False  # cannot measure inside a graph capture; dense until measured
-            self.faster[key] = _median_ms(run_sparse, repeats) < _median_ms(run_dense, repeats)
-        return self.faster[key]
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation, algorithm search)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    def sparse_wins(self, mode: str, rows: int, k: int, o: int) -> bool:
+        answer = self.measured.get((mode, rows, k, o))
+        if answer is not None:
+            return answer
+        below = [r for (md, r, kk, oo) in self.measured if (md, kk, oo) == (mode, k, o) and r <= rows]
+        return self.measured[(mode, max(below), k, o)] if below else False
 
 
 PREFILL_CHOICE = PrefillChoice()
@@ -121,9 +134,9 @@ PREFILL_CHOICE = PrefillChoice()
 class DecodeChoice:
     """Whether the sparse GEMV beats sparsify + dense product, per (K, O, rows, N, M, dtype).
 
-    Entries of ``measured`` override the rule (set them from a measurement made once, outside
-    ``forward``: no warm-up measurer exists yet); other shapes follow :meth:`default`, the rule
-    the H200 measurements support (BENCHMARKS.md §5).
+    Entries of ``measured`` (filled by :func:`actsparse.tune_`, timed inside CUDA graphs, the
+    mode decoding runs in) override the rule; other shapes follow :meth:`default`, the rule the
+    H200 measurements support (BENCHMARKS.md §5).
     """
 
     def __init__(self):
@@ -142,37 +155,58 @@ class DecodeChoice:
 
 
 DECODE_CHOICE = DecodeChoice()
+VAR_AT_OUTPUT_ROWS = 64  # from this many rows VAR's scale is applied to the product's output (one pass over x)
 
 
 def triton_forward(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
-    """The Triton path for rows ``x [T, K]`` of a layer whose config is supported."""
+    """The Triton path for rows ``x [T, K]`` of a layer whose config is supported: the measured
+    (or default) choice between the decode GEMV, the cuSPARSELt product and sparsify + product."""
+    x = x.contiguous()
+    n, m = layer.pattern.n, layer.pattern.m
+    if DECODE_CHOICE.sparse_wins(layer.in_features, layer.out_features, x.shape[0], n, m, x.dtype):
+        return gemv_forward(layer, x)
+    return sparsify_forward(layer, x, cslt=uses_cslt(layer, x))
+
+
+def _shift(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor | None:
+    return x.median(dim=-1).values.float() if layer.mitigation.kernel == MEDIAN_SHIFT else None
+
+
+def gemv_forward(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+    """One launch: select, read the kept weight rows, VAR scale / D-PTS rank-1 term in the epilogue."""
+    var = layer.mitigation.kernel == VARIANCE_SCALE
+    return layer.gemv_weight()(x, layer.pattern.n, layer.pattern.m, vector=layer.feature_vector, shift=_shift(layer, x), var=var)
+
+
+def sparsify_forward(layer: SparseLinear, x: torch.Tensor, cslt: bool = False) -> torch.Tensor:
+    """Sparsify, then the product: cuSPARSELt on the compressed input (``cslt``), else the dense one.
+
+    VAR's per-token scale goes to the product's output from :data:`VAR_AT_OUTPUT_ROWS` rows on
+    (the sparsify pass then runs at plain pruning's bandwidth); D-PTS's rank-1 term always does."""
     n, m = layer.pattern.n, layer.pattern.m
     vector = layer.feature_vector
-    epilogue = layer.mitigation.kernel
-    x = x.contiguous()
-    eta = x.median(dim=-1).values.float() if epilogue == MEDIAN_SHIFT else None
-    var = epilogue == VARIANCE_SCALE
+    var = layer.mitigation.kernel == VARIANCE_SCALE
+    eta = _shift(layer, x)
     rows = x.shape[0]
-    if DECODE_CHOICE.sparse_wins(layer.in_features, layer.out_features, rows, n, m, x.dtype):
-        return layer.gemv_weight()(x, n, m, vector=vector, shift=eta, var=var)  # shift term in the epilogue
-    if (n, m) == (2, 4) and epilogue == PLAIN and x.is_cuda and x.dtype != torch.float32:
-        y = _prefill24(layer, x, vector)
+    if cslt:
+        y = layer.cslt_linear()(torch.ops.actsparse.sparsify_compress24(x, vector), rows)
+    elif var and rows >= VAR_AT_OUTPUT_ROWS:
+        pruned, scale = torch.ops.actsparse.nm_sparsify_var_scale(x, n, m, vector)
+        y = layer.product(pruned, row_scale=scale)
     else:
-        y = layer.product(nm_sparsify(x, n, m, vector=vector, var=var, shift=eta))
+        y = layer.product(torch.ops.actsparse.nm_sparsify(x, n, m, vector, eta, var))
     if eta is not None:
         y = (y.float() + eta[:, None] * layer.weight_row_sum).to(y.dtype)
     return y
 
 
-def _prefill24(layer: SparseLinear, x: torch.Tensor, vector) -> torch.Tensor:
-    rows = x.shape[0]
-    sparse_matmul = layer.cslt_linear()
+def cslt_applies(layer: SparseLinear, x: torch.Tensor) -> bool:
+    """Whether the 2:4 cuSPARSELt product can run this layer on ``x`` (whether it wins is measured)."""
+    n, m = layer.pattern.n, layer.pattern.m
+    return (n, m) == (2, 4) and layer.mitigation.kernel == PLAIN and x.is_cuda and x.dtype in CSLT_DTYPES
 
-    def run_sparse():
-        return sparse_matmul(sparsify_compress24(x, vector), rows)
 
-    def run_dense():
-        return layer.product(nm_sparsify(x, 2, 4, vector=vector))
-
-    key = (rows, layer.in_features, layer.out_features)
-    return run_sparse() if PREFILL_CHOICE.sparse_is_faster(key, run_sparse, run_dense) else run_dense()
+def uses_cslt(layer: SparseLinear, x: torch.Tensor) -> bool:
+    if not cslt_applies(layer, x):
+        return False
+    return PREFILL_CHOICE.sparse_wins(run_mode(), x.shape[0], layer.in_features, layer.out_features)

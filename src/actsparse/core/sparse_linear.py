@@ -17,6 +17,7 @@ from actsparse.core.mitigation import Mitigation
 from actsparse.core.patterns import Dense, Pattern
 from actsparse.core.scoring import Criterion
 from actsparse.core.stats import InputStats
+from actsparse.kernels.cslt24 import Cslt24Linear
 from actsparse.kernels.sparse_gemv import GemvWeight
 from actsparse.modules import io_features, is_conv1d  # noqa: F401  (is_conv1d: also imported from here)
 
@@ -72,12 +73,21 @@ class SparseLinear(nn.Module):
         """The weight as ``[out, in]`` whatever the storage layout."""
         return self.weight.t() if self.transposed else self.weight
 
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        """The wrapped layer's own ``x Wᵀ + b``."""
-        if self.transposed:
-            out = x @ self.weight
+    def product(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The wrapped layer's own ``x Wᵀ + b``; with ``row_scale`` (float32 ``[rows]``),
+        ``row_scale * (x Wᵀ) + b``, scaled in float32 and written in place in x's dtype."""
+        if row_scale is None and not self.transposed:
+            return F.linear(x, self.weight, self.bias)
+        out = x @ self.weight if self.transposed else F.linear(x, self.weight)
+        if row_scale is None:
             return out if self.bias is None else out + self.bias
-        return F.linear(x, self.weight, self.bias)
+        scale = row_scale[:, None]
+        if torch.is_grad_enabled() and (out.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            out = (out.float() * scale).to(out.dtype)  # out= ops do not take part in autograd
+            return out if self.bias is None else out + self.bias
+        if self.bias is None:
+            return torch.mul(out, scale, out=out)
+        return torch.addcmul(self.bias, out, scale, out=out)
 
     def generator(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -103,8 +113,6 @@ class SparseLinear(nn.Module):
 
     def cslt_linear(self):
         """The cuSPARSELt 2:4 product of this layer's weight (made on first use)."""
-        from actsparse.kernels.cslt24 import Cslt24Linear
-
         if self._cslt_linear is None:
             bias = None if self.bias is None else self.bias.detach()
             self._cslt_linear = Cslt24Linear(self.dense_weight().detach(), bias)

@@ -22,8 +22,6 @@ fresh random token ids per repeat.
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -31,8 +29,11 @@ import torch
 
 from actsparse._version import __version__
 from actsparse.config import SparsityConfig
+from actsparse.core.tuning import tune_
 from actsparse.errors import ActsparseError
+from actsparse.kernels.sparse_gemv import MAX_ROWS
 from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
+from actsparse.timing import Timer, capture_graph  # noqa: F401  (capture_graph: also imported from here)
 
 PRESETS = {
     "llama3-8b": dict(
@@ -80,6 +81,7 @@ class BenchOptions:
     warmup: int = 2
     layers: int | None = None  # presets: fewer decoder layers (quick runs)
     seed: int = 0
+    tune: bool = True  # on CUDA: time the fast paths per layer shape first (actsparse.tune_), then bench
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in MODES]
@@ -117,6 +119,7 @@ class BenchResult:
     checks: dict = field(default_factory=dict)
     measurements: list[Measurement] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    tuning: list[dict] = field(default_factory=list)  # tune_'s measurements (sparse_ms, dense_ms per shape)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -136,6 +139,10 @@ class BenchResult:
                 f"{m.phase:<8} {m.mode:<6} {m.size:>6} {m.dense:>9.2f} {unit:<2} {m.sparse:>9.2f} {unit:<2} {m.speedup:>7.2f}x"
             )
         lines += [f"skipped: {s}" for s in self.skipped]
+        if self.tuning:
+            wins = [t for t in self.tuning if t["sparse_wins"]]
+            picked = ", ".join(f"{t['phase']} {t['mode']} {t['rows']} {t['in_features']}->{t['out_features']}" for t in wins)
+            lines.append(f"tuned {len(self.tuning)} choices; the fast path won {len(wins)}: {picked or 'none'}")
         return "\n".join(lines)
 
 
@@ -153,49 +160,6 @@ def preset_model(name: str, dtype: torch.dtype, device: torch.device, layers: in
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
-
-
-class Timer:
-    """Milliseconds of ``fn()``: CUDA events on CUDA, the host clock elsewhere; median of ``repeats``."""
-
-    def __init__(self, device: torch.device, warmup: int, repeats: int):
-        self.cuda = device.type == "cuda"
-        self.warmup, self.repeats = warmup, repeats
-
-    def __call__(self, fn, before=None) -> float:
-        for _ in range(self.warmup):
-            before and before()
-            fn()
-        times = []
-        for _ in range(self.repeats):
-            before and before()
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-
-def capture_graph(fn):
-    """``fn`` captured as a CUDA graph after warm-up calls on a side stream (workspaces made outside)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 class Decoder:
@@ -329,6 +293,10 @@ def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -
                 raise ActsparseError("the config sparsifies no layer of this model; fix: check --roles/--layers/--skip")
             result.checks = check_fast_path(model, config, torch.Generator().manual_seed(options.seed + 1))
             result.checks["sparse_flop_fraction"] = report.sparse_flop_fraction
+            if options.tune and device.type == "cuda":
+                decode_rows = tuple(b for b in options.batches if b <= MAX_ROWS)
+                tuned = tune_(model, decode_rows=decode_rows, prefill_rows=options.prefill, modes=modes, seed=options.seed)
+                result.tuning = [t.to_dict() for t in tuned]
         generator = torch.Generator().manual_seed(options.seed)
         for mode in modes:
             cases = [("prefill", t) for t in options.prefill] + [("decode", b) for b in options.batches]

@@ -269,3 +269,18 @@ class Cslt24Linear:
         if y.shape[0] != T:
             y = y[:T]
         return y if self.bias is None else y + self.bias
+
+
+# ``torch.ops.actsparse.sparsify_compress24``: the kernel as one opaque op for torch.compile and
+# CUDA-graph capture (the Triton kernel everywhere Triton is installed: on CUDA, or interpreted).
+
+
+@torch.library.custom_op("actsparse::sparsify_compress24", mutates_args=())
+def sparsify_compress24_op(x: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+    return sparsify_compress24(x, vector)
+
+
+@sparsify_compress24_op.register_fake
+def _(x, vector):
+    T, K = x.shape
+    return x.new_empty(padded_rows(T), K * 9 // 16)

@@ -116,14 +116,56 @@ def nm_sparsify(x, n, m, vector=None, var=False, shift=None):
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
+    _launch(x, y, n, m, vector, shift, var=var)
+    return y
+
+
+def nm_sparsify_var_scale(x, n, m, vector=None):
+    """VAR with its per-token scale left for the product's output: returns ``(P(x), scale)`` with
+    ``scale [T]`` float32, so that ``scale * (P(x) Wᵀ)`` is VAR's ``(scale * P(x)) Wᵀ``.
+
+    One pass over ``x`` tiled like plain pruning (no whole-row programs, no second pass); each tile
+    writes its share of the four row sums and the scale is reduced from them in a fixed order."""
+    if triton is None:
+        raise RuntimeError("nm_sparsify_var_scale needs triton; use nm_sparsify_var_scale_reference")
+    _check(x, n, m, vector, None)
+    if not x.is_cuda and not _INTERPRETED:
+        raise ValueError("x must be a CUDA tensor (or set TRITON_INTERPRET=1 before importing to run on the CPU)")
+    T, K = x.shape
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y, torch.ones(T, dtype=torch.float32, device=x.device)
+    sums = _launch(x, y, n, m, vector, None, var=False, sums=True)
+    return y, var_scale_from_sums(sums.sum(dim=-1), K)
+
+
+def var_scale_from_sums(sums, K: int):
+    """VAR's scale ``sqrt(var(x) / var(P(x)))`` per row from the row sums ``[4, T]`` of x, x², P(x), P(x)²."""
+    sx, sxx, sp, spp = sums
+    var_x = (sxx - sx * sx / K) / (K - 1)
+    var_p = (spp - sp * sp / K) / (K - 1)
+    return torch.sqrt(var_x / var_p.clamp_min(1e-8))
+
+
+def nm_sparsify_var_scale_reference(x, n, m, vector=None):
+    """Plain PyTorch definition of :func:`nm_sparsify_var_scale` (same mask; scale from torch.var)."""
+    pruned = nm_sparsify_reference(x, n, m, vector=vector)
+    ratio = x.float().var(dim=-1) / pruned.float().var(dim=-1).clamp_min(1e-8)
+    return pruned, ratio.sqrt()
+
+
+def _launch(x, y, n, m, vector, shift, *, var: bool, sums: bool = False):
+    T, K = x.shape
     cfg = _config(T, K, m, x.element_size(), var)
     unique = x.element_size() == 2 and vector is None  # 15-bit |x| and a 5-bit lane fit one int32 key
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), 1 if var else triton.cdiv(K // m, cfg["BLOCK_G"]))
+    partial = torch.empty(4, T, grid[1], dtype=torch.float32, device=x.device) if sums else x
     _nm_kernel[grid](
         x,
         y,
         x if vector is None else vector.contiguous(),
         x if shift is None else shift.contiguous(),
+        partial,
         T,
         K,
         N=n,
@@ -132,12 +174,13 @@ def nm_sparsify(x, n, m, vector=None, var=False, shift=None):
         HAS_SHIFT=shift is not None,
         VAR=var,
         RESCALE_Y=VAR_RESCALE_Y,
+        SUMS=sums,
         UNIQUE=unique,
         NAN_KEY=NAN_KEY.get(x.dtype, 0),
         INTERPRET=_INTERPRETED,
         **cfg,
     )
-    return y
+    return partial if sums else None
 
 
 if triton is not None:
@@ -319,6 +362,7 @@ if triton is not None:
         y_ptr,
         v_ptr,
         shift_ptr,
+        sums_ptr,
         T,
         K,
         N: tl.constexpr,
@@ -333,6 +377,7 @@ if triton is not None:
         HAS_SHIFT: tl.constexpr,
         VAR: tl.constexpr,
         RESCALE_Y: tl.constexpr,
+        SUMS: tl.constexpr,
         UNIQUE: tl.constexpr,
         NAN_KEY: tl.constexpr,
         INTERPRET: tl.constexpr,
@@ -356,6 +401,25 @@ if triton is not None:
             for j in tl.static_range(MP):
                 out = out + (tl.where(keep[j], xs[j], 0.0),)
             _store_lanes(y_row, cols, ok, out, M, MP, VEC, LOG_VEC)
+            if SUMS:  # this tile's share of each row's sums of x, x^2, P(x), P(x)^2 (VAR's scale, at the output)
+                sx = tl.zeros([BLOCK_T, BLOCK_G], tl.float32)
+                sxx = tl.zeros([BLOCK_T, BLOCK_G], tl.float32)
+                sp = tl.zeros([BLOCK_T, BLOCK_G], tl.float32)
+                spp = tl.zeros([BLOCK_T, BLOCK_G], tl.float32)
+                for j in tl.static_range(M):
+                    xf = _f32(xs[j], INTERPRET)
+                    pf = tl.where(keep[j], xf, 0.0)
+                    sx += xf
+                    sxx += xf * xf
+                    sp += pf
+                    spp += pf * pf
+                tiles = tl.num_programs(1)
+                at = sums_ptr + rows.to(tl.int64) * tiles + tl.program_id(1)
+                plane = T * tiles  # int32 is ample: tokens x tiles per row
+                tl.store(at, tl.sum(sx, axis=1), mask=rows < T)
+                tl.store(at + plane, tl.sum(sxx, axis=1), mask=rows < T)
+                tl.store(at + 2 * plane, tl.sum(sp, axis=1), mask=rows < T)
+                tl.store(at + 3 * plane, tl.sum(spp, axis=1), mask=rows < T)
         else:  # whole rows per program
             # pass 1: row sums of x, x^2, pruned, pruned^2 in float32 (and the unscaled output if RESCALE_Y)
             sx = tl.zeros([BLOCK_T, BLOCK_G], tl.float32)
@@ -429,3 +493,39 @@ if triton is not None:
                 k0 += BLOCK_G * M
 
     _INTERPRETED = type(_nm_kernel).__name__ == "InterpretedFunction"  # decorated under TRITON_INTERPRET=1
+
+
+# ----------------------------------------------------------------------------- the PyTorch ops
+# ``torch.ops.actsparse.nm_sparsify`` / ``nm_sparsify_var_scale``: one opaque call each for
+# torch.compile(fullgraph=True) and CUDA-graph capture; the Triton kernel on CUDA (and under the
+# interpreter), the PyTorch reference elsewhere.
+
+
+def _runs_kernel(x: torch.Tensor) -> bool:
+    return triton is not None and (x.is_cuda or _INTERPRETED)
+
+
+@torch.library.custom_op("actsparse::nm_sparsify", mutates_args=())
+def nm_sparsify_op(
+    x: torch.Tensor, n: int, m: int, vector: torch.Tensor | None, shift: torch.Tensor | None, var: bool
+) -> torch.Tensor:
+    if _runs_kernel(x):
+        return nm_sparsify(x, n, m, vector=vector, var=var, shift=shift)
+    return nm_sparsify_reference(x, n, m, vector=vector, var=var, shift=shift)
+
+
+@nm_sparsify_op.register_fake
+def _(x, n, m, vector, shift, var):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("actsparse::nm_sparsify_var_scale", mutates_args=())
+def nm_sparsify_var_scale_op(x: torch.Tensor, n: int, m: int, vector: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if _runs_kernel(x):
+        return nm_sparsify_var_scale(x, n, m, vector=vector)
+    return nm_sparsify_var_scale_reference(x, n, m, vector=vector)
+
+
+@nm_sparsify_var_scale_op.register_fake
+def _(x, n, m, vector):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)

@@ -1,0 +1,71 @@
+"""tune_: the fast-path choices measured once per layer shape, then only looked up."""
+
+import pytest
+import torch
+
+from actsparse import ActsparseError, SparsityConfig, sparsify_, tune_
+from actsparse.core import dispatch
+from actsparse.core.tuning import Tuned, distinct_layers
+from conftest import tiny_model
+
+
+def test_a_cpu_model_has_nothing_to_tune():
+    model = tiny_model("llama")
+    sparsify_(model, SparsityConfig(pattern="2:4"))
+    assert distinct_layers(model) == []
+    assert tune_(model, prefill_rows=(512,)) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(decode_rows=(0,)), "positive integers"),
+        (dict(prefill_rows=(512, -1)), "positive integers"),
+        (dict(decode_rows=(8,)), "decode rows go up to 4"),
+        (dict(modes=("fast",)), "unknown mode"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_timing(kwargs, message):
+    model = tiny_model("llama")
+    sparsify_(model, SparsityConfig(pattern="2:4"))
+    with pytest.raises(ActsparseError, match=message):
+        tune_(model, **kwargs)
+
+
+def test_a_measurement_records_its_winner():
+    row = Tuned("decode", "graph", 1, 4096, 14336, "8:16", "bfloat16", sparse_ms=0.02, dense_ms=0.03)
+    assert row.sparse_wins and row.to_dict()["sparse_wins"] is True
+    assert not Tuned("prefill", "eager", 512, 4096, 4096, "2:4", "bfloat16", 0.3, 0.2).sparse_wins
+
+
+def test_one_layer_per_distinct_shape_and_config(monkeypatch):
+    model = tiny_model("llama")
+    sparsify_(model, SparsityConfig(pattern="2:4"))
+    for module in model.modules():  # pretend the weights are on CUDA
+        if type(module).__name__ == "SparseLinear":
+            monkeypatch.setattr(type(module.weight), "is_cuda", property(lambda self: True), raising=False)
+            break
+    layers = distinct_layers(model)
+    shapes = {(layer.in_features, layer.out_features) for layer in layers}
+    assert len(layers) == len(shapes)  # one layer per shape (same pattern, dtype and mitigation everywhere)
+    every = {(m.in_features, m.out_features) for m in model.modules() if type(m).__name__ == "SparseLinear"}
+    assert shapes == every
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="timing the fast paths needs CUDA")
+def test_tune_fills_both_tables_on_cuda(monkeypatch):
+    from actsparse.eval.speed import preset_model
+
+    monkeypatch.setattr(dispatch.DECODE_CHOICE, "measured", {})
+    monkeypatch.setattr(dispatch.PREFILL_CHOICE, "measured", {})
+    model = preset_model("tiny-llama", torch.bfloat16, torch.device("cuda"), seed=0)
+    sparsify_(model, SparsityConfig(pattern="2:4"))
+    rows = tune_(model, decode_rows=(1, 2), prefill_rows=(128,), repeats=3)
+    layers = distinct_layers(model)
+    assert len(rows) == len(layers) * (2 + 2)  # decode rows 1, 2 (graph); prefill 128 in eager and graph
+    assert all(r.sparse_ms >= 0 and r.dense_ms > 0 for r in rows)
+    for r in rows:
+        if r.phase == "decode":
+            assert dispatch.DECODE_CHOICE.measured[(r.in_features, r.out_features, r.rows, 2, 4, torch.bfloat16)] == r.sparse_wins
+        else:
+            assert dispatch.PREFILL_CHOICE.measured[(r.mode, r.rows, r.in_features, r.out_features)] == r.sparse_wins
