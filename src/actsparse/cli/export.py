@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from actsparse.calibration.mitigations import ensure_mitigation
+from actsparse.calibration.state import read_state_meta, state_config
+from actsparse.cli.checks import check_state_options, preflight
+from actsparse.cli.options import (
+    add_eval_options,
+    add_sparsity_options,
+    config_from,
+    placement_from,
+    settings_from,
+    weight_config_from,
+)
 from actsparse.errors import ActsparseError
+from actsparse.hf.export import export
 
 
 def add_export_command(commands) -> None:
-    from actsparse.cli.main import add_eval_options, add_sparsity_options
-
     ex = commands.add_parser(
         "export", help="save a sparse model as a Hugging Face checkpoint with a model card",
         description="Sparsify a model (or apply a calibrated --state, or prune its weights with --prune weights), measure dense and "
@@ -24,11 +34,6 @@ def add_export_command(commands) -> None:
 
 
 def cmd_export(args) -> None:
-    from actsparse.calibration.mitigations import ensure_mitigation
-    from actsparse.calibration.state import read_state_meta, state_config
-    from actsparse.cli.main import check_state_options, config_from, placement_from, preflight, settings_from, weight_config_from
-    from actsparse.hf.export import export
-
     state, config = None, None
     if args.state:
         if args.prune == "weights" or args.method is not None:

@@ -1,0 +1,295 @@
+"""What several subcommands share: argument types, the option groups, and the objects built from them.
+
+Choices and defaults come from where they are defined: the backends from ``core.dispatch``,
+the dtypes from ``models.loading``, the sparsity defaults from ``SparsityConfig``'s fields and
+the evaluation defaults from ``EvalSettings``'s. Only the command line's own defaults (the
+8:16 pattern, 32 or 128 calibration windows) are written here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import MISSING, fields
+
+from actsparse.baselines import PRUNERS, WeightPruneConfig
+from actsparse.cli.placement import add_placement_options as add_placement_options
+from actsparse.cli.placement import placement_from as placement_from
+from actsparse.config import SparsityConfig
+from actsparse.core.dispatch import BACKENDS
+from actsparse.errors import ActsparseError
+from actsparse.eval.lmeval import TaskSettings
+from actsparse.eval.run import DEFAULT_MODEL, EvalSettings
+from actsparse.models.loading import DTYPES
+
+DEFAULT_PATTERN = "8:16"  # the command line's default; SparsityConfig's own is 2:4
+TARGETS = ("activations", "weights")  # what --prune removes
+ACTIVATIONS_ONLY = ("criterion", "mitigation", "prefill_only", "backend")  # options that --prune weights refuses
+
+
+def defaults(cls) -> dict:
+    """A dataclass's field defaults by name (fields without a plain default left out)."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+SPARSITY = defaults(SparsityConfig)
+EVALUATION = defaults(EvalSettings)
+TASKS = defaults(TaskSettings)
+WEIGHTS = defaults(WeightPruneConfig)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (rc 2, through ``main``), not a usage block."""
+
+    def error(self, message):
+        raise ActsparseError(f"{message} (see `{self.prog} --help`)")
+
+
+# ---- argument types ------------------------------------------------------------------------------
+
+
+def whole(minimum: int):
+    """argparse type: a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+def real(low: float, high: float | None = None, open_low: bool = False):
+    """argparse type: a finite number in [low, high] ((low, high] with ``open_low``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (open_low and value == low) or (high is not None and value > high):
+            span = f"{'(' if open_low else '['}{low:g}, {'inf' if high is None else f'{high:g}'}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def csv(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated names, blanks dropped."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def whole_list(minimum: int, example: str, what: str = "whole numbers"):
+    """argparse type: comma-separated whole numbers >= ``minimum``, at least one (e.g. layer indices, batch sizes)."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        message = f"expected comma-separated {what} >= {minimum} like {example}, got '{text}'"
+        try:
+            values = tuple(int(part) for part in csv(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(message) from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(message)
+        return values
+
+    parse.__name__ = f"list of {what}"
+    return parse
+
+
+layer_indices = whole_list(0, "0,1,2", "layer indices")
+
+
+# ---- option groups -------------------------------------------------------------------------------
+
+
+def add_dtype_option(group, default: str = EVALUATION["dtype"]) -> None:
+    group.add_argument("--dtype", default=default, choices=list(DTYPES), help=f"model dtype (default: {default})")
+
+
+def add_device_option(group) -> None:
+    group.add_argument("--device", default=EVALUATION["device"], help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def add_sparsity_options(parser: argparse.ArgumentParser, weights: bool = True) -> None:
+    """The sparsity options; ``weights``: also --prune / --method (``eval`` and ``export``)."""
+    group = parser.add_argument_group("sparsity")
+    group.add_argument(
+        "--pattern", default=DEFAULT_PATTERN, help=f"N:M (e.g. 2:4, 8:16), unstructured:S, or dense (default: {DEFAULT_PATTERN})"
+    )
+    group.add_argument(
+        "--criterion",
+        default=SPARSITY["criterion"],
+        help=f"which features survive; see `actsparse methods` (default: {SPARSITY['criterion']})",
+    )
+    group.add_argument(
+        "--mitigation",
+        default=SPARSITY["mitigation"],
+        help=f"error mitigation; see `actsparse methods` (default: {SPARSITY['mitigation']})",
+    )
+    group.add_argument("--roles", type=csv, default=None, help="sparsify only these roles, e.g. q,gate,down (default: all)")
+    group.add_argument(
+        "--layers", type=layer_indices, default=None, help="sparsify only these decoder layers, e.g. 0,1,2 (default: all)"
+    )
+    group.add_argument("--skip", type=csv, default=(), help="skip entries ROLE, ROLE@LAYERS or @LAYERS, e.g. k,v,q@19,21")
+    seed_help = (
+        "seed of the random criterion, or with --prune weights of the calibration windows chosen"
+        if weights
+        else "seed of the random criterion and of the calibration windows chosen"
+    )
+    group.add_argument("--seed", type=int, default=SPARSITY["seed"], help=f"{seed_help} (default: {SPARSITY['seed']})")
+    group.add_argument(
+        "--backend",
+        default=SPARSITY["backend"],
+        choices=list(BACKENDS),
+        help="auto: Triton kernels on CUDA where supported (default)",
+    )
+    if weights:
+        group.add_argument(
+            "--prune",
+            default=TARGETS[0],
+            choices=list(TARGETS),
+            help="prune the inputs of the linear layers (default) or, as a baseline, their weights",
+        )
+        others = [name for name in PRUNERS if name != WEIGHTS["method"]]
+        group.add_argument(
+            "--method",
+            default=None,
+            help=f"with --prune weights: {WEIGHTS['method']} (default), {', '.join(others[:-1])} or {others[-1]}",
+        )
+    group.add_argument(
+        "--prefill-only", action="store_true", help="single-token decode steps run dense (perplexity is all prefill)"
+    )
+
+
+def add_eval_options(parser: argparse.ArgumentParser, evaluation: bool = True) -> None:
+    """The model, text and window options; ``evaluation``: also --max-tokens / --batch-size (perplexity only)."""
+    group = parser.add_argument_group("evaluation")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"alias (smollm2-135m, gemma3-270m), local directory or hub id (default: {DEFAULT_MODEL})",
+    )
+    group.add_argument(
+        "--data",
+        default=EVALUATION["data"],
+        help=f"evaluation text: brown:CATEGORY[+...], wikitext2, or a text file (default: {EVALUATION['data']})",
+    )
+    group.add_argument(
+        "--calib-data",
+        default=EVALUATION["calib_data"],
+        help=f"calibration text, never overlapping --data (default: {EVALUATION['calib_data']})",
+    )
+    windows_help = ("calibration windows for criteria/mitigations that need statistics (default: 32), or for wanda/sparsegpt weight pruning (default: 128)"
+                    if evaluation else "calibration windows (default: 32)")  # fmt: skip
+    group.add_argument("--calib-windows", type=whole(1), default=None, help=windows_help)
+    group.add_argument(
+        "--seqlen", type=whole(2), default=EVALUATION["seqlen"], help=f"window length in tokens (default: {EVALUATION['seqlen']})"
+    )
+    if evaluation:
+        group.add_argument("--max-tokens", type=whole(1), default=None, help="evaluate only the first N tokens' worth of windows")
+        group.add_argument(
+            "--batch-size",
+            type=whole(1),
+            default=EVALUATION["batch_size"],
+            help=f"windows per forward pass (default: {EVALUATION['batch_size']})",
+        )
+    add_dtype_option(group)
+    add_device_option(group)
+    add_placement_options(group)
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_task_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("zero-shot tasks and generation (lm-evaluation-harness: pip install 'actsparse[eval]')")
+    group.add_argument(
+        "--tasks",
+        type=csv,
+        default=(),
+        help="lm-eval tasks, e.g. arc_easy,piqa, or the offline proxies actsparse_lastword,actsparse_continuation "
+        "(built from --data); dense and sparse scores side by side",
+    )
+    group.add_argument(
+        "--task-dir",
+        default=None,
+        metavar="DIR",
+        help="where the proxy tasks are written / local task YAMLs are found (default: in the cache)",
+    )
+    group.add_argument(
+        "--task-batch-size",
+        type=whole(1),
+        default=TASKS["batch_size"],
+        help=f"lm-eval batch size (results depend on it; recorded) (default: {TASKS['batch_size']})",
+    )
+    group.add_argument("--task-limit", type=whole(1), default=None, help="only the first N documents of each task (default: all)")
+    group.add_argument(
+        "--proxy-count",
+        type=whole(1),
+        default=TASKS["proxy_count"],
+        help=f"items per proxy task (default: {TASKS['proxy_count']})",
+    )
+    group.add_argument(
+        "--proxy-seed", type=int, default=TASKS["proxy_seed"], help=f"seed of the proxy tasks (default: {TASKS['proxy_seed']})"
+    )
+    group.add_argument(
+        "--generate",
+        type=whole(1),
+        default=None,
+        metavar="N",
+        help="also greedy-continue the fixed prompts by N tokens, dense and sparse",
+    )
+
+
+# ---- objects from the options --------------------------------------------------------------------
+
+
+def given(args) -> frozenset[str]:
+    """The options the user typed (``main`` records them), whatever their values."""
+    return getattr(args, "given", frozenset())
+
+
+def task_settings_from(args) -> TaskSettings:
+    return TaskSettings(
+        tasks=tuple(getattr(args, "tasks", ()) or ()), task_dir=getattr(args, "task_dir", None),
+        batch_size=getattr(args, "task_batch_size", TASKS["batch_size"]), limit=getattr(args, "task_limit", None),
+        proxy_seed=getattr(args, "proxy_seed", TASKS["proxy_seed"]), proxy_count=getattr(args, "proxy_count", TASKS["proxy_count"]),
+    )  # fmt: skip
+
+
+def calib_windows_from(args) -> int:
+    if args.calib_windows is not None:
+        return args.calib_windows
+    return 128 if getattr(args, "prune", TARGETS[0]) == "weights" else 32
+
+
+def settings_from(args) -> EvalSettings:
+    return EvalSettings(
+        model=args.model, data=args.data, calib_data=args.calib_data, calib_windows=calib_windows_from(args), seqlen=args.seqlen,
+        max_tokens=getattr(args, "max_tokens", None), batch_size=getattr(args, "batch_size", EVALUATION["batch_size"]),
+        dtype=args.dtype, device=args.device,
+    )  # fmt: skip
+
+
+def config_from(args) -> SparsityConfig:
+    return SparsityConfig(
+        pattern=args.pattern, criterion=args.criterion, mitigation=args.mitigation, roles=args.roles, layers=args.layers,
+        skip=tuple(args.skip), seed=args.seed, backend=args.backend, prefill_only=getattr(args, "prefill_only", False),
+    )  # fmt: skip
+
+
+def weight_config_from(args) -> WeightPruneConfig:
+    if set(ACTIVATIONS_ONLY) & given(args):
+        raise ActsparseError(
+            "--criterion, --mitigation, --backend and --prefill-only choose activation sparsity; with --prune weights use --method "
+            f"({', '.join(PRUNERS)})"
+        )
+    return WeightPruneConfig(
+        pattern=args.pattern, method=args.method or WEIGHTS["method"], roles=args.roles, layers=args.layers,
+        skip=tuple(args.skip), calib_windows=calib_windows_from(args), seed=args.seed,
+    )  # fmt: skip
