@@ -23,6 +23,7 @@ from actsparse.core.stats import InputStats
 from actsparse.core.tuning import tune_
 from actsparse.errors import ActsparseError
 from actsparse.hf import install_hook as _install_hf_hook
+from actsparse.models import loading as _loading
 from actsparse.models.discovery import find_linear_sites
 from actsparse.sparsify import SparsifyReport, sparsify_, unsparsify_
 
@@ -34,9 +35,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", **placeme
 
     ``device_map="auto"`` (and ``max_memory``, ``offload_folder``) spreads it over several
     devices, the CPU and disk with accelerate."""
-    from actsparse.models.loading import load_model as _load
-
-    return _load(name, dtype=dtype, device=device, **placement)
+    return _loading.load_model(name, dtype=dtype, device=device, **placement)
 
 
 __all__ = [

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from actsparse import validate
+import actsparse.validate as validate
+from actsparse.core.dispatch import BACKENDS, choose_backend
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import parse_pattern
 from actsparse.core.scoring import get_criterion
@@ -43,8 +44,6 @@ class SparsityConfig:
     prefill_only: bool = False
 
     def __post_init__(self):
-        from actsparse.core.dispatch import BACKENDS
-
         normalise_selection(self)
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ActsparseError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -54,8 +53,6 @@ class SparsityConfig:
         validate.whole("seed", self.seed, minimum=None)
         validate.flag("prefill_only", self.prefill_only)
         if self.backend == "triton":  # a forced kernel that does not exist is refused now, not at the first sparse layer
-            from actsparse.core.dispatch import choose_backend
-
             choose_backend("triton", parse_pattern(self.pattern), self.criterion, self.mitigation)
 
     def to_dict(self) -> dict:

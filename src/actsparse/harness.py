@@ -13,12 +13,11 @@ from __future__ import annotations
 import sys
 
 import actsparse  # noqa: F401  (registers the "actsparse" quantization method with transformers)
+from actsparse.errors import ActsparseError
+from actsparse.eval.lmeval import require_lm_eval
 
 
 def main() -> None:
-    from actsparse.errors import ActsparseError
-    from actsparse.eval.lmeval import require_lm_eval
-
     try:
         require_lm_eval()
     except ActsparseError as error:

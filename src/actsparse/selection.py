@@ -13,6 +13,7 @@ before any weights load. It refuses:
 
 from __future__ import annotations
 
+from actsparse.config import parse_skip
 from actsparse.core.patterns import NM, Dense, parse_pattern
 from actsparse.errors import ActsparseError
 
@@ -23,8 +24,6 @@ def _span(layers: set[int]) -> str:
 
 def choose_sites(config, sites: list, what: str = "sparsify") -> list:
     """The sites of ``sites`` that ``config`` selects, after the checks of the module docstring."""
-    from actsparse.config import parse_skip
-
     pattern = parse_pattern(config.pattern)
     present_layers = {s.layer for s in sites}
     present_roles = {s.role for s in sites if s.role}

@@ -25,16 +25,16 @@ weight is never modified.
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from actsparse.core.mitigation import Mitigation, register_mitigation
+from actsparse.core.mitigation import Mitigation, get_mitigation, register_mitigation
+from actsparse.core.patterns import Dense
+from actsparse.core.scoring import get_criterion
+from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
-
-if TYPE_CHECKING:
-    from actsparse.core.sparse_linear import SparseLinear
+from actsparse.modules import set_module as _set_module
 
 QMAX = 127
 SCALE_EPS = 1e-12  # smallest quantisation step (an all-zero row quantises to zeros)
@@ -140,12 +140,6 @@ def quantize_rest_(model, config, report, stats=None) -> int:
     the whole decoder is W8A8 and only the chosen layers are sparse. Returns how many were wrapped;
     ``unsparsify_`` restores them with the rest. Layers with no recognised role stay untouched.
     """
-    from actsparse.core.mitigation import get_mitigation
-    from actsparse.core.patterns import Dense
-    from actsparse.core.scoring import get_criterion
-    from actsparse.core.sparse_linear import SparseLinear
-    from actsparse.modules import set_module as _set_module
-
     if config.mitigation not in QUANT_MITIGATIONS:
         raise ActsparseError(
             f"quantize_rest_ needs a W8A8 mitigation ({', '.join(QUANT_MITIGATIONS)}), got '{config.mitigation}'"

@@ -26,6 +26,8 @@ from actsparse.core.sparse_linear import SparseLinear
 from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import ROLES, LinearSite, find_linear_sites
+from actsparse.models.placement import bridge_offload_, onloaded
+from actsparse.sparsify import sparse_layers
 
 SENSITIVITY_EPS = 1e-8
 
@@ -124,9 +126,6 @@ def measure_sensitivity(
     ``stats`` (``actsparse.collect_input_stats``) is needed by criteria and mitigations that
     need calibration statistics. The model must be dense (not sparsified).
     """
-    from actsparse.models.placement import bridge_offload_, onloaded
-    from actsparse.sparsify import sparse_layers
-
     if sparse_layers(model):
         raise ActsparseError("model is sparsified; measure sensitivity on the dense model (actsparse.unsparsify_ first)")
     pattern_obj = parse_pattern(pattern)

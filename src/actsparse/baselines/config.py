@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from actsparse import validate
+import actsparse.validate as validate
 from actsparse.baselines.methods import PRUNERS, get_pruner  # noqa: F401  (PRUNERS re-exported)
 from actsparse.config import SparsityConfig, normalise_selection
 from actsparse.core.patterns import parse_pattern

@@ -15,8 +15,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from actsparse.artifacts import versions, write_json_atomic
 from actsparse.baselines.config import WeightPruneConfig
 from actsparse.baselines.prune import RECORD_ATTR, WeightPruneReport, note_pruning_
 from actsparse.baselines.verify import verify_pattern
@@ -46,10 +49,6 @@ def save_pruned(model: nn.Module, directory: str | Path, report: WeightPruneRepo
 
     The layers and config come from ``report``, else from what ``prune_weights_`` recorded on the model.
     """
-    from safetensors.torch import save_file
-
-    from actsparse.artifacts import versions, write_json_atomic
-
     record = getattr(model, RECORD_ATTR, None)
     if report is not None:
         layers = {s.name: report.config.pattern for s in report.pruned}
@@ -106,9 +105,6 @@ def load_pruned_(model: nn.Module, directory: str | Path, *, check_model: bool =
     parameter count or other input embeddings; skip this check with ``check_model=False``). Weights are cast to
     the model's dtype. Returns the config they were pruned with.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
     if not meta_path.is_file() or not weights_path.is_file():

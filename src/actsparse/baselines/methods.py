@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from actsparse.core.masks import keep_mask
-from actsparse.core.patterns import NM, Dense, Pattern, Unstructured
+from actsparse.core.patterns import NM, Dense, Pattern, Unstructured, parse_pattern
 from actsparse.errors import ActsparseError
 from actsparse.kernels.ranking import topk_mask
 from actsparse.registry import Registry
@@ -201,8 +201,6 @@ def prune_matrix(
 
     Returns a new float32 tensor; ``weight`` is left unchanged.
     """
-    from actsparse.core.patterns import parse_pattern
-
     pattern = parse_pattern(pattern)
     pruner = get_pruner(method)
     pattern.check_width(weight.shape[1])

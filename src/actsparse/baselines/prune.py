@@ -32,11 +32,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from actsparse.artifacts import versions
 from actsparse.baselines.config import WeightPruneConfig
 from actsparse.baselines.methods import LayerInputs, get_pruner
 from actsparse.core.patterns import Dense, parse_pattern
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import LinearSite, find_decoder_layers, find_linear_sites
+from actsparse.models.placement import input_device, keep_onloaded_, layer_device, onloaded
 from actsparse.modules import is_conv1d
 from actsparse.pipeline import (  # noqa: F401
     REPLAY_BATCH,
@@ -49,6 +51,8 @@ from actsparse.pipeline import (  # noqa: F401
     as_windows,
     capture_layer_inputs,
 )
+from actsparse.selection import choose_sites
+from actsparse.sparsify import sparse_layers
 
 RECORD_ATTR = "_actsparse_weight_pruning"  # set on a model by prune_weights_ / load_pruned_
 CONFIG_KEY = "actsparse_weight_pruning"  # the same record in a transformers model's config: save_pretrained writes it
@@ -57,8 +61,6 @@ CONFIG_KEY = "actsparse_weight_pruning"  # the same record in a transformers mod
 def note_pruning_(model: nn.Module, record: dict) -> None:
     """Record what was pruned on the model, and on its transformers config (so that a plain
     ``save_pretrained`` checkpoint says which layers hold which weight pattern)."""
-    from actsparse.artifacts import versions
-
     setattr(model, RECORD_ATTR, record)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
@@ -169,8 +171,6 @@ def _collect(
 
 def selected_sites(model: nn.Module, config: WeightPruneConfig) -> tuple[list[LinearSite], list[LinearSite]]:
     """``(chosen, all)`` decoder linear sites for ``config``."""
-    from actsparse.selection import choose_sites
-
     sites = find_linear_sites(model)
     return choose_sites(config, sites, what="prune"), sites
 
@@ -192,9 +192,6 @@ def prune_weights_(
     BOS + window. ``cache_device`` holds one decoder layer's inputs for all windows.
     The original weights are not kept: copy them first to undo (``snapshot_weights``).
     """
-    from actsparse.models.placement import keep_onloaded_, layer_device, onloaded
-    from actsparse.sparsify import sparse_layers
-
     config = config or WeightPruneConfig()
     start = time.perf_counter()
     if sparse_layers(model):
@@ -236,7 +233,6 @@ def prune_weights_(
             )
         windows = _as_windows(calib_windows)
         used = len(windows)
-        from actsparse.models.placement import input_device
 
         device = input_device(model)
         inputs, calls = capture_layer_inputs(model, windows, bos_id=bos_id, cache_device=cache_device)

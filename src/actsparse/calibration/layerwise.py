@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import actsparse.validate as validate
 from actsparse.calibration.collect import collect_input_stats
 from actsparse.calibration.mitigations import (
     CovarianceStats,
@@ -48,8 +49,10 @@ from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import find_decoder_layers, find_linear_sites
+from actsparse.models.placement import bridge_offload_, input_device, is_offloaded, layer_device, onloaded
 from actsparse.modules import io_features, set_module
 from actsparse.pipeline import as_windows, capture_layer_inputs
+from actsparse.selection import choose_sites
 from actsparse.sparsify import CALIBRATION_ATTR, mark_sparsified_, sparse_layers, unsparsify_  # noqa: F401  (CALIBRATION_ATTR: also imported from here)
 
 SHOW_EVERY = 16  # training steps between loss updates of the progress bar (each one waits for the device)
@@ -68,8 +71,6 @@ class CalibrationOptions:
     seed: int = 0
 
     def __post_init__(self):
-        from actsparse import validate
-
         validate.number("lr", self.lr, 0.0, open_low=True)
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
             raise ActsparseError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
@@ -286,8 +287,6 @@ def calibrate_(
     ``cuda_graph``: train the learned mitigations with each step replayed as a CUDA graph
     (default: on CUDA; ``False`` launches every kernel eagerly, for debugging).
     """
-    from actsparse.models.placement import bridge_offload_, is_offloaded, layer_device, onloaded
-
     options = options or CalibrationOptions()
     start = time.perf_counter()
     if sparse_layers(model):
@@ -302,7 +301,6 @@ def calibrate_(
         )
     windows = as_windows(calib_windows)
     sites = find_linear_sites(model)
-    from actsparse.selection import choose_sites
 
     chosen = choose_sites(config, sites, what="calibrate")
     report = CalibrationReport(config, options, len(windows), windows.shape[1])
@@ -316,7 +314,6 @@ def calibrate_(
     if criterion.needs_calibration:
         needs.add("norms")  # clact: its channel norms come from this layer's calibration inputs
     learned = is_learned(mitigation.name)
-    from actsparse.models.placement import input_device
 
     device = model_device = input_device(model)
     cuda_graph = use_cuda_graph(cuda_graph, device)  # checked before any work

@@ -221,8 +221,6 @@ def _rotated_stats(stats, q: torch.Tensor):
     """``InputStats`` of the rotated inputs ``xQ`` from the uncentred second moments of ``x``:
     ``Σ_t (x_t q_j)² = q_jᵀ (Σ_t x_t x_tᵀ) q_j``. Only the square sums (``feature_norm``, what
     clact reads) are known; ``abs_max`` of the rotated inputs is not, and is left at zero."""
-    from actsparse.core.stats import InputStats
-
     if stats is None or getattr(stats, "outer_sum", None) is None:
         return stats
     outer = stats.outer_sum.to(q.device, torch.float64)

@@ -30,11 +30,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from actsparse.artifacts import sha256_file
+from actsparse.artifacts import sha256_file, versions
+from actsparse.calibration.layerwise import CALIBRATION_ATTR, CalibrationOptions, CalibrationReport
+from actsparse.calibration.mitigations import CovarianceStats, ensure_mitigation, own_feature_vector
 from actsparse.config import SparsityConfig
+from actsparse.data.sources import TextSource, check_disjoint
 from actsparse.errors import ActsparseError
+from actsparse.models.discovery import find_linear_sites
+from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
 
 TENSORS_FILE = "calibrated_state.safetensors"
 META_FILE = "actsparse_state.json"
@@ -53,8 +60,6 @@ _sha256 = sha256_file
 
 def _owned(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{"<module>.<name>": tensor}`` of every mitigation-owned tensor of every SparseLinear."""
-    from actsparse.sparsify import sparse_layers
-
     owned = {}
     for name, layer in sparse_layers(model).items():
         for attr in getattr(layer, "state_names", ()):
@@ -88,12 +93,6 @@ def save_state(model: nn.Module, directory: str | Path, *, calibration: dict | N
     ``calibration``: extra description (e.g. the calibration text); the report of
     ``calibrate_`` is added when the model was calibrated by it.
     """
-    from safetensors.torch import save_file
-
-    from actsparse.artifacts import versions
-    from actsparse.calibration.layerwise import CALIBRATION_ATTR
-    from actsparse.sparsify import sparse_layers
-
     layers = sparse_layers(model)
     if not layers:
         raise ActsparseError("model is not sparsified; calibrate it with actsparse.calibrate_ (or sparsify_) first")
@@ -194,8 +193,6 @@ def read_state_meta(directory: str | Path, verify: bool = True) -> dict:
 def check_state_text(meta: dict, evaluation) -> None:
     """Refuse evaluation text (a ``TextSource``) that overlaps the state's calibration text: by the
     recorded parts, and by content where the state keeps its calibration text's fingerprints."""
-    from actsparse.data.sources import TextSource, check_disjoint
-
     calib = meta.get("calibration", {})
     sample = frozenset(int(f, 16) for f in calib["fingerprints"]) if calib.get("fingerprints") else None
     check_disjoint(
@@ -204,8 +201,6 @@ def check_state_text(meta: dict, evaluation) -> None:
 
 
 def state_config(meta: dict) -> SparsityConfig:
-    from actsparse.calibration.mitigations import ensure_mitigation
-
     raw = dict(meta["config"])
     ensure_mitigation(raw.get("mitigation", "none"))
     for key in ("roles", "layers", "skip"):
@@ -256,11 +251,6 @@ def load_state_(
     mismatch (the model is left dense). ``backend``: run the sparse layers with this backend
     instead of the saved one (the numbers do not depend on it). Returns the config applied.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from actsparse.sparsify import sparse_layers
-
     directory = Path(directory)
     meta = check_state(model, directory, check_model=check_model)
     config = state_config(meta)
@@ -294,11 +284,6 @@ def apply_state_(
     (``{"<module>.<name>": tensor}``), refusing a missing name or a shape mismatch (the model
     is left dense then); ``calibration`` is the recorded calibration report. ``where`` names
     the source in errors."""
-    from actsparse.calibration.layerwise import CALIBRATION_ATTR, CalibrationOptions, CalibrationReport
-    from actsparse.calibration.mitigations import CovarianceStats, own_feature_vector
-    from actsparse.models.discovery import find_linear_sites
-    from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
-
     # empty statistics: the mitigations build placeholders of the right shapes, filled below
     placeholders = {s.name: CovarianceStats(s.in_features) for s in find_linear_sites(model) if config.selects(s.role, s.layer)}
     sparsify_(model, config, stats=placeholders)

@@ -10,6 +10,7 @@ LOADERS. Each source lists its `parts`, so overlapping text can be caught.
 """
 
 import hashlib
+import importlib
 import os
 import re
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from actsparse.data import brown
 from actsparse.errors import ActsparseError
+from actsparse.models import loading  # loading.hub_reachable is looked up at each call (tests replace it)
 
 DEFAULT_EVAL = "brown:news"
 DEFAULT_CALIB = "brown:learned+belles_lettres"
@@ -103,7 +105,6 @@ def _datasets_offline(on: bool):
     if not on:
         yield
         return
-    import importlib
 
     modules = []
     for module_name in ("datasets.config", "huggingface_hub.constants"):
@@ -123,8 +124,6 @@ def _datasets_offline(on: bool):
 
 
 def _wikitext2(arg: str | None) -> TextSource:
-    from actsparse.models.loading import _quiet_hub, hub_endpoint, hub_reachable
-
     split = arg or "test"
     if split not in WIKITEXT_SPLITS:
         raise ActsparseError(f"unknown WikiText-2 split {split!r}; use one of: {', '.join(WIKITEXT_SPLITS)}")
@@ -136,15 +135,15 @@ def _wikitext2(arg: str | None) -> TextSource:
         raise ActsparseError(
             f"WikiText-2 needs the `datasets` library and the Hugging Face hub; `pip install actsparse[wikitext]`, or {fix}"
         ) from e
-    local_only = offline or not hub_reachable()  # one quick connection attempt instead of the hub client's retries
+    local_only = offline or not loading.hub_reachable()  # one quick connection attempt instead of the hub client's retries
     try:
-        with _quiet_hub(), _datasets_offline(local_only):
+        with loading._quiet_hub(), _datasets_offline(local_only):
             rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
     except Exception as e:  # any hub, network or cache failure
         if offline:
             why = "it is not in the local datasets cache and offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) is set"
         elif local_only:
-            why = f"it is not in the local datasets cache and the hub ({hub_endpoint()}) cannot be reached"
+            why = f"it is not in the local datasets cache and the hub ({loading.hub_endpoint()}) cannot be reached"
         else:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             why = f"the hub could not provide it ({type(e).__name__}: {first})"

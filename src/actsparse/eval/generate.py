@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import actsparse.validate as validate
 from actsparse.errors import ActsparseError
+from actsparse.models.placement import input_device
 
 PROMPTS = (
     "The capital of France is",
@@ -30,8 +32,6 @@ class GenerateSettings:
     max_new_tokens: int = 32
 
     def __post_init__(self):
-        from actsparse import validate
-
         validate.whole("max_new_tokens", self.max_new_tokens)
         object.__setattr__(self, "prompts", validate.names("prompts", self.prompts))
         if not self.prompts:
@@ -44,8 +44,6 @@ class GenerateSettings:
 @torch.no_grad()
 def greedy_continuations(model, tokenizer, settings: GenerateSettings = GenerateSettings()) -> list[dict]:
     """``[{"prompt": ..., "continuation": ...}]``: each prompt's greedy continuation, decoded without special tokens."""
-    from actsparse.models.placement import input_device
-
     device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []

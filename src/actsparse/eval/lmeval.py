@@ -21,10 +21,13 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 
+import actsparse.validate as validate
 from actsparse.errors import ActsparseError
 from actsparse.eval import proxy_tasks
+from actsparse.models.loading import tokenizer_adds_bos
 from actsparse.paths import cache_dir
 
 INSTALL = "pip install 'actsparse[eval]'"
@@ -44,8 +47,6 @@ def require_lm_eval():
 
 
 def lm_eval_version() -> str:
-    from importlib import metadata
-
     try:
         return metadata.version("lm_eval")
     except metadata.PackageNotFoundError:
@@ -73,8 +74,6 @@ class TaskSettings:
     proxy_count: int = 1000
 
     def __post_init__(self):
-        from actsparse import validate
-
         object.__setattr__(self, "tasks", validate.names("tasks", self.tasks))
         validate.text("task_dir", self.task_dir, optional=True)
         validate.whole("task batch size", self.batch_size)
@@ -189,8 +188,6 @@ def evaluate_tasks(model, tokenizer, prepared: PreparedTasks, progress: bool = F
     require_lm_eval()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-
-    from actsparse.models.loading import tokenizer_adds_bos
 
     manager = _task_manager(prepared)
     bos = tokenizer_adds_bos(tokenizer)

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+from actsparse.eval.generate import greedy_continuations
+from actsparse.eval.lmeval import evaluate_tasks
+
 
 def measure(prepared=None, generate=None):
     """``(model, tokenizer) -> {"tasks", "lm_eval", "generation"}`` for ``PreparedTasks`` and ``GenerateSettings``; None if neither."""
@@ -13,9 +16,6 @@ def measure(prepared=None, generate=None):
         return None
 
     def extra(model, tokenizer) -> dict:
-        from actsparse.eval.generate import greedy_continuations
-        from actsparse.eval.lmeval import evaluate_tasks
-
         out = {}
         if prepared is not None and prepared.names:
             out.update(evaluate_tasks(model, tokenizer, prepared))

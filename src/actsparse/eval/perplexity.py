@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from actsparse.errors import ActsparseError
+from actsparse.models.placement import input_device
 
 
 def encode(tokenizer, text: str) -> torch.Tensor:
@@ -60,8 +61,6 @@ def perplexity(
     With ``bos_id`` the input is BOS + window and every window token is predicted;
     without, the first token of each window is context only.
     """
-    from actsparse.models.placement import input_device
-
     device = input_device(model)
     total_nll, total_tokens = 0.0, 0
     bar = tqdm(total=len(windows), desc=desc, unit="window", disable=not progress)

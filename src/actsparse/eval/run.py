@@ -20,16 +20,24 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from actsparse import validate
+import actsparse.validate as validate
 from actsparse.artifacts import versions
+from actsparse.baselines import get_pruner, prune_weights_, restore_weights_, snapshot_weights, verify_pattern
+from actsparse.calibration import layerwise  # layerwise.calibrate_ looked up at each call (tests replace it)
 from actsparse.calibration.collect import collect_input_stats
+from actsparse.calibration.layerwise import CalibrationOptions
+from actsparse.calibration.mitigations import is_calibrated
+from actsparse.calibration.state import check_state, check_state_text, load_state_, save_state
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import get_mitigation
 from actsparse.core.scoring import get_criterion
-from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL, check_disjoint, load_text
+from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL, check_disjoint, load_text, stored_sample
 from actsparse.errors import ActsparseError
 from actsparse.eval.perplexity import Perplexity, encode, make_windows, perplexity
-from actsparse.sparsify import sparsify_, unsparsify_
+from actsparse.models import loading  # loading.load_model is looked up at each call (tests replace it)
+from actsparse.models.discovery import find_linear_sites
+from actsparse.models.loading import DTYPES, model_info, tokenizer_adds_bos
+from actsparse.sparsify import SparsifyReport, sparsify_, unsparsify_
 
 DEFAULT_MODEL = "smollm2-135m"
 Extra = Callable[..., dict] | None  # (model, tokenizer) -> fields added to the record
@@ -50,8 +58,6 @@ class EvalSettings:
     device: str = "auto"
 
     def __post_init__(self):
-        from actsparse.models.loading import DTYPES
-
         for name in ("model", "data", "calib_data", "device"):
             validate.text(name, getattr(self, name))
         validate.whole("calib_windows", self.calib_windows)
@@ -83,13 +89,11 @@ class Evaluator:
     """One model and one evaluation text; evaluates configs against a shared dense baseline."""
 
     def __init__(self, settings: EvalSettings, model=None, tokenizer=None, progress: bool = True, placement: dict | None = None):
-        from actsparse.models.loading import load_model, model_info, tokenizer_adds_bos
-
         self.settings, self.progress = settings, progress
         self.source = load_text(settings.data)  # a bad text is refused before the model loads
         start = time.perf_counter()
         if model is None:
-            model, tokenizer = load_model(
+            model, tokenizer = loading.load_model(
                 settings.model, dtype=settings.dtype, device=settings.resolved_device(), **(placement or {})
             )
         self.model, self.tokenizer = model, tokenizer
@@ -152,8 +156,6 @@ class Evaluator:
         A mitigation calibrated layer by layer (spts, scap, rotation, lpts, oshift, ...) is
         calibrated first on the calibration text (``run_calibrated``).
         """
-        from actsparse.calibration.mitigations import is_calibrated
-
         if is_calibrated(config.mitigation):
             return self.run_calibrated(config, with_dense=with_dense, extra=extra)
         criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
@@ -186,18 +188,15 @@ class Evaluator:
         calibrated state to this directory; ``calib_windows``: how many windows (default: the
         settings'). The model is dense again afterwards.
         """
-        from actsparse.calibration.layerwise import CalibrationOptions, calibrate_
-        from actsparse.calibration.state import save_state
-
         options = options or CalibrationOptions()
         windows, calib_spec = self.calibration_windows(calib_windows or self.settings.calib_windows, options.seed)
         record = self._record("activations", with_dense)
-        from actsparse.models.discovery import find_linear_sites
-        from actsparse.sparsify import SparsifyReport
 
         sites = find_linear_sites(self.model)  # before the swap: discovery sees the dense linear layers
         start = time.perf_counter()
-        calibration = calibrate_(self.model, config, windows, options=options, bos_id=self.bos_id, progress=self.progress)
+        calibration = layerwise.calibrate_(
+            self.model, config, windows, options=options, bos_id=self.bos_id, progress=self.progress
+        )
         try:
             record["calibration"] = {
                 "data": calib_spec,
@@ -205,8 +204,6 @@ class Evaluator:
                 **calibration.to_dict(),
             }
             if save:
-                from actsparse.data.sources import stored_sample
-
                 described = {
                     "data": calib_spec,
                     "data_parts": record["calibration"]["data_parts"],
@@ -236,10 +233,6 @@ class Evaluator:
         model, and when its calibration text overlaps the evaluation text (by name, and by
         content where the state keeps its calibration text's fingerprints).
         """
-        from actsparse.calibration.state import check_state, check_state_text, load_state_
-        from actsparse.models.discovery import find_linear_sites
-        from actsparse.sparsify import SparsifyReport
-
         meta = check_state(self.model, directory)
         check_state_text(meta, self.source)
         calib = meta.get("calibration", {})
@@ -265,8 +258,6 @@ class Evaluator:
         pruning details; calibration windows come from the calibration text
         (``config.calib_windows`` windows of ``seqlen`` tokens, chosen with ``config.seed``).
         """
-        from actsparse.baselines import get_pruner, prune_weights_, restore_weights_, snapshot_weights, verify_pattern
-
         pruner = get_pruner(config.method)
         windows, calibration = None, {}
         if pruner.needs_calibration:  # before the dense run: it may refuse the texts

@@ -15,7 +15,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from actsparse.artifacts import write_json_atomic
+from actsparse.baselines.config import WeightPruneConfig
 from actsparse.errors import ActsparseError
+from actsparse.eval.run import Evaluator
+from actsparse.models.loading import ALIASES
 
 CARD_FILE = "README.md"
 RECORD_FILE = "actsparse_export.json"
@@ -33,10 +37,6 @@ def export(
     """Export ``settings.model`` sparsified by ``config`` (a ``SparsityConfig`` or a
     ``WeightPruneConfig``) or by a calibrated ``state`` directory into ``out``; returns the
     evaluation record (also written as ``actsparse_export.json``)."""
-    from actsparse.artifacts import write_json_atomic
-    from actsparse.baselines.config import WeightPruneConfig
-    from actsparse.eval.run import Evaluator
-
     if (config is None) == (state is None):
         raise ActsparseError("export needs either a sparsity config or a calibrated state directory (--state DIR), not both")
     out = Path(out)
@@ -87,8 +87,6 @@ def _public(name: str) -> str:
 
 def _base_model(name: str) -> tuple[str, str | None]:
     """How the card names the base model, and its licence where actsparse knows it."""
-    from actsparse.models.loading import ALIASES
-
     if name in ALIASES:
         source = ALIASES[name]
         return f"{name} ({source.architecture}; PyPI package {source.package}=={source.version})", source.licence

@@ -17,13 +17,22 @@ whose tensors differ from that list.
 from __future__ import annotations
 
 import torch
+from safetensors import safe_open
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from actsparse._version import __version__
+from actsparse.artifacts import versions
+from actsparse.calibration.layerwise import CALIBRATION_ATTR
+from actsparse.calibration.mitigations import own_feature_vector
+from actsparse.calibration.state import _owned, apply_state_, state_config
 from actsparse.config import SparsityConfig
+from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
 from actsparse.hf import QUANT_METHOD, STATE_PREFIX
+from actsparse.models.discovery import find_linear_sites
+from actsparse.models.placement import offload_hook, onloaded
+from actsparse.sparsify import SPARSITY_ATTR, sparse_layers, sparsify_
 
 FORMAT_VERSION = 1
 STATE = STATE_PREFIX + "state."
@@ -32,8 +41,6 @@ _STATS_FIELDS = ("square_sum", "abs_max")
 
 
 def _sparsity(raw: dict) -> SparsityConfig:
-    from actsparse.calibration.state import state_config
-
     fields = set(SparsityConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - fields)
     if unknown:
@@ -91,9 +98,6 @@ class ActsparseConfig(QuantizationConfigMixin):
 
 def sparsity_config_of(model) -> SparsityConfig | None:
     """The ``SparsityConfig`` a model was sparsified (or calibrated, or loaded) with; None when dense."""
-    from actsparse.calibration.layerwise import CALIBRATION_ATTR
-    from actsparse.sparsify import SPARSITY_ATTR
-
     report = getattr(model, CALIBRATION_ATTR, None)
     if report is not None:
         return report.config
@@ -114,10 +118,6 @@ def actsparse_tensors(model, check: bool = True, copy: bool = True) -> dict[str,
     ``check``: refuse layers that still wait for calibration (as ``save_state`` does);
     ``copy``: detached copies (for saving) rather than the tensors themselves (for listing).
     """
-    from actsparse.calibration.mitigations import own_feature_vector
-    from actsparse.calibration.state import _owned
-    from actsparse.sparsify import sparse_layers
-
     layers = sparse_layers(model)
     if check:
         waiting = [
@@ -147,8 +147,6 @@ def _listing(tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def _read_tensors(files) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
     tensors = {}
     for path in files or ():
         if not str(path).endswith(".safetensors"):
@@ -163,9 +161,6 @@ def _read_tensors(files) -> dict[str, torch.Tensor]:
 def _onload_sparse_weights(model, state_dict: dict) -> None:
     """The offloaded weights of sparse layers (accelerate's disk/CPU offload), read through the hook of
     the layer they replaced: transformers reads other offloaded weights itself, but not through our layers."""
-    from actsparse.models.placement import offload_hook, onloaded
-    from actsparse.sparsify import sparse_layers
-
     for name, layer in sparse_layers(model).items():
         if offload_hook(layer.original) is None:
             continue
@@ -198,10 +193,6 @@ class ActsparseHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from actsparse.calibration.state import apply_state_
-        from actsparse.core.stats import InputStats
-        from actsparse.sparsify import sparsify_
-
         qc = self.quantization_config
         config = qc.sparsity_config()
         tensors = _read_tensors(self._checkpoint_files) if self.pre_quantized else {}
@@ -229,10 +220,6 @@ class ActsparseHfQuantizer(HfQuantizer):
 
     def refresh(self, model) -> None:
         """Describe the model as it is now in ``quantization_config`` (and ``model.config``)."""
-        from actsparse.artifacts import versions
-        from actsparse.calibration.layerwise import CALIBRATION_ATTR
-        from actsparse.sparsify import sparse_layers
-
         config = sparsity_config_of(model)
         if config is None:
             return
@@ -240,7 +227,6 @@ class ActsparseHfQuantizer(HfQuantizer):
         layers = sparse_layers(model)
         tensors = actsparse_tensors(model, check=False, copy=False)
         calibration = report.to_dict() if report is not None else ({} if _has_state(layers) else None)
-        from actsparse.models.discovery import find_linear_sites
 
         sparse = sum(layer.in_features * layer.out_features for layer in layers.values())
         try:
@@ -254,8 +240,6 @@ class ActsparseHfQuantizer(HfQuantizer):
         model.config.quantization_config = self.quantization_config
 
     def get_state_dict_and_metadata(self, model):
-        from actsparse.calibration.state import _owned
-
         if sparsity_config_of(model) is None:
             raise ActsparseError(
                 "model has the actsparse quantizer but is not sparsified; call actsparse.sparsify_ (or unsparsify_ to save it dense)"

@@ -13,15 +13,18 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -270,9 +273,6 @@ def hub_endpoint() -> str:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub's host accepts a connection within ``timeout`` seconds (one try, no retries)."""
-    import socket
-    from urllib.parse import urlparse
-
     url = urlparse(hub_endpoint())
     try:
         socket.create_connection(
@@ -307,8 +307,6 @@ def _not_found(name: str, why: str) -> ActsparseError:
 @contextmanager
 def _quiet_hub():
     """Hub and transformers warnings (retries, missing files) silenced; the caller reports failures in one line."""
-    import logging
-
     loggers = [logging.getLogger(name) for name in ("huggingface_hub", "transformers", "datasets", "httpx", "urllib3")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:

@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from actsparse.artifacts import read_records, write_text_atomic
 from actsparse.errors import ActsparseError
 from actsparse.report.collect import Point, Study, studies
 from actsparse.report.markdown import report_markdown
+from actsparse.report.plots import write_plots
 
 
 def write_report(stores, out_dir, plots: bool = True, command: str | None = None) -> Path:
     """Read the stores, write ``out_dir/report.md`` (and the plots beside it); returns the Markdown's path."""
-    from actsparse.artifacts import read_records, write_text_atomic
-
     stores = [str(s) for s in stores]
     records = []
     for store in stores:
@@ -39,8 +39,6 @@ def write_report(stores, out_dir, plots: bool = True, command: str | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     images = {}
     if plots:
-        from actsparse.report.plots import write_plots
-
         images = {index: write_plots(study, out_dir, f"{index + 1:02d}") for index, study in enumerate(found)}
     path = out_dir / "report.md"
     write_text_atomic(path, report_markdown(found, stores, images, command=command))

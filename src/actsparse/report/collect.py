@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import actsparse.calibration.mitigations  # noqa: F401  (registers the calibrated mitigations, listed in order)
+from actsparse.core.mitigation import MITIGATIONS
 from actsparse.core.patterns import NM, Dense, Unstructured, parse_pattern
 
 PROTOCOL = ("data", "calib_data", "seqlen", "max_tokens", "dtype")  # what must match to compare numbers
@@ -95,9 +97,6 @@ class Study:
         seen = list(dict.fromkeys(p.method for p in self.points.values() if p.target == target))
         if target != "activations":
             return seen
-        from actsparse.calibration import mitigations as _registers_calibrated  # noqa: F401
-        from actsparse.core.mitigation import MITIGATIONS
-
         registry = {name: index for index, name in enumerate(MITIGATIONS)}
         criteria = list(dict.fromkeys(method.split(" + ")[0] for method in seen))
 

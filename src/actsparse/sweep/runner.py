@@ -13,7 +13,22 @@ import gc
 import time
 from dataclasses import dataclass, field, replace
 
+import torch
+from tqdm.auto import tqdm
+
+from actsparse.baselines import get_pruner
+from actsparse.calibration.layerwise import CalibrationOptions
+from actsparse.calibration.mitigations import is_calibrated
+from actsparse.core.mitigation import get_mitigation
+from actsparse.core.scoring import get_criterion
+from actsparse.data.sources import check_disjoint, load_text
+from actsparse.errors import ActsparseError
+from actsparse.eval.lmeval import prepare_tasks, require_lm_eval
 from actsparse.eval.measure import measure
+from actsparse.eval.run import Evaluator
+from actsparse.models.discovery import find_linear_sites
+from actsparse.models.loading import model_skeleton
+from actsparse.selection import choose_sites
 from actsparse.sweep.spec import Run, SweepSpec
 from actsparse.sweep.store import Store, default_worker
 
@@ -33,9 +48,6 @@ class SweepSummary:
 
 def execute(evaluator, run: Run, prepared=None) -> dict:
     """Evaluate one run with an ``Evaluator`` of its model; returns the record (with the run's key and identity)."""
-    from actsparse.calibration.layerwise import CalibrationOptions
-    from actsparse.calibration.mitigations import is_calibrated
-
     extra = measure(prepared, run.generate)
     if run.target == "dense":
         record = evaluator.run_dense(extra=extra)
@@ -56,15 +68,6 @@ def check_sweep(spec: SweepSpec, models: bool = True) -> None:
     every run's texts (loadable, and evaluation and calibration text sharing nothing where the
     run calibrates), and with ``models`` every run's config against its model's layers, built
     from the model's config without weights (``model_skeleton``)."""
-    from actsparse.calibration.mitigations import is_calibrated
-    from actsparse.core.mitigation import get_mitigation
-    from actsparse.core.scoring import get_criterion
-    from actsparse.data.sources import check_disjoint, load_text
-    from actsparse.errors import ActsparseError
-    from actsparse.models.discovery import find_linear_sites
-    from actsparse.models.loading import model_skeleton
-    from actsparse.selection import choose_sites
-
     texts, checked = {}, set()
 
     def text(spec_):
@@ -75,8 +78,6 @@ def check_sweep(spec: SweepSpec, models: bool = True) -> None:
     for run in spec.runs:
         settings, config = run.settings, run.config
         if run.target == "weights":
-            from actsparse.baselines import get_pruner
-
             calibrates = get_pruner(config.method).needs_calibration
         elif run.target == "activations":
             calibrates = (get_criterion(config.criterion).needs_calibration or get_mitigation(config.mitigation).needs_calibration
@@ -103,8 +104,6 @@ def check_sweep(spec: SweepSpec, models: bool = True) -> None:
 
 
 def _release_memory() -> None:
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -119,11 +118,6 @@ def run_sweep(
     several processes can work through one sweep on one store: each run is done and stored
     once; ``summary.elsewhere`` lists the runs another process took (or stored) meanwhile.
     """
-    from tqdm.auto import tqdm
-
-    from actsparse.eval.lmeval import prepare_tasks, require_lm_eval
-    from actsparse.eval.run import Evaluator
-
     store = Store(store_path)
     done = store.keys()
     todo = [run for run in spec.runs if run.key not in done]

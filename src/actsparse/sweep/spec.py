@@ -28,7 +28,10 @@ from pathlib import Path
 
 import yaml
 
-from actsparse import validate
+import actsparse.validate as validate
+from actsparse.baselines import WeightPruneConfig
+from actsparse.calibration.layerwise import CalibrationOptions
+from actsparse.calibration.mitigations import ensure_mitigation, is_calibrated
 from actsparse.config import SparsityConfig
 from actsparse.core.patterns import parse_pattern
 from actsparse.errors import ActsparseError
@@ -192,10 +195,6 @@ def _grid_runs(index: int, grid: dict, settings: EvalSettings, tasks, generate) 
 
 
 def _grid_runs_checked(grid: dict, settings: EvalSettings, tasks, generate) -> list[Run]:
-    from actsparse.baselines import WeightPruneConfig
-    from actsparse.calibration.layerwise import CalibrationOptions
-    from actsparse.calibration.mitigations import ensure_mitigation, is_calibrated
-
     if not isinstance(grid, dict):
         raise ActsparseError("expected a mapping with target, patterns, ...")
     target = grid.get("target", "activations")

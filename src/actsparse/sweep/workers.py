@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 
+import torch
+
 from actsparse.errors import ActsparseError
 
 
@@ -23,8 +25,6 @@ def worker_devices(workers: int) -> list[str | None]:
     ``None`` for CPU workers when there is no CUDA device."""
     if workers < 1:
         raise ActsparseError(f"--workers must be >= 1, got {workers}")
-    import torch
-
     if not torch.cuda.is_available():
         return [None] * workers
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
