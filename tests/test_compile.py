@@ -45,7 +45,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton paths
 
 
 @pytest.mark.parametrize(
-    "pattern, mitigation, rows", [("8:16", "none", 1), ("8:16", "var", 1), ("4:8", "dpts", 1), ("8:16", "var", 70), ("2:4", "none", 70)]
+    "pattern, mitigation, rows",
+    [("8:16", "none", 1), ("8:16", "var", 1), ("4:8", "dpts", 1), ("8:16", "var", 70), ("2:4", "none", 70)],
 )
 def test_fullgraph_compile_through_the_fast_paths(pattern, mitigation, rows, monkeypatch):
     """The Triton paths themselves (the decode GEMV for one row, sparsify + product, VAR's scale at the
@@ -56,7 +57,8 @@ def test_fullgraph_compile_through_the_fast_paths(pattern, mitigation, rows, mon
     monkeypatch.setattr(dispatch.DecodeChoice, "default", staticmethod(lambda k, o, r, n, m: r == 1))  # tiny layers too
     monkeypatch.setattr(dispatch.PREFILL_CHOICE, "measured", {})
     model = tiny_model("llama").to(DEVICE)
-    if DEVICE == "cuda":
+    half = DEVICE == "cuda" and pattern == "2:4"  # cuSPARSELt takes 16-bit inputs; float32 elsewhere: exact masks
+    if half:
         model = model.to(torch.bfloat16)
     sparsify_(model, SparsityConfig(pattern=pattern, criterion="amber", mitigation=mitigation, backend="triton"))
     for layer in model.modules():  # cuSPARSELt wherever it applies, so that it is traced too
@@ -68,7 +70,10 @@ def test_fullgraph_compile_through_the_fast_paths(pattern, mitigation, rows, mon
         eager = model(ids).logits.float()  # also makes the layers' weight copies and workspaces
         backend = "inductor" if DEVICE == "cuda" else "aot_eager"
         compiled = torch.compile(model, fullgraph=True, backend=backend)(ids).logits.float()
-    torch.testing.assert_close(compiled, eager, atol=2e-2 if DEVICE == "cuda" else 1e-5, rtol=2e-2 if DEVICE == "cuda" else 1e-5)
+    if half:  # bf16: inductor's fusions round differently, so compare the logits as a whole
+        assert float((compiled - eager).norm() / eager.norm()) < 2e-2
+    else:
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the static-cache generate test runs the CUDA fast paths")

@@ -37,6 +37,7 @@ NUM_WARPS = 4  # at most; fewer when a tile is small
 ELEMS_PER_THREAD = 32
 VAR_RESCALE_Y = True  # VAR pass 2 rescales the stored output (True) or re-reads x and recomputes the mask (False)
 MAX_M = 32
+SCALE_ROWS = 256  # rows per program of the kernel that turns the tiles' sums into VAR's scale
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NAN_KEY = {torch.float16: 0x7C01, torch.bfloat16: 0x7F81}  # smallest NaN bit pattern of |x|
 
@@ -136,15 +137,9 @@ def nm_sparsify_var_scale(x, n, m, vector=None):
     if x.numel() == 0:
         return y, torch.ones(T, dtype=torch.float32, device=x.device)
     sums = _launch(x, y, n, m, vector, None, var=False, sums=True)
-    return y, var_scale_from_sums(sums.sum(dim=-1), K)
-
-
-def var_scale_from_sums(sums, K: int):
-    """VAR's scale ``sqrt(var(x) / var(P(x)))`` per row from the row sums ``[4, T]`` of x, x², P(x), P(x)²."""
-    sx, sxx, sp, spp = sums
-    var_x = (sxx - sx * sx / K) / (K - 1)
-    var_p = (spp - sp * sp / K) / (K - 1)
-    return torch.sqrt(var_x / var_p.clamp_min(1e-8))
+    scale = torch.empty(T, dtype=torch.float32, device=x.device)
+    _var_scale_kernel[(triton.cdiv(T, SCALE_ROWS),)](sums, scale, T, sums.shape[-1], K, BLOCK=SCALE_ROWS)
+    return y, scale
 
 
 def nm_sparsify_var_scale_reference(x, n, m, vector=None):
@@ -491,6 +486,29 @@ if triton is not None:
                         out = out + (tl.where(keep[j], _cast(scaled, xs[j].dtype, INTERPRET), 0.0),)
                     _store_lanes(y_row, cols, ok, out, M, MP, VEC, LOG_VEC)
                 k0 += BLOCK_G * M
+
+    @triton.jit
+    def _var_scale_kernel(sums_ptr, scale_ptr, T, TILES, K, BLOCK: tl.constexpr):
+        """VAR's scale ``sqrt(var(x) / var(P(x)))`` per row from the tiles' sums ``[4, T, TILES]``
+        of x, x^2, P(x), P(x)^2, added in tile order (deterministic)."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < T
+        plane = T * TILES
+        at = sums_ptr + rows.to(tl.int64) * TILES
+        sx = tl.zeros([BLOCK], tl.float32)
+        sxx = tl.zeros([BLOCK], tl.float32)
+        sp = tl.zeros([BLOCK], tl.float32)
+        spp = tl.zeros([BLOCK], tl.float32)
+        t = 0
+        while t < TILES:  # (a while loop: the CPU interpreter cannot range() over a runtime bound)
+            sx += tl.load(at + t, mask=ok, other=0.0)
+            sxx += tl.load(at + plane + t, mask=ok, other=0.0)
+            sp += tl.load(at + 2 * plane + t, mask=ok, other=0.0)
+            spp += tl.load(at + 3 * plane + t, mask=ok, other=0.0)
+            t += 1
+        var_x = (sxx - sx * sx / K) / (K - 1)
+        var_p = (spp - sp * sp / K) / (K - 1)
+        tl.store(scale_ptr + rows, tl.sqrt_rn(tl.div_rn(var_x, tl.maximum(var_p, 1e-8))), mask=ok)
 
     _INTERPRETED = type(_nm_kernel).__name__ == "InterpretedFunction"  # decorated under TRITON_INTERPRET=1
 
