@@ -81,6 +81,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="K=4096 only")
     parser.add_argument("--full-check", action="store_true", help="self-check every dtype and more patterns (many compilations)")
     parser.add_argument("--no-reference", action="store_true", help="skip timing the PyTorch reference")
+    parser.add_argument("--var", action="store_true", help="VAR cases and the VAR layer table only (each case still checked)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_sparsify: no CUDA device, nothing to do")
@@ -90,7 +91,8 @@ def main() -> int:
     from actsparse.kernels import sparsify as S
 
     print(torch.cuda.get_device_name())
-    self_check(S, args.full_check)
+    if not args.var:
+        self_check(S, args.full_check)
     copy_gbs = copy_bandwidth(do_bench)
     print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s\n")
     header = f"{'T x K':>12} {'N:M':>6} {'options':>9} {'us':>8} {'GB/s':>7} {'%copy':>6} {'ref us':>9} {'speedup':>8}  config"
@@ -112,6 +114,8 @@ def main() -> int:
                 ("var@out+vec", dict(var=True, at_output=True, vector=vector)),
             ]
             for name, opts in cases:
+                if args.var and "var" not in name:
+                    continue
                 S.VAR_RESCALE_Y = "/x" not in name
                 if opts.pop("at_output", False):  # VAR's scale left for the product's output: one tiled pass
                     check_var_scale(S, torch.randn_like(x), n, m, opts.get("vector"))
