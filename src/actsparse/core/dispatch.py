@@ -17,9 +17,8 @@ The Triton path, per call with rows ``x [T, K]``:
 - 2:4 without mitigation, on CUDA, where :data:`PREFILL_CHOICE` says it wins for this mode
   (eager, or graph: captured or compiled), row count and shape: one pass emits the cuSPARSELt
   compressed input, then ``torch._cslt_sparse_mm`` (``kernels.cslt24``).
-- otherwise: fused N:M sparsify (``kernels.sparsify``), then the dense product; with VAR from
-  :data:`VAR_AT_OUTPUT_ROWS` rows on, the sparsify pass leaves the per-token scale for the
-  product's output (one pass over x instead of two).
+- otherwise: fused N:M sparsify (``kernels.sparsify``), then the dense product (VAR's scale
+  applied to the pruned input; :data:`VAR_AT_OUTPUT_ROWS` can move it to the output).
 
 Both tables are filled by :func:`actsparse.tune_` (``core.tuning``), which times the paths once
 per layer shape; ``forward`` only looks them up. Without tuning, decode follows
@@ -38,8 +37,8 @@ from actsparse.core.mitigation import MEDIAN_SHIFT, MITIGATIONS, PLAIN, VARIANCE
 from actsparse.core.patterns import NM
 from actsparse.core.scoring import ABS_TIMES_VECTOR, CRITERIA, Criterion, get_criterion
 from actsparse.errors import ActsparseError
-from actsparse.kernels import cslt24 as _cslt24  # noqa: F401  (registers torch.ops.actsparse.sparsify_compress24)
-from actsparse.kernels import sparsify as _sparsify  # noqa: F401  (registers torch.ops.actsparse.nm_sparsify*)
+from actsparse.kernels import cslt24  # also registers torch.ops.actsparse.sparsify_compress24
+from actsparse.kernels import sparsify as sparsify_kernels  # also registers torch.ops.actsparse.nm_sparsify*
 from actsparse.kernels.sparse_gemv import MAX_ROWS
 
 if TYPE_CHECKING:
@@ -155,7 +154,11 @@ class DecodeChoice:
 
 
 DECODE_CHOICE = DecodeChoice()
-VAR_AT_OUTPUT_ROWS = 64  # from this many rows VAR's scale is applied to the product's output (one pass over x)
+# From this many rows VAR's scale would be applied to the product's output (one tiled pass over x,
+# ``nm_sparsify_var_scale``); None: never. Off, as measured on the H200 (BENCHMARKS.md §5): the
+# extra pass over the product's output costs more than the second pass over x saves, since
+# neither cuBLAS nor (here) cuSPARSELt takes a per-row scale in its epilogue.
+VAR_AT_OUTPUT_ROWS: int | None = None
 
 
 def triton_forward(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +169,22 @@ def triton_forward(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
     if DECODE_CHOICE.sparse_wins(layer.in_features, layer.out_features, x.shape[0], n, m, x.dtype):
         return gemv_forward(layer, x)
     return sparsify_forward(layer, x, cslt=uses_cslt(layer, x))
+
+
+class _DirectOps:
+    """The ops' bodies, called directly: the registered ops' dispatch costs host time that eager
+    decoding cannot hide, and is needed only while torch.compile traces."""
+
+    nm_sparsify = staticmethod(sparsify_kernels.nm_sparsify_auto)
+    nm_sparsify_var_scale = staticmethod(sparsify_kernels.nm_sparsify_var_scale_auto)
+    sparsify_compress24 = staticmethod(cslt24.sparsify_compress24_auto)
+
+
+DIRECT_OPS = _DirectOps()
+
+
+def _ops():
+    return torch.ops.actsparse if torch.compiler.is_compiling() else DIRECT_OPS
 
 
 def _shift(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor | None:
@@ -188,13 +207,14 @@ def sparsify_forward(layer: SparseLinear, x: torch.Tensor, cslt: bool = False) -
     var = layer.mitigation.kernel == VARIANCE_SCALE
     eta = _shift(layer, x)
     rows = x.shape[0]
+    ops = _ops()
     if cslt:
-        y = layer.cslt_linear()(torch.ops.actsparse.sparsify_compress24(x, vector), rows)
-    elif var and rows >= VAR_AT_OUTPUT_ROWS:
-        pruned, scale = torch.ops.actsparse.nm_sparsify_var_scale(x, n, m, vector)
+        y = layer.cslt_linear()(ops.sparsify_compress24(x, vector), rows)
+    elif var and VAR_AT_OUTPUT_ROWS is not None and rows >= VAR_AT_OUTPUT_ROWS:
+        pruned, scale = ops.nm_sparsify_var_scale(x, n, m, vector)
         y = layer.product(pruned, row_scale=scale)
     else:
-        y = layer.product(torch.ops.actsparse.nm_sparsify(x, n, m, vector, eta, var))
+        y = layer.product(ops.nm_sparsify(x, n, m, vector, eta, var))
     if eta is not None:
         y = (y.float() + eta[:, None] * layer.weight_row_sum).to(y.dtype)
     return y

@@ -250,22 +250,29 @@ def _search_alg(compressed: torch.Tensor, dense: torch.Tensor) -> int:
         return 0
 
 
+ALG_IDS: dict[tuple, int] = {}  # (rows, K, O, dtype, device) -> searched algorithm, shared by every weight of that shape
+
+
 class Cslt24Linear:
     """``y = x_sparse @ weight.T + bias`` with x given compressed (``sparsify_compress24``).
-    weight ``[O, K]``; the cuSPARSELt algorithm is searched once per (rows, K, O) and cached
-    (call once outside CUDA-graph capture to warm the cache)."""
+    weight ``[O, K]``; the cuSPARSELt algorithm is searched once per (rows, K, O, dtype) for all
+    weights of that shape (:data:`ALG_IDS`). Inside a CUDA-graph capture, where no search can run,
+    a shape not searched yet takes algorithm 0 (call once outside the capture, or ``tune_``, first)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight = weight
         self.bias = bias
-        self.alg_ids: dict[tuple[int, int, int], int] = {}
 
     def __call__(self, compressed: torch.Tensor, T: int) -> torch.Tensor:
         O, K = self.weight.shape
-        key = (compressed.shape[0], K, O)
-        if key not in self.alg_ids:
-            self.alg_ids[key] = _search_alg(compressed, self.weight.t())
-        y = torch._cslt_sparse_mm(compressed, self.weight.t(), alg_id=self.alg_ids[key])
+        key = (compressed.shape[0], K, O, self.weight.dtype, self.weight.device)
+        alg_id = ALG_IDS.get(key)
+        if alg_id is None:
+            if torch.cuda.is_current_stream_capturing():
+                alg_id = 0
+            else:
+                alg_id = ALG_IDS[key] = _search_alg(compressed, self.weight.t())
+        y = torch._cslt_sparse_mm(compressed, self.weight.t(), alg_id=alg_id)
         if y.shape[0] != T:
             y = y[:T]
         return y if self.bias is None else y + self.bias
@@ -275,9 +282,12 @@ class Cslt24Linear:
 # CUDA-graph capture (the Triton kernel everywhere Triton is installed: on CUDA, or interpreted).
 
 
-@torch.library.custom_op("actsparse::sparsify_compress24", mutates_args=())
-def sparsify_compress24_op(x: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+def sparsify_compress24_auto(x: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+    """:func:`sparsify_compress24` with the op's signature (the op's body, callable directly)."""
     return sparsify_compress24(x, vector)
+
+
+sparsify_compress24_op = torch.library.custom_op("actsparse::sparsify_compress24", sparsify_compress24_auto, mutates_args=())
 
 
 @sparsify_compress24_op.register_fake

@@ -261,8 +261,7 @@ def sparse_gemv(x, wt, o, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, s
 # so the op has no observable side effect on its arguments.
 
 
-@torch.library.custom_op("actsparse::sparse_gemv", mutates_args=())
-def _sparse_gemv_op(
+def sparse_gemv_auto(
     x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, row_sum: torch.Tensor | None,
     vector: torch.Tensor | None, shift: torch.Tensor | None, partials: torch.Tensor, stats: torch.Tensor,
     counters: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, out_features: int, n: int, m: int, var: bool,
@@ -274,6 +273,9 @@ def _sparse_gemv_op(
                            var=var, bias=bias, row_sum=row_sum)
     return sparse_gemv_reference(x, untile_weight(wt, out_features), n, m, vector=vector, shift=shift, var=var,
                                  bias=bias, row_sum=row_sum)
+
+
+_sparse_gemv_op = torch.library.custom_op("actsparse::sparse_gemv", sparse_gemv_auto, mutates_args=())
 
 
 @_sparse_gemv_op.register_fake
@@ -513,7 +515,9 @@ class GemvWeight:
 
     def __call__(self, x: torch.Tensor, n: int, m: int, *, vector=None, shift=None, var: bool = False) -> torch.Tensor:
         ws, plan = self.workspace(m), self.plan(x.shape[0], m)
-        return torch.ops.actsparse.sparse_gemv(
+        # the op while torch.compile traces; its body directly otherwise (the op's dispatch costs host time)
+        op = torch.ops.actsparse.sparse_gemv if torch.compiler.is_compiling() else sparse_gemv_auto
+        return op(
             x.contiguous(), self.tiled, self.bias, self.row_sum, vector, shift, *ws, self.out_features, n, m, bool(var),
             *plan
         )

@@ -523,25 +523,31 @@ def _runs_kernel(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or _INTERPRETED)
 
 
-@torch.library.custom_op("actsparse::nm_sparsify", mutates_args=())
-def nm_sparsify_op(
+def nm_sparsify_auto(
     x: torch.Tensor, n: int, m: int, vector: torch.Tensor | None, shift: torch.Tensor | None, var: bool
 ) -> torch.Tensor:
+    """:func:`nm_sparsify` where the kernel runs, the reference elsewhere (the op's body, callable directly)."""
     if _runs_kernel(x):
         return nm_sparsify(x, n, m, vector=vector, var=var, shift=shift)
     return nm_sparsify_reference(x, n, m, vector=vector, var=var, shift=shift)
 
 
-@nm_sparsify_op.register_fake
-def _(x, n, m, vector, shift, var):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("actsparse::nm_sparsify_var_scale", mutates_args=())
-def nm_sparsify_var_scale_op(x: torch.Tensor, n: int, m: int, vector: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def nm_sparsify_var_scale_auto(x: torch.Tensor, n: int, m: int, vector: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nm_sparsify_var_scale` where the kernel runs, the reference elsewhere."""
     if _runs_kernel(x):
         return nm_sparsify_var_scale(x, n, m, vector=vector)
     return nm_sparsify_var_scale_reference(x, n, m, vector=vector)
+
+
+nm_sparsify_op = torch.library.custom_op("actsparse::nm_sparsify", nm_sparsify_auto, mutates_args=())
+nm_sparsify_var_scale_op = torch.library.custom_op(
+    "actsparse::nm_sparsify_var_scale", nm_sparsify_var_scale_auto, mutates_args=()
+)
+
+
+@nm_sparsify_op.register_fake
+def _(x, n, m, vector, shift, var):
+    return torch.empty_like(x)
 
 
 @nm_sparsify_var_scale_op.register_fake
