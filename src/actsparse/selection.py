@@ -14,7 +14,7 @@ before any weights load. It refuses:
 from __future__ import annotations
 
 from actsparse.config import parse_skip
-from actsparse.core.patterns import NM, Dense, parse_pattern
+from actsparse.core.patterns import parse_pattern
 from actsparse.errors import ActsparseError
 
 
@@ -48,19 +48,14 @@ def choose_sites(config, sites: list, what: str = "sparsify") -> list:
             "fix --roles / --skip (see `actsparse layers --model ...`)"
         )
     chosen = [s for s in sites if config.selects(s.role, s.layer)]
-    if not chosen and not isinstance(pattern, Dense):
+    if not chosen and not pattern.is_dense:
         parts = [f"{key} {getattr(config, key)}" for key in ("roles", "layers", "skip") if getattr(config, key)]
         raise ActsparseError(
             f"the selection ({', '.join(parts) or 'every role'}) leaves no linear layer to {what}, so the run would measure the "
             "dense model; select at least one layer"
         )
-    if isinstance(pattern, NM):
-        for site in chosen:
-            if site.in_features % pattern.m:
-                same = sorted({s.in_features for s in chosen if s.role == site.role})
-                raise ActsparseError(
-                    f"pattern {pattern} needs the input width to be a multiple of {pattern.m}, but {site.name} (role {site.role}) "
-                    f"has {site.in_features} input features; pick an M that divides {', '.join(map(str, same))}, "
-                    f"or skip that role (--skip {site.role})"
-                )
+    for site in chosen:
+        if not pattern.fits(site.in_features):
+            same = sorted({s.in_features for s in chosen if s.role == site.role})
+            pattern.check_width(site.in_features, layer=site.name, role=site.role, widths=same)
     return chosen

@@ -9,7 +9,7 @@ from torch import nn
 
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import get_mitigation
-from actsparse.core.patterns import Dense, parse_pattern
+from actsparse.core.patterns import parse_pattern
 from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.core.stats import InputStats
@@ -89,7 +89,7 @@ def sparsify_(
     sites = find_linear_sites(model)
     chosen = choose_sites(config, sites)  # refuses a selection of nothing, missing layers/roles, widths
     needs_stats = criterion.needs_calibration or mitigation.needs_calibration
-    if needs_stats and not isinstance(pattern, Dense):
+    if needs_stats and not pattern.is_dense:
         missing = [s.name for s in chosen if not stats or s.name not in stats]
         if missing:
             raise ActsparseError(
@@ -115,7 +115,7 @@ def sparsify_(
         _set_module(model, site.name, layer)
     if chosen:
         mark_sparsified_(model, config)
-    if isinstance(pattern, Dense):
+    if pattern.is_dense:
         return SparsifyReport(sparse=(), dense=tuple(sites))
     chosen_names = {s.name for s in chosen}
     return SparsifyReport(sparse=tuple(chosen), dense=tuple(s for s in sites if s.name not in chosen_names))

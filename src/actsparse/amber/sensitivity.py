@@ -20,7 +20,7 @@ from torch import nn
 
 from actsparse.calibration.collect import run_windows
 from actsparse.core.mitigation import get_mitigation
-from actsparse.core.patterns import Dense, parse_pattern
+from actsparse.core.patterns import parse_pattern
 from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.core.stats import InputStats
@@ -129,7 +129,7 @@ def measure_sensitivity(
     if sparse_layers(model):
         raise ActsparseError("model is sparsified; measure sensitivity on the dense model (actsparse.unsparsify_ first)")
     pattern_obj = parse_pattern(pattern)
-    if isinstance(pattern_obj, Dense):
+    if pattern_obj.is_dense:
         raise ActsparseError("sensitivity needs a sparse pattern (N:M or unstructured:S), not dense")
     criterion_obj, mitigation_obj = get_criterion(criterion), get_mitigation(mitigation)
     sites = find_linear_sites(model)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from actsparse.core.masks import keep_mask
-from actsparse.core.patterns import NM, Dense, Pattern, Unstructured, parse_pattern
+from actsparse.core.patterns import Pattern, parse_pattern
 from actsparse.errors import ActsparseError
 from actsparse.kernels.ranking import topk_mask
 from actsparse.registry import Registry
@@ -138,7 +138,7 @@ def sparsegpt(
     weights are otherwise left alone. For N:M the block is shrunk to a multiple of M
     (``max(M, 128 // M * M)``) so no group straddles two blocks.
     """
-    if isinstance(pattern, Dense):
+    if pattern.is_dense:
         return weight
     W = weight.float().clone()
     rows, width = W.shape
@@ -154,8 +154,9 @@ def sparsegpt(
             "use more calibration windows"
         ) from error
     live = (~dead).float()
-    if isinstance(pattern, NM):
-        block = max(pattern.m, blocksize // pattern.m * pattern.m)
+    m = pattern.group  # N:M: groups of m columns, each keeping N; None: one budget for the whole layer
+    if m:
+        block = max(m, blocksize // m * m)
     else:
         block = blocksize
         budget = rows * pattern.kept(width)  # weights kept in the whole layer
@@ -166,15 +167,15 @@ def sparsegpt(
         U1 = U[i1:i2, i1:i2]
         d1 = torch.diag(U1)
         pruned = torch.zeros_like(W1, dtype=torch.bool)
-        if isinstance(pattern, Unstructured):
+        if not m:
             # cumulative rounding: the blocks' budgets sum exactly to ``budget``
             keep = (budget * i2 + width // 2) // width - (budget * i1 + width // 2) // width
             scores = W1.square() / d1.square() * live[i1:i2]
             pruned = ~topk_mask(scores.flatten(), keep).reshape(W1.shape)
         for i in range(i2 - i1):
-            if isinstance(pattern, NM) and i % pattern.m == 0:
-                group = slice(i, i + pattern.m)
-                scores = W1[:, group].square() / d1[group].square() * live[i1 + i : i1 + i + pattern.m]
+            if m and i % m == 0:
+                group = slice(i, i + m)
+                scores = W1[:, group].square() / d1[group].square() * live[i1 + i : i1 + i + m]
                 pruned[:, group] = ~keep_mask(scores, pattern)
             w = W1[:, i]
             q = w.masked_fill(pruned[:, i], 0.0)
@@ -209,6 +210,6 @@ def prune_matrix(
             raise ActsparseError(f"weight pruning method '{method}' needs calibration inputs")
         if isinstance(inputs, torch.Tensor):
             inputs = LayerInputs.from_tensor(inputs, pruner.needs)
-    if isinstance(pattern, Dense):
+    if pattern.is_dense:
         return weight.float().clone()
     return pruner.prune(weight.float().clone(), inputs if pruner.needs_calibration else None, pattern)

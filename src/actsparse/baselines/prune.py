@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from actsparse.artifacts import versions
 from actsparse.baselines.config import WeightPruneConfig
 from actsparse.baselines.methods import LayerInputs, get_pruner
-from actsparse.core.patterns import Dense, parse_pattern
+from actsparse.core.patterns import parse_pattern
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import LinearSite, find_decoder_layers, find_linear_sites
 from actsparse.models.placement import input_device, keep_onloaded_, layer_device, onloaded
@@ -201,7 +201,7 @@ def prune_weights_(
     chosen, sites = selected_sites(model, config)
     for site in chosen:  # check every width before changing anything
         pattern.check_width(site.in_features)
-    if isinstance(pattern, Dense) or not chosen:
+    if pattern.is_dense or not chosen:
         return WeightPruneReport(config, (), tuple(sites), {}, 0, time.perf_counter() - start)
 
     density: dict[str, float] = {}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from actsparse.baselines.prune import RECORD_ATTR, get_weight
-from actsparse.core.patterns import NM, Dense, Pattern, Unstructured, parse_pattern
+from actsparse.core.patterns import Pattern, parse_pattern
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import find_linear_sites
 
@@ -19,28 +19,7 @@ def check_weight(weight: torch.Tensor, pattern: Pattern | str, name: str = "weig
       per-row budget in total: SparseGPT's per-block masks spread it unevenly over rows);
     - ``dense``: anything.
     """
-    pattern = parse_pattern(pattern)
-    rows, width = weight.shape
-    if isinstance(pattern, Dense):
-        return
-    if isinstance(pattern, NM):
-        if width % pattern.m:
-            raise ActsparseError(f"{name}: {width} input columns is not a multiple of {pattern.m}, so it cannot be {pattern}")
-        counts = (weight.reshape(rows, width // pattern.m, pattern.m) != 0).sum(-1)
-        bad = (counts > pattern.n).nonzero()
-        if len(bad):
-            row, group = bad[0].tolist()
-            raise ActsparseError(
-                f"{name} is not {pattern}: row {row}, columns {group * pattern.m}-{group * pattern.m + pattern.m - 1} "
-                f"keep {counts[row, group].item()} non-zero weights (at most {pattern.n} allowed)"
-            )
-    elif isinstance(pattern, Unstructured):
-        allowed = rows * pattern.kept(width)
-        found = int(weight.count_nonzero())
-        if found > allowed:
-            raise ActsparseError(
-                f"{name} is not {pattern}: {found} non-zero weights, at most {allowed} allowed ({rows} rows x {pattern.kept(width)})"
-            )
+    parse_pattern(pattern).check_pruned(weight, name)
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from actsparse.calibration.mitigations import (
 )
 from actsparse.config import SparsityConfig
 from actsparse.core.mitigation import get_mitigation
-from actsparse.core.patterns import Dense, parse_pattern
+from actsparse.core.patterns import parse_pattern
 from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
@@ -304,7 +304,7 @@ def calibrate_(
 
     chosen = choose_sites(config, sites, what="calibrate")
     report = CalibrationReport(config, options, len(windows), windows.shape[1])
-    if isinstance(pattern, Dense) or not chosen:
+    if pattern.is_dense or not chosen:
         return report
     seeds = {site.name: config.seed + index for index, site in enumerate(chosen)}  # as sparsify_
     by_layer: dict[int, list] = {}

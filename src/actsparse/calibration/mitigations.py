@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from actsparse.core.mitigation import MITIGATIONS, Mitigation, get_mitigation, register_mitigation, variance_scale
-from actsparse.core.patterns import NM
 from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
 
@@ -255,8 +254,8 @@ def _prepare_rotation(layer, spread: bool) -> None:
     if stats is not None and stats.outer_sum is not None:
         values, vectors = torch.linalg.eigh(stats.centred_covariance())  # float64, on the activations' device
         q = vectors.flip(-1)  # descending eigenvalues
-        if spread and isinstance(layer.pattern, NM):
-            q = q[:, spread_order(q.shape[1], layer.pattern.m).to(q.device)]
+        if spread and layer.pattern.group:
+            q = q[:, spread_order(q.shape[1], layer.pattern.group).to(q.device)]
         set_rotation(layer, q)
         stats.outer_sum = None  # free the K x K sum
         layer.calibrated = True

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from actsparse.core.mitigation import MEDIAN_SHIFT, MITIGATIONS, PLAIN, VARIANCE_SCALE, Mitigation, get_mitigation
-from actsparse.core.patterns import NM
 from actsparse.core.scoring import ABS_TIMES_VECTOR, CRITERIA, Criterion, get_criterion
 from actsparse.errors import ActsparseError
 from actsparse.kernels import cslt24  # also registers torch.ops.actsparse.sparsify_compress24
@@ -62,7 +61,7 @@ def unsupported_reason(pattern, criterion: Criterion | str, mitigation: Mitigati
     names are looked up in the registries."""
     criterion = get_criterion(criterion) if isinstance(criterion, str) else criterion
     mitigation = get_mitigation(mitigation) if isinstance(mitigation, str) else mitigation
-    if not isinstance(pattern, NM) or pattern.m > 32:
+    if pattern.nm is None or pattern.nm[1] > 32:
         return f"pattern {pattern} (kernels take N:M with M <= 32)"
     if criterion.kernel_score not in KERNEL_SCORES:
         return f"criterion '{criterion.name}' (kernels take {_with_kernel(CRITERIA, 'kernel_score', KERNEL_SCORES)})"

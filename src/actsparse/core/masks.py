@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from actsparse.core.patterns import NM, Dense, Pattern, Unstructured
+from actsparse.core.patterns import Pattern
 from actsparse.kernels.ranking import nm_mask, topk_mask
 
 
@@ -17,13 +17,7 @@ def keep_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     ``scores`` has the input features on its last dimension; every other dimension
     is a separate token row.
     """
-    if isinstance(pattern, Dense):
-        return torch.ones_like(scores, dtype=torch.bool)
-    if isinstance(pattern, NM):
-        return nm_mask(scores, pattern.n, pattern.m)
-    if isinstance(pattern, Unstructured):
-        return topk_mask(scores, pattern.kept(scores.shape[-1]))
-    raise TypeError(f"not a pattern: {pattern!r}")
+    return pattern.mask(scores)
 
 
 _topk_mask = topk_mask  # the old private names
@@ -33,12 +27,8 @@ _nm_mask = nm_mask
 def reference_keep_mask(scores: list[float], pattern: Pattern) -> list[bool]:
     """Plain-Python definition of the mask for one row, used by the tests."""
     width = len(scores)
-    if isinstance(pattern, Dense):
-        return [True] * width
-    if isinstance(pattern, Unstructured):
-        groups, keep = [range(width)], pattern.kept(width)
-    else:
-        groups, keep = [range(s, s + pattern.m) for s in range(0, width, pattern.m)], pattern.n
+    size, keep = pattern.group_width(width), pattern.kept_per_group(width)
+    groups = [range(start, start + size) for start in range(0, width, size)]
     mask = [False] * width
     for group in groups:
         for index in sorted(group, key=lambda i: (-scores[i], i))[:keep]:

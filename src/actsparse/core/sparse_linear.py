@@ -14,7 +14,7 @@ from torch import nn
 from actsparse.core.dispatch import choose_backend, runs_here, triton_forward
 from actsparse.core.masks import keep_mask
 from actsparse.core.mitigation import Mitigation
-from actsparse.core.patterns import Dense, Pattern
+from actsparse.core.patterns import Pattern
 from actsparse.core.scoring import Criterion
 from actsparse.core.stats import InputStats
 from actsparse.kernels.cslt24 import Cslt24Linear
@@ -126,7 +126,7 @@ class SparseLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.pattern, Dense) or (self.prefill_only and x.dim() == 3 and x.shape[-2] == 1):
+        if self.pattern.is_dense or (self.prefill_only and x.dim() == 3 and x.shape[-2] == 1):
             return self.dense_forward(x)
         rows = x.reshape(-1, self.in_features)
         if self.backend == "triton" and runs_here(rows, self.forced_backend):

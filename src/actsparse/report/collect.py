@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import actsparse.calibration.mitigations  # noqa: F401  (registers the calibrated mitigations, listed in order)
 from actsparse.core.mitigation import MITIGATIONS
-from actsparse.core.patterns import NM, Dense, Unstructured, parse_pattern
+from actsparse.core.patterns import parse_pattern
 
 PROTOCOL = ("data", "calib_data", "seqlen", "max_tokens", "dtype")  # what must match to compare numbers
 _DEFAULTS = {"roles": None, "layers": None, "skip": [], "prefill_only": False}
@@ -22,13 +22,7 @@ _DEFAULTS = {"roles": None, "layers": None, "skip": [], "prefill_only": False}
 
 def pattern_order(name: str) -> tuple:
     """Dense first, then by sparsity; N:M before unstructured at equal sparsity, smaller M first."""
-    pattern = parse_pattern(name)
-    if isinstance(pattern, Dense):
-        return (0, 0.0, 0, 0)
-    if isinstance(pattern, NM):
-        return (1, round(1 - pattern.density, 6), 0, pattern.m)
-    assert isinstance(pattern, Unstructured)
-    return (1, round(pattern.sparsity, 6), 1, 0)
+    return parse_pattern(name).sort_key
 
 
 def method_label(target: str, config: dict) -> str:
