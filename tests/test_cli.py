@@ -109,3 +109,20 @@ def test_help_everywhere():
     for argv in ([], ["eval"], ["patterns"], ["fetch"], ["methods"], ["layers"]):
         result = subprocess.run([sys.executable, "-m", "actsparse.cli.main", *argv, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: actsparse" in result.stdout
+
+
+def test_shared_argument_types_refuse_in_one_line():
+    import argparse
+
+    from actsparse.cli.options import layer_indices, positive_int, positive_ints, whole
+
+    for parse, text, message in [
+        (layer_indices, "x", "expected comma-separated layer indices like 0,1,2, got 'x'"),
+        (layer_indices, "-1", "expected comma-separated layer indices >= 0 like 0,1,2, got '-1'"),
+        (positive_ints, "0", "expected comma-separated positive integers like 512,1024, got '0'"),
+        (positive_int, "0", "expected a positive integer, got '0'"),
+        (whole(2), "1", "must be >= 2, got 1"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(text)
+    assert layer_indices(" 0, 2 ") == (0, 2) and positive_ints("512,1024") == (512, 1024) and positive_int("3") == 3

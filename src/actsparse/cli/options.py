@@ -48,19 +48,22 @@ class Parser(argparse.ArgumentParser):
 # ---- argument types ------------------------------------------------------------------------------
 
 
-def whole(minimum: int):
-    """argparse type: a whole number >= ``minimum``."""
+def whole(minimum: int, what: str | None = None):
+    """argparse type: a whole number >= ``minimum``; ``what`` (e.g. "a positive integer") words every refusal as
+    "expected WHAT, got 'TEXT'"."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {what}, got '{text}'" if what else f"expected a whole number >= {minimum}, got {text!r}"
+            ) from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'" if what else f"must be >= {minimum}, got {value}")
         return value
 
-    parse.__name__ = f"whole number >= {minimum}"
+    parse.__name__ = what or f"whole number >= {minimum}"
     return parse
 
 
@@ -86,17 +89,20 @@ def csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def whole_list(minimum: int, example: str, what: str = "whole numbers"):
-    """argparse type: comma-separated whole numbers >= ``minimum``, at least one (e.g. layer indices, batch sizes)."""
+def whole_list(minimum: int, example: str, what: str = "whole numbers", bounded: str | None = None):
+    """argparse type: comma-separated whole numbers >= ``minimum``, at least one (layer indices, batch sizes, ...).
+
+    Refused: "expected comma-separated WHAT like EXAMPLE" for what is not a number, "... BOUNDED like
+    EXAMPLE" for an empty list or one below ``minimum`` (``bounded`` defaults to "WHAT >= MINIMUM")."""
+    bounded = bounded or f"{what} >= {minimum}"
 
     def parse(text: str) -> tuple[int, ...]:
-        message = f"expected comma-separated {what} >= {minimum} like {example}, got '{text}'"
         try:
             values = tuple(int(part) for part in csv(text))
         except ValueError:
-            raise argparse.ArgumentTypeError(message) from None
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} like {example}, got '{text}'") from None
         if not values or min(values) < minimum:
-            raise argparse.ArgumentTypeError(message)
+            raise argparse.ArgumentTypeError(f"expected comma-separated {bounded} like {example}, got '{text}'")
         return values
 
     parse.__name__ = f"list of {what}"
@@ -104,6 +110,8 @@ def whole_list(minimum: int, example: str, what: str = "whole numbers"):
 
 
 layer_indices = whole_list(0, "0,1,2", "layer indices")
+positive_int = whole(1, "a positive integer")  # what cli/bench.py's _whole reads
+positive_ints = whole_list(1, "512,1024", "positive integers", "positive integers")  # and its _positive_list
 
 
 # ---- option groups -------------------------------------------------------------------------------
