@@ -129,3 +129,21 @@ def test_same_config_same_logits(family_model):
     unsparsify_(model)
     sparsify_(model, cfg)
     assert torch.equal(logits(model), first)
+
+
+def test_config_resolves_its_names_once_and_serialises_only_them():
+    import pickle
+
+    from actsparse.baselines import WeightPruneConfig
+    from actsparse.core.mitigation import get_mitigation
+    from actsparse.core.patterns import NM
+    from actsparse.core.scoring import get_criterion
+
+    config = SparsityConfig(pattern="8:16", criterion="amber", mitigation="var")
+    assert config.pattern_obj == NM(8, 16) and config.pattern_obj is config.pattern_obj
+    assert config.criterion_obj is get_criterion("amber") and config.mitigation_obj is get_mitigation("var")
+    assert config.to_dict() == SparsityConfig(pattern="8:16", criterion="amber", mitigation="var").to_dict()
+    assert config.to_dict()["pattern"] == "8:16" and "pattern_obj" not in config.to_dict()
+    again = pickle.loads(pickle.dumps(config))
+    assert again == config and "pattern_obj" not in vars(again) and again.pattern_obj == NM(8, 16)
+    assert WeightPruneConfig(pattern="2:4").pattern_obj == NM(2, 4)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 
 import actsparse.validate as validate
 from actsparse.core.dispatch import BACKENDS, choose_backend
-from actsparse.core.mitigation import get_mitigation
-from actsparse.core.patterns import parse_pattern
-from actsparse.core.scoring import get_criterion
+from actsparse.core.mitigation import Mitigation, get_mitigation
+from actsparse.core.patterns import Pattern, parse_pattern
+from actsparse.core.scoring import Criterion, get_criterion
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import ROLES
 
@@ -57,6 +58,22 @@ class SparsityConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    # The names resolved once, on first use: what callers read instead of parsing and looking up again.
+    @cached_property
+    def pattern_obj(self) -> Pattern:
+        return parse_pattern(self.pattern)
+
+    @cached_property
+    def criterion_obj(self) -> Criterion:
+        return get_criterion(self.criterion)
+
+    @cached_property
+    def mitigation_obj(self) -> Mitigation:
+        return get_mitigation(self.mitigation)
+
+    def __getstate__(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # a pickle holds the names; the objects are resolved again
 
     def selects(self, role: str | None, layer: int) -> bool:
         """Whether the linear layer with this role in this decoder layer is sparsified."""

@@ -14,7 +14,6 @@ before any weights load. It refuses:
 from __future__ import annotations
 
 from actsparse.config import parse_skip
-from actsparse.core.patterns import parse_pattern
 from actsparse.errors import ActsparseError
 
 
@@ -24,7 +23,7 @@ def _span(layers: set[int]) -> str:
 
 def choose_sites(config, sites: list, what: str = "sparsify") -> list:
     """The sites of ``sites`` that ``config`` selects, after the checks of the module docstring."""
-    pattern = parse_pattern(config.pattern)
+    pattern = config.pattern_obj
     present_layers = {s.layer for s in sites}
     present_roles = {s.role for s in sites if s.role}
     count = max(present_layers) + 1 if present_layers else 0

@@ -8,9 +8,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from actsparse.config import SparsityConfig
-from actsparse.core.mitigation import get_mitigation
-from actsparse.core.patterns import parse_pattern
-from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
@@ -84,8 +81,7 @@ def sparsify_(
     config = config or SparsityConfig()
     if sparse_layers(model):
         raise ActsparseError("model is already sparsified; call actsparse.unsparsify_(model) first")
-    pattern = parse_pattern(config.pattern)
-    criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
+    pattern, criterion, mitigation = config.pattern_obj, config.criterion_obj, config.mitigation_obj
     sites = find_linear_sites(model)
     chosen = choose_sites(config, sites)  # refuses a selection of nothing, missing layers/roles, widths
     needs_stats = criterion.needs_calibration or mitigation.needs_calibration

@@ -29,9 +29,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from actsparse.core.mitigation import Mitigation, get_mitigation, register_mitigation
+from actsparse.core.mitigation import Mitigation, register_mitigation
 from actsparse.core.patterns import Dense
-from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
 from actsparse.modules import set_module as _set_module
@@ -144,7 +143,7 @@ def quantize_rest_(model, config, report, stats=None) -> int:
         raise ActsparseError(
             f"quantize_rest_ needs a W8A8 mitigation ({', '.join(QUANT_MITIGATIONS)}), got '{config.mitigation}'"
         )
-    criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
+    criterion, mitigation = config.criterion_obj, config.mitigation_obj
     count = 0
     for site in report.dense:
         module = model.get_submodule(site.name)

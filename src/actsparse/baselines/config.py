@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 
 import actsparse.validate as validate
 from actsparse.baselines.methods import PRUNERS, get_pruner  # noqa: F401  (PRUNERS re-exported)
 from actsparse.config import SparsityConfig, normalise_selection
-from actsparse.core.patterns import parse_pattern
+from actsparse.core.patterns import Pattern, parse_pattern
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,14 @@ class WeightPruneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @cached_property
+    def pattern_obj(self) -> Pattern:
+        """``pattern`` parsed once, on first use."""
+        return parse_pattern(self.pattern)
+
+    def __getstate__(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict) -> WeightPruneConfig:

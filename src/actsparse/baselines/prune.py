@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 from actsparse.artifacts import versions
 from actsparse.baselines.config import WeightPruneConfig
 from actsparse.baselines.methods import LayerInputs, get_pruner
-from actsparse.core.patterns import parse_pattern
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import LinearSite, find_decoder_layers, find_linear_sites
 from actsparse.models.placement import input_device, keep_onloaded_, layer_device, onloaded
@@ -196,7 +195,7 @@ def prune_weights_(
     start = time.perf_counter()
     if sparse_layers(model):
         raise ActsparseError("model has activation-sparse layers; call actsparse.unsparsify_(model) before pruning weights")
-    pattern = parse_pattern(config.pattern)
+    pattern = config.pattern_obj
     pruner = get_pruner(config.method)
     chosen, sites = selected_sites(model, config)
     for site in chosen:  # check every width before changing anything

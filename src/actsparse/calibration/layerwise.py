@@ -43,9 +43,6 @@ from actsparse.calibration.mitigations import (
     own_feature_vector,
 )
 from actsparse.config import SparsityConfig
-from actsparse.core.mitigation import get_mitigation
-from actsparse.core.patterns import parse_pattern
-from actsparse.core.scoring import get_criterion
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import find_decoder_layers, find_linear_sites
@@ -292,8 +289,7 @@ def calibrate_(
     if sparse_layers(model):
         raise ActsparseError("model is already sparsified; call actsparse.unsparsify_(model) first")
     ensure_mitigation(config.mitigation)
-    pattern = parse_pattern(config.pattern)
-    criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
+    pattern, criterion, mitigation = config.pattern_obj, config.criterion_obj, config.mitigation_obj
     if mitigation.needs_calibration and not is_calibrated(mitigation.name):
         raise ActsparseError(
             f"mitigation '{mitigation.name}' uses whole-model input statistics; "

@@ -7,9 +7,7 @@ from dataclasses import replace
 from actsparse.baselines import WeightPruneConfig, get_pruner
 from actsparse.calibration.mitigations import is_calibrated
 from actsparse.cli.options import given, settings_from
-from actsparse.core.mitigation import get_mitigation
 from actsparse.core.patterns import parse_pattern
-from actsparse.core.scoring import get_criterion
 from actsparse.data.sources import check_disjoint, load_text
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import find_linear_sites
@@ -24,11 +22,7 @@ def needs_calibration(config) -> bool:
     """Whether ``config`` (a ``SparsityConfig`` or ``WeightPruneConfig``) reads calibration text."""
     if isinstance(config, WeightPruneConfig):
         return get_pruner(config.method).needs_calibration
-    return (
-        get_criterion(config.criterion).needs_calibration
-        or get_mitigation(config.mitigation).needs_calibration
-        or is_calibrated(config.mitigation)
-    )
+    return config.criterion_obj.needs_calibration or config.mitigation_obj.needs_calibration or is_calibrated(config.mitigation)
 
 
 def preflight(args, config, calibrated: bool | None = None):

@@ -29,8 +29,6 @@ from actsparse.calibration.layerwise import CalibrationOptions
 from actsparse.calibration.mitigations import is_calibrated
 from actsparse.calibration.state import check_state, check_state_text, load_state_, save_state
 from actsparse.config import SparsityConfig
-from actsparse.core.mitigation import get_mitigation
-from actsparse.core.scoring import get_criterion
 from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL, check_disjoint, load_text, stored_sample
 from actsparse.errors import ActsparseError
 from actsparse.eval.perplexity import Perplexity, encode, make_windows, perplexity
@@ -69,7 +67,7 @@ class EvalSettings:
                 f"max_tokens {self.max_tokens} is less than one window of seqlen {self.seqlen} tokens, so nothing would be "
                 "evaluated; raise max_tokens or lower seqlen"
             )
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:  # a list is refused, not a TypeError
             raise ActsparseError(f"unknown dtype {self.dtype!r}; use one of: {', '.join(DTYPES)}")
         if self.device != "auto":
             try:
@@ -158,7 +156,7 @@ class Evaluator:
         """
         if is_calibrated(config.mitigation):
             return self.run_calibrated(config, with_dense=with_dense, extra=extra)
-        criterion, mitigation = get_criterion(config.criterion), get_mitigation(config.mitigation)
+        criterion, mitigation = config.criterion_obj, config.mitigation_obj
         stats, calibration = None, {}
         if criterion.needs_calibration or mitigation.needs_calibration:  # before the dense run: it may refuse the texts
             stats, calib_spec, calib_windows, calib_seconds = self.calibration_stats()
@@ -215,7 +213,7 @@ class Evaluator:
             measured = self._extra(extra)
         finally:
             unsparsify_(self.model)
-        causal = get_criterion(config.criterion).causal and get_mitigation(config.mitigation).causal
+        causal = config.criterion_obj.causal and config.mitigation_obj.causal
         return self._complete(record, sparse, start, causal, config, report, measured)
 
     def run_state(
@@ -248,7 +246,7 @@ class Evaluator:
             measured = self._extra(extra)
         finally:
             unsparsify_(self.model)
-        causal = get_criterion(config.criterion).causal and get_mitigation(config.mitigation).causal
+        causal = config.criterion_obj.causal and config.mitigation_obj.causal
         return self._complete(record, sparse, start, causal, config, report, measured)
 
     def run_weights(self, config, with_dense: bool = True, extra: Extra = None) -> dict:

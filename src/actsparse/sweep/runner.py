@@ -19,8 +19,6 @@ from tqdm.auto import tqdm
 from actsparse.baselines import get_pruner
 from actsparse.calibration.layerwise import CalibrationOptions
 from actsparse.calibration.mitigations import is_calibrated
-from actsparse.core.mitigation import get_mitigation
-from actsparse.core.scoring import get_criterion
 from actsparse.data.sources import check_disjoint, load_text
 from actsparse.errors import ActsparseError
 from actsparse.eval.lmeval import prepare_tasks, require_lm_eval
@@ -80,7 +78,7 @@ def check_sweep(spec: SweepSpec, models: bool = True) -> None:
         if run.target == "weights":
             calibrates = get_pruner(config.method).needs_calibration
         elif run.target == "activations":
-            calibrates = (get_criterion(config.criterion).needs_calibration or get_mitigation(config.mitigation).needs_calibration
+            calibrates = (config.criterion_obj.needs_calibration or config.mitigation_obj.needs_calibration
                           or is_calibrated(config.mitigation))  # fmt: skip
         else:
             calibrates = False
