@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from actsparse.artifacts import write_json_atomic
+from actsparse.cli.options import add_sparsity_options, config_from, positive_int, positive_ints
 from actsparse.errors import ActsparseError
+from actsparse.eval.speed import DTYPES, MODES, PRESETS, BenchOptions, preset_model, run_bench
+from actsparse.models.loading import load_model
 
-
-def _positive_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 512,1024, got '{text}'") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 512,1024, got '{text}'")
-    return values
+DEFAULTS = BenchOptions()
 
 
 def _modes(text: str) -> tuple[str, ...]:
-    from actsparse.eval.speed import MODES
-
     modes = tuple(part.strip() for part in text.split(",") if part.strip())
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -27,20 +23,11 @@ def _modes(text: str) -> tuple[str, ...]:
     return modes
 
 
-def _whole(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    return value
+def _listed(values) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def add_bench_command(commands) -> None:
-    from actsparse.cli.main import add_sparsity_options
-    from actsparse.eval.speed import PRESETS
-
     be = commands.add_parser(
         "bench", help="prefill latency and decode tokens/s, dense against sparse",
         description="Time the model dense and then sparsified with the given config, in one process: prefill latency at each "
@@ -54,20 +41,29 @@ def add_bench_command(commands) -> None:
         default="tiny-llama",
         help=f"a shape preset with random weights ({', '.join(PRESETS)}), an alias, a local directory or a hub id (default: tiny-llama)",
     )
-    be.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="(default: bfloat16)")
+    be.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="(default: bfloat16)")
     be.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     be.add_argument(
         "--prefill",
-        type=_positive_list,
+        type=positive_ints,
         default=None,
-        help="prompt lengths to time (default: 512,1024,...,16384 on CUDA, 32,128 on the CPU)",
+        help=f"prompt lengths to time (default: {_listed(DEFAULTS.prefill)} on CUDA, 32,128 on the CPU)",
     )
-    be.add_argument("--batch", type=_positive_list, default=(1, 2, 4), help="decode batch sizes (default: 1,2,4)")
-    be.add_argument("--prompt", type=_whole, default=128, help="prompt tokens before decoding (default: 128)")
-    be.add_argument("--steps", type=_whole, default=64, help="decode steps timed (default: 64)")
-    be.add_argument("--modes", type=_modes, default=("eager", "graph"), help="eager, graph (default: both; graph needs CUDA)")
-    be.add_argument("--repeats", type=_whole, default=5, help="timed repeats, median reported (default: 5)")
-    be.add_argument("--num-layers", type=_whole, default=None, help="presets only: fewer decoder layers, for a quick run")
+    be.add_argument(
+        "--batch", type=positive_ints, default=DEFAULTS.batches, help=f"decode batch sizes (default: {_listed(DEFAULTS.batches)})"
+    )
+    be.add_argument(
+        "--prompt", type=positive_int, default=DEFAULTS.prompt, help=f"prompt tokens before decoding (default: {DEFAULTS.prompt})"
+    )
+    be.add_argument("--steps", type=positive_int, default=DEFAULTS.steps, help=f"decode steps timed (default: {DEFAULTS.steps})")
+    be.add_argument("--modes", type=_modes, default=DEFAULTS.modes, help=f"{', '.join(MODES)} (default: all; graph needs CUDA)")
+    be.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=DEFAULTS.repeats,
+        help=f"timed repeats, median reported (default: {DEFAULTS.repeats})",
+    )
+    be.add_argument("--num-layers", type=positive_int, default=None, help="presets only: fewer decoder layers, for a quick run")
     be.add_argument("--json", default=None, metavar="FILE", help="write the results here (atomically)")
     be.add_argument(
         "--no-tune",
@@ -79,20 +75,13 @@ def add_bench_command(commands) -> None:
 
 
 def cmd_bench(args) -> None:
-    import torch
-
-    from actsparse.artifacts import write_json_atomic
-    from actsparse.cli.main import config_from
-    from actsparse.eval.speed import DTYPES, PRESETS, BenchOptions, preset_model, run_bench
-    from actsparse.models.loading import load_model
-
     config = config_from(args)  # checked before anything loads
     device = torch.device(
         "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ActsparseError(f"--device {args.device} but no CUDA device is available; fix: use --device cpu")
-    prefill = args.prefill or ((512, 1024, 2048, 4096, 8192, 16384) if device.type == "cuda" else (32, 128))
+    prefill = args.prefill or (DEFAULTS.prefill if device.type == "cuda" else (32, 128))
     options = BenchOptions(
         prefill=prefill,
         batches=args.batch,
