@@ -8,7 +8,7 @@ actsparse.unsparsify_(model)
 """
 
 from actsparse._version import __version__ as __version__
-from actsparse.amber import amber_preset, budget_skip, measure_sensitivity, random_skip  # registers w8a8 mitigations
+from actsparse.amber import Allocation, allocate, amber_preset, budget_skip, measure_sensitivity, random_skip  # registers w8a8
 from actsparse.baselines import WeightPruneConfig, WeightPruneReport, load_pruned_, prune_weights_, save_pruned, verify_pattern
 from actsparse.calibration.collect import collect_input_stats
 from actsparse.calibration.layerwise import CalibrationOptions, CalibrationReport, calibrate_, collect_covariance_stats
@@ -43,6 +43,6 @@ __all__ = [
     "SparseLinear", "SparsifyReport", "SparsityConfig", "Unstructured", "collect_input_stats", "find_linear_sites",
     "load_model", "parse_pattern", "register_criterion", "register_mitigation", "sparsify_", "tune_", "unsparsify_",
     "WeightPruneConfig", "WeightPruneReport", "load_pruned_", "prune_weights_", "save_pruned", "verify_pattern",
-    "amber_preset", "budget_skip", "measure_sensitivity", "random_skip",
+    "Allocation", "allocate", "amber_preset", "budget_skip", "measure_sensitivity", "random_skip",
     "CalibrationOptions", "CalibrationReport", "CovarianceStats", "calibrate_", "collect_covariance_stats", "ensure_mitigation", "load_state_", "save_state",
 ]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 
@@ -15,6 +16,12 @@ from actsparse.errors import ActsparseError
 from actsparse.models.discovery import ROLES
 
 _SKIP = re.compile(r"^(?P<role>[a-z_]*)(?:@(?P<layers>[0-9,\-]+))?$")
+_SITE = re.compile(r"^(?P<role>[a-z_]+)@(?P<layer>[0-9]+)$")
+UNIFORM, SENSITIVITY = "uniform", "sensitivity"
+ALLOCATION_HELP = (
+    "use allocation='uniform', 'sensitivity' (N per layer measured on calibration text, the pattern as the FLOP-weighted "
+    "average) or a map {'ROLE@LAYER': 'N:M' or 'dense'} with the pattern's M, e.g. {'down@0': '12:16', 'q@3': '6:16'}"
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,13 @@ class SparsityConfig:
     - ``backend``: ``auto`` (Triton kernels on CUDA where supported), ``torch`` or ``triton``.
     - ``prefill_only``: sparsify prompt tokens only; single-token decode steps (KV cache) run
       dense (as in the Amber Pruner paper). Perplexity (teacher forcing) is all prefill, so it is unaffected.
+    - ``allocation``: how N is chosen per layer, M fixed by ``pattern``. ``"uniform"``: every
+      selected layer gets ``pattern``. ``"sensitivity"``: ``pattern`` is the FLOP-weighted
+      average density; N per layer is measured on calibration text and must be resolved into a
+      map (``actsparse.allocate``, or the CLI / ``Evaluator`` with the calibration text) before
+      ``sparsify_``. A map ``{"ROLE@LAYER": "N:M" or "dense"}``: those layers get that pattern,
+      the other selected layers ``pattern``. It is held as sorted ``(key, pattern)`` pairs and
+      ``to_dict`` gives it back as a JSON object, so a saved config names every layer's N.
     """
 
     pattern: str = "2:4"
@@ -43,6 +57,7 @@ class SparsityConfig:
     seed: int = 0
     backend: str = "auto"
     prefill_only: bool = False
+    allocation: str | Mapping[str, str] | tuple[tuple[str, str], ...] = UNIFORM
 
     def __post_init__(self):
         normalise_selection(self)
@@ -53,11 +68,36 @@ class SparsityConfig:
         get_mitigation(validate.text("mitigation", self.mitigation))
         validate.whole("seed", self.seed, minimum=None)
         validate.flag("prefill_only", self.prefill_only)
+        object.__setattr__(self, "allocation", parse_allocation(self.allocation, parse_pattern(self.pattern)))
         if self.backend == "triton":  # a forced kernel that does not exist is refused now, not at the first sparse layer
-            choose_backend("triton", parse_pattern(self.pattern), self.criterion, self.mitigation)
+            for pattern in {parse_pattern(self.pattern), *self.layer_patterns().values()}:
+                if not pattern.is_dense:
+                    choose_backend("triton", pattern, self.criterion, self.mitigation)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if isinstance(self.allocation, tuple):
+            out["allocation"] = dict(self.allocation)
+        elif self.allocation == UNIFORM:  # left out, so that records and run keys of uniform configs stay as they were
+            del out["allocation"]
+        return out
+
+    @property
+    def resolved(self) -> bool:
+        """Whether every layer's pattern is known (False for an unmeasured ``allocation="sensitivity"``)."""
+        return self.allocation != SENSITIVITY
+
+    def layer_patterns(self) -> dict[str, Pattern]:
+        """The explicit map as ``{"ROLE@LAYER": Pattern}`` (empty for uniform and sensitivity)."""
+        return dict(self._layer_patterns)
+
+    @cached_property
+    def _layer_patterns(self) -> dict[str, Pattern]:
+        return {key: parse_pattern(value) for key, value in self.allocation} if isinstance(self.allocation, tuple) else {}
+
+    def pattern_of(self, role: str | None, layer: int) -> Pattern:
+        """The pattern of the linear layer with this role in this decoder layer (the map's entry, else ``pattern``)."""
+        return self._layer_patterns.get(f"{role}@{layer}", self.pattern_obj)
 
     # The names resolved once, on first use: what callers read instead of parsing and looking up again.
     @cached_property
@@ -126,3 +166,47 @@ def parse_skip(entry: str) -> tuple[str | None, set[int] | None]:
                 raise ActsparseError(f"cannot parse layers '{match['layers']}' in skip entry '{entry}'; use e.g. 3,5-7")
             layers.update(range(int(start), int(stop or start) + 1))
     return role, layers
+
+
+def site_key(role: str, layer: int) -> str:
+    """The allocation map's key of a linear layer: ``"down@3"``."""
+    return f"{role}@{layer}"
+
+
+def parse_site_key(key) -> tuple[str, int]:
+    """``"down@3"`` -> ("down", 3)."""
+    match = _SITE.match(key.strip()) if isinstance(key, str) else None
+    if not match:
+        raise ActsparseError(f"cannot parse allocation key {key!r}; keys are ROLE@LAYER, e.g. 'down@3'")
+    return check_role(match["role"]), int(match["layer"])
+
+
+def parse_allocation(value, pattern: Pattern):
+    """``"uniform"`` / ``"sensitivity"`` as they are; a map (or pairs) as sorted ``(key, "N:M")`` pairs, checked."""
+    if isinstance(value, str):
+        if value not in (UNIFORM, SENSITIVITY):
+            raise ActsparseError(f"unknown allocation {value!r}; {ALLOCATION_HELP}")
+        if value == SENSITIVITY and pattern.nm is None:
+            raise ActsparseError(f"allocation 'sensitivity' needs an N:M pattern (the average N and the M), not {pattern}")
+        return value
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        items = [tuple(p) for p in value]
+    else:
+        raise ActsparseError(f"allocation must be a string or a map, got {value!r}; {ALLOCATION_HELP}")
+    if pattern.nm is None:
+        raise ActsparseError(f"a per-layer allocation needs an N:M pattern (its M is every layer's M), not {pattern}")
+    pairs = {}
+    for key, text in items:
+        role, layer = parse_site_key(key)
+        chosen = parse_pattern(validate.text(f"allocation[{key!r}]", text))
+        if not (chosen.is_dense or (chosen.nm is not None and chosen.m == pattern.m)):
+            raise ActsparseError(
+                f"allocation[{key!r}] is {chosen}, but every layer keeps the pattern's M ({pattern.m}); use N:{pattern.m} or dense"
+            )
+        if site_key(role, layer) in pairs:
+            raise ActsparseError(f"allocation names {site_key(role, layer)} twice; give each layer once")
+        pairs[site_key(role, layer)] = str(chosen)
+    order = {role: index for index, role in enumerate(ROLES)}
+    return tuple(sorted(pairs.items(), key=lambda kv: (parse_site_key(kv[0])[1], order[parse_site_key(kv[0])[0]])))

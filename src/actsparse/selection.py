@@ -8,12 +8,16 @@ before any weights load. It refuses:
 - a role (in ``roles`` or ``skip``) no decoder layer of the model has;
 - a selection that leaves no linear layer to sparsify (unless the pattern is ``dense``);
 - a pattern whose M does not divide the input width of a selected layer, naming that
-  layer's role in the fix.
+  layer's role in the fix;
+- an allocation map (``SparsityConfig.allocation``) naming a layer that is not selected, and an
+  unresolved ``allocation="sensitivity"`` when ``resolved`` is asked for.
+
+Layers the allocation map sets to ``dense`` are selected but left out of the returned sites.
 """
 
 from __future__ import annotations
 
-from actsparse.config import parse_skip
+from actsparse.config import parse_site_key, parse_skip
 from actsparse.errors import ActsparseError
 
 
@@ -21,8 +25,10 @@ def _span(layers: set[int]) -> str:
     return f"{min(layers)}-{max(layers)}" if layers else "none"
 
 
-def choose_sites(config, sites: list, what: str = "sparsify") -> list:
-    """The sites of ``sites`` that ``config`` selects, after the checks of the module docstring."""
+def choose_sites(config, sites: list, what: str = "sparsify", resolved: bool = False) -> list:
+    """The sites of ``sites`` that ``config`` selects, after the checks of the module docstring.
+
+    ``resolved``: refuse a config whose per-layer N is still to be measured (``sparsify_`` does)."""
     pattern = config.pattern_obj
     present_layers = {s.layer for s in sites}
     present_roles = {s.role for s in sites if s.role}
@@ -53,6 +59,21 @@ def choose_sites(config, sites: list, what: str = "sparsify") -> list:
             f"the selection ({', '.join(parts) or 'every role'}) leaves no linear layer to {what}, so the run would measure the "
             "dense model; select at least one layer"
         )
+    allocation = getattr(config, "allocation", None)
+    if resolved and allocation == "sensitivity":
+        raise ActsparseError(
+            "allocation 'sensitivity' is not resolved yet: measure it on calibration text first "
+            "(actsparse.allocate(model, config, calib_windows) gives the config with its per-layer map)"
+        )
+    if isinstance(allocation, tuple):
+        selected = {(s.role, s.layer) for s in chosen}
+        for key, _ in allocation:
+            if parse_site_key(key) not in selected:
+                raise ActsparseError(
+                    f"allocation names {key}, which is not a selected linear layer of this model; "
+                    "fix the map's keys (ROLE@LAYER of the layers --roles/--layers/--skip select)"
+                )
+        chosen = [s for s in chosen if not config.pattern_of(s.role, s.layer).is_dense]
     for site in chosen:
         if not pattern.fits(site.in_features):
             same = sorted({s.in_features for s in chosen if s.role == site.role})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -37,6 +37,7 @@ class SparsifyReport:
 
     sparse: tuple[LinearSite, ...]  # layers that now run sparse
     dense: tuple[LinearSite, ...]  # decoder linear layers left dense
+    patterns: dict[str, str] = field(default_factory=dict)  # module name -> pattern, of the sparse layers
 
     @property
     def sparse_flop_fraction(self) -> float:
@@ -44,17 +45,31 @@ class SparsifyReport:
         total = sum(s.flops_per_token for s in self.sparse + self.dense)
         return sum(s.flops_per_token for s in self.sparse) / total if total else 0.0
 
+    @property
+    def density(self) -> float:
+        """FLOP-weighted share of the decoder's linear-layer inputs kept (dense layers count 1; lm_head excluded)."""
+        total = sum(s.flops_per_token for s in self.sparse + self.dense)
+        kept = sum(s.flops_per_token for s in self.dense)
+        kept += sum(s.flops_per_token * parse_pattern(self.patterns.get(s.name, "dense")).density for s in self.sparse)
+        return kept / total if total else 1.0
+
     @classmethod
     def of(cls, model: nn.Module, sites: list[LinearSite]) -> SparsifyReport:
         """The report of a model as it is now swapped: ``sites`` found before the swap."""
-        names = set(sparse_layers(model))
-        return cls(tuple(s for s in sites if s.name in names), tuple(s for s in sites if s.name not in names))
+        layers = sparse_layers(model)
+        return cls(
+            tuple(s for s in sites if s.name in layers),
+            tuple(s for s in sites if s.name not in layers),
+            {name: str(layer.pattern) for name, layer in layers.items()},
+        )
 
     def to_dict(self) -> dict:
         return {
             "sparse_layers": len(self.sparse),
             "dense_layers": len(self.dense),
             "sparse_flop_fraction": self.sparse_flop_fraction,
+            "density": self.density,
+            "layer_patterns": {p: sum(1 for v in self.patterns.values() if v == p) for p in sorted(set(self.patterns.values()))},
             "sparse_roles": sorted({s.role for s in self.sparse}),
             "unrecognised_layers": [s.name for s in self.dense if s.role is None],
         }
@@ -83,7 +98,7 @@ def sparsify_(
         raise ActsparseError("model is already sparsified; call actsparse.unsparsify_(model) first")
     pattern, criterion, mitigation = config.pattern_obj, config.criterion_obj, config.mitigation_obj
     sites = find_linear_sites(model)
-    chosen = choose_sites(config, sites)  # refuses a selection of nothing, missing layers/roles, widths
+    chosen = choose_sites(config, sites, resolved=True)  # refuses a selection of nothing, missing layers/roles, widths
     needs_stats = criterion.needs_calibration or mitigation.needs_calibration
     if needs_stats and not pattern.is_dense:
         missing = [s.name for s in chosen if not stats or s.name not in stats]
@@ -98,7 +113,7 @@ def sparsify_(
         with onloaded(original):  # an offloaded layer's weights on hand while its buffers are computed
             layer = SparseLinear(
                 original,
-                pattern,
+                config.pattern_of(site.role, site.layer),
                 criterion,
                 mitigation,
                 name=site.name,
@@ -113,8 +128,7 @@ def sparsify_(
         mark_sparsified_(model, config)
     if pattern.is_dense:
         return SparsifyReport(sparse=(), dense=tuple(sites))
-    chosen_names = {s.name for s in chosen}
-    return SparsifyReport(sparse=tuple(chosen), dense=tuple(s for s in sites if s.name not in chosen_names))
+    return SparsifyReport.of(model, sites)
 
 
 def mark_sparsified_(model: nn.Module, config: SparsityConfig) -> None:

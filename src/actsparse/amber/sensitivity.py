@@ -107,7 +107,6 @@ class Sensitivity:
         }  # fmt: skip
 
 
-@torch.no_grad()
 def measure_sensitivity(
     model: nn.Module,
     windows: torch.Tensor,
@@ -126,21 +125,46 @@ def measure_sensitivity(
     ``stats`` (``actsparse.collect_input_stats``) is needed by criteria and mitigations that
     need calibration statistics. The model must be dense (not sparsified).
     """
+    curves = measure_curves(
+        model, windows, [pattern], criterion, mitigation, stats=stats, bos_id=bos_id, names=names, progress=progress, eps=eps
+    )
+    return next(iter(curves.values()))
+
+
+@torch.no_grad()
+def measure_curves(
+    model: nn.Module,
+    windows: torch.Tensor,
+    patterns: list[str],
+    criterion: str = "amber",
+    mitigation: str = "none",
+    *,
+    stats: dict[str, InputStats] | None = None,
+    bos_id: int | None = None,
+    names: list[str] | None = None,
+    progress: bool = True,
+    eps: float = SENSITIVITY_EPS,
+) -> dict[str, Sensitivity]:
+    """``e_q`` of every layer at each of ``patterns``, in one dense pass over ``windows``:
+    ``{str(pattern): Sensitivity}`` (the sensitivity curves a per-layer allocation reads)."""
     if sparse_layers(model):
         raise ActsparseError("model is sparsified; measure sensitivity on the dense model (actsparse.unsparsify_ first)")
-    pattern_obj = parse_pattern(pattern)
-    if pattern_obj.is_dense:
-        raise ActsparseError("sensitivity needs a sparse pattern (N:M or unstructured:S), not dense")
+    pattern_objs = [parse_pattern(p) for p in patterns]
+    if not pattern_objs or any(p.is_dense for p in pattern_objs):
+        raise ActsparseError("sensitivity needs sparse patterns (N:M or unstructured:S), not dense")
     criterion_obj, mitigation_obj = get_criterion(criterion), get_mitigation(mitigation)
     sites = find_linear_sites(model)
     chosen = [s for s in sites if s.role is not None and (names is None or s.name in names)]
-    wrappers, sums = {}, {}
+    wrappers: dict[str, SparseLinear] = {}
+    sums: dict[str, list[list[float]]] = {}
     for index, site in enumerate(chosen):
         module = model.get_submodule(site.name)
+        for pattern_obj in pattern_objs[1:]:
+            pattern_obj.check_width(site.in_features)
         with onloaded(module):
             wrappers[site.name] = SparseLinear(
                 module,
-                pattern_obj,
+                pattern_objs[0],
                 criterion_obj,
                 mitigation_obj,
                 name=site.name,
@@ -149,13 +173,18 @@ def measure_sensitivity(
                 backend="torch",
             )
         bridge_offload_(wrappers[site.name], module)
-        sums[site.name] = [0.0, 0.0]  # sum (Y - Y')^2, sum Y^2
+        sums[site.name] = [[0.0, 0.0] for _ in pattern_objs]  # per pattern: sum (Y - Y')^2, sum Y^2
 
     def hook(module, args, output, name):
+        # one wrapper per layer (its mitigation prepared once), its pattern switched per candidate:
+        # the prepared tensors of the mitigations measured here do not depend on the pattern
         y = output.double()
-        y_sparse = wrappers[name](args[0]).double()
-        sums[name][0] += (y - y_sparse).square().sum().item()
-        sums[name][1] += y.square().sum().item()
+        reference = y.square().sum().item()
+        wrapper = wrappers[name]
+        for pattern_obj, acc in zip(pattern_objs, sums[name]):
+            wrapper.pattern = pattern_obj
+            acc[0] += (y - wrapper(args[0]).double()).square().sum().item()
+            acc[1] += reference
 
     handles = [
         model.get_submodule(s.name).register_forward_hook(lambda m, a, o, name=s.name: hook(m, a, o, name)) for s in chosen
@@ -165,12 +194,15 @@ def measure_sensitivity(
     finally:
         for handle in handles:
             handle.remove()
-    scores = {name: math.sqrt(err) / (math.sqrt(ref) + eps) for name, (err, ref) in sums.items()}
-    settings = {
-        "pattern": str(pattern_obj),
-        "criterion": criterion,
-        "mitigation": mitigation,
-        "windows": len(windows),
-        "eps": eps,
-    }
-    return Sensitivity(sites=sites, scores=scores, settings=settings)
+    out = {}
+    for position, pattern_obj in enumerate(pattern_objs):
+        scores = {name: math.sqrt(acc[position][0]) / (math.sqrt(acc[position][1]) + eps) for name, acc in sums.items()}
+        settings = {
+            "pattern": str(pattern_obj),
+            "criterion": criterion,
+            "mitigation": mitigation,
+            "windows": len(windows),
+            "eps": eps,
+        }
+        out[str(pattern_obj)] = Sensitivity(sites=sites, scores=scores, settings=settings)
+    return out

@@ -298,7 +298,7 @@ def calibrate_(
     windows = as_windows(calib_windows)
     sites = find_linear_sites(model)
 
-    chosen = choose_sites(config, sites, what="calibrate")
+    chosen = choose_sites(config, sites, what="calibrate", resolved=True)
     report = CalibrationReport(config, options, len(windows), windows.shape[1])
     if pattern.is_dense or not chosen:
         return report
@@ -339,7 +339,7 @@ def calibrate_(
             for site in group:
                 with onloaded(modules[site.name]):
                     sparse = SparseLinear(
-                        modules[site.name], pattern, criterion, mitigation, name=site.name, stats=stats[site.name],
+                        modules[site.name], config.pattern_of(site.role, site.layer), criterion, mitigation, name=site.name, stats=stats[site.name],
                         seed=seeds[site.name], backend=config.backend, prefill_only=config.prefill_only,
                     )  # fmt: skip
                 bridge_offload_(sparse, modules[site.name])

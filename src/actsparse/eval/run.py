@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 import actsparse.validate as validate
+from actsparse.amber.allocation import allocate
 from actsparse.artifacts import versions
 from actsparse.baselines import get_pruner, prune_weights_, restore_weights_, snapshot_weights, verify_pattern
 from actsparse.calibration import layerwise  # layerwise.calibrate_ looked up at each call (tests replace it)
@@ -103,6 +104,7 @@ class Evaluator:
         self._stats = None
         self._calib = None  # (calibration TextSource, its tokens)
         self._weights = None  # CPU copy of the dense linear weights, taken before the first weight pruning
+        self._allocations: dict = {}  # measured allocations, by what they depend on
 
     def _perplexity(self, desc: str) -> Perplexity:
         return perplexity(
@@ -148,19 +150,44 @@ class Evaluator:
             windows = windows[chosen.sort().values]
         return windows, calib.spec
 
+    def allocate(self, config: SparsityConfig) -> tuple[SparsityConfig, dict | None]:
+        """``config`` with ``allocation="sensitivity"`` resolved on the calibration text (the settings'
+        ``calib_windows`` windows, never the evaluation text), and the allocation's record; any other
+        config as it is, with None. Measured once per criterion, mitigation, pattern and selection."""
+        if config.resolved:
+            return config, None
+        key = (config.pattern, config.criterion, config.mitigation, config.roles, config.layers, config.skip, config.seed)
+        if key not in self._allocations:
+            windows, calib_spec = self.calibration_windows(self.settings.calib_windows)
+            criterion, mitigation = config.criterion_obj, config.mitigation_obj
+            stats = None
+            if (criterion.needs_calibration or mitigation.needs_calibration) and not mitigation.fitted:
+                stats = self.calibration_stats()[0]
+            start = time.perf_counter()
+            resolved, allocation = allocate(self.model, config, windows, stats=stats, bos_id=self.bos_id, progress=self.progress)
+            info = {**allocation.to_dict(), "data": calib_spec, "seconds": time.perf_counter() - start}
+            self._allocations[key] = (resolved.allocation, info)
+        allocation, info = self._allocations[key]
+        return replace(config, allocation=allocation), info
+
     def run(self, config: SparsityConfig, with_dense: bool = True, extra: Extra = None) -> dict:
         """Evaluate one config; returns the record written to JSON.
 
         A mitigation calibrated layer by layer (spts, scap, rotation, lpts, oshift, ...) is
-        calibrated first on the calibration text (``run_calibrated``).
+        calibrated first on the calibration text (``run_calibrated``). ``allocation="sensitivity"``
+        is resolved first on the calibration text (``allocate``); the record holds the resolved
+        per-layer map in its config and how it was chosen under ``allocation``.
         """
         if is_calibrated(config.mitigation):
             return self.run_calibrated(config, with_dense=with_dense, extra=extra)
+        config, allocation = self.allocate(config)
         criterion, mitigation = config.criterion_obj, config.mitigation_obj
         stats, calibration = None, {}
         if criterion.needs_calibration or mitigation.needs_calibration:  # before the dense run: it may refuse the texts
             stats, calib_spec, calib_windows, calib_seconds = self.calibration_stats()
             calibration = {"calibration": {"data": calib_spec, "windows": calib_windows, "seconds": calib_seconds}}
+        if allocation is not None:
+            calibration["allocation"] = allocation
         record = self._record("activations", with_dense, **calibration)
         start = time.perf_counter()
         report = sparsify_(self.model, config, stats=stats)
@@ -187,8 +214,9 @@ class Evaluator:
         settings'). The model is dense again afterwards.
         """
         options = options or CalibrationOptions()
+        config, allocation = self.allocate(config)
         windows, calib_spec = self.calibration_windows(calib_windows or self.settings.calib_windows, options.seed)
-        record = self._record("activations", with_dense)
+        record = self._record("activations", with_dense, **({"allocation": allocation} if allocation else {}))
 
         sites = find_linear_sites(self.model)  # before the swap: discovery sees the dense linear layers
         start = time.perf_counter()

@@ -11,6 +11,10 @@ mitigations (``target: activations``) or patterns × methods (``target: weights`
     grids:
       - {target: activations, patterns: ["2:4", "8:16"], criteria: [magnitude, amber], mitigations: [none, var]}
       - {target: weights, patterns: ["2:4"], methods: [magnitude, wanda, sparsegpt], calib_windows: 128}
+      - {target: activations, patterns: ["8:16"], criteria: [amber], mitigations: [lowrank], allocations: [uniform, sensitivity]}
+
+``allocations`` (default ``[uniform]``): ``sensitivity`` runs choose N per layer on the
+calibration text with the pattern as the average (``SparsityConfig.allocation``).
 
 Every model also gets one ``dense`` run (the baseline the report compares against). A run's
 ``key`` is a hash of everything that changes its numbers — model, settings (not the device),
@@ -43,7 +47,17 @@ TARGETS = ("activations", "weights")
 _TOP = {"name", "store", "models", "settings", "tasks", "generate", "grids"}
 _SHARED = {"roles", "layers", "skip", "seed"}  # config fields a grid may set for all its runs
 _GRID = {
-    "activations": {"target", "patterns", "criteria", "mitigations", "backend", "prefill_only", "calibration", *_SHARED},
+    "activations": {
+        "target",
+        "patterns",
+        "criteria",
+        "mitigations",
+        "allocations",
+        "backend",
+        "prefill_only",
+        "calibration",
+        *_SHARED,
+    },
     "weights": {"target", "patterns", "methods", "calib_windows", *_SHARED},
 }
 _CALIBRATION = {"windows", "lr", "steps", "seed"}
@@ -89,6 +103,8 @@ class Run:
             what = f"{c.pattern} weights {c.method}"
         else:
             what = f"{c.pattern} {c.criterion} + {c.mitigation}"
+            if getattr(c, "allocation", "uniform") != "uniform":
+                what += f" ({c.allocation if isinstance(c.allocation, str) else 'per-layer'} N)"
         return f"{self.model}: {what}"
 
 
@@ -224,15 +240,16 @@ def _grid_runs_checked(grid: dict, settings: EvalSettings, tasks, generate) -> l
     for pattern in patterns:
         for criterion in _list("criteria", grid.get("criteria"), "criteria"):
             for mitigation in _list("mitigations", grid.get("mitigations"), "mitigations"):
-                ensure_mitigation(mitigation)
-                config = SparsityConfig(
-                    pattern=pattern, criterion=criterion, mitigation=mitigation, backend=grid.get("backend", "auto"),
-                    prefill_only=grid.get("prefill_only", False), **shared,
-                )  # fmt: skip
-                options = None
-                if is_calibrated(mitigation):
-                    options = {"windows": settings.calib_windows, "lr": 1e-4, "steps": None, "seed": 0, **calibration}
-                runs.append(Run(settings, "activations", config, tasks, generate, options))
+                for allocation in _list("allocations", grid.get("allocations", ["uniform"]), "allocations"):
+                    ensure_mitigation(mitigation)
+                    config = SparsityConfig(
+                        pattern=pattern, criterion=criterion, mitigation=mitigation, backend=grid.get("backend", "auto"),
+                        prefill_only=grid.get("prefill_only", False), allocation=allocation, **shared,
+                    )  # fmt: skip
+                    options = None
+                    if is_calibrated(mitigation):
+                        options = {"windows": settings.calib_windows, "lr": 1e-4, "steps": None, "seed": 0, **calibration}
+                    runs.append(Run(settings, "activations", config, tasks, generate, options))
     return runs
 
 
