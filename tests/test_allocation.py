@@ -272,3 +272,52 @@ def test_recipe_search_selects_on_selection_text_and_evaluates_the_winner(tmp_pa
     assert len(Store(store).records()) == stored  # resumed: nothing ran twice
     with pytest.raises(ActsparseError):
         search_recipe(RecipeSearch(settings, "8:16", select_data=str(texts["eval"])), store, progress=False)
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def test_cli_eval_and_calibrate_with_allocations(tmp_path, texts, capsys):
+    from actsparse.cli.main import main
+
+    model_dir = save_tiny_model_dir(tmp_path / "tiny")
+    common = ["--model", str(model_dir), "--data", str(texts["eval"]), "--calib-data", str(texts["calib"]), "--seqlen", "32",
+              "--calib-windows", "3", "--pattern", "8:16", "--criterion", "amber", "--no-progress"]  # fmt: skip
+    assert main(["eval", *common, "--max-tokens", "96", "--allocation", "sensitivity", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert isinstance(record["config"]["allocation"], dict) and record["density"] == 0.5 and record["allocation"]["met"]
+    saved = tmp_path / "record.json"
+    saved.write_text(json.dumps(record))
+    assert main(["eval", *common, "--max-tokens", "96", "--allocation", str(saved)]) == 0  # the record's map, measured no more
+    out = capsys.readouterr().out
+    assert "density    0.5000" in out and "allocation N per layer" not in out
+    assert f"{record['sparse_ppl']:.3f}" in out
+    assert main(["calibrate", *common, "--mitigation", "spts", "--allocation", "sensitivity", "--out", str(tmp_path / "st")]) == 0
+    state = json.loads((tmp_path / "st" / "actsparse_state.json").read_text())
+    assert isinstance(state["config"]["allocation"], dict)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model_dir), "--data", str(texts["eval"]), "--seqlen", "32", "--max-tokens", "96",
+                 "--state", str(tmp_path / "st"), "--allocation", "uniform", "--no-progress"]) == 2  # fmt: skip
+    assert "--allocation 'uniform' given, but the state" in capsys.readouterr().err
+    for bad, message in ((str(tmp_path / "missing.json"), "neither uniform, sensitivity nor an existing JSON file"),
+                         ("greedy", "neither uniform")):  # fmt: skip
+        assert main(["eval", *common, "--allocation", bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["eval", *common, "--prune", "weights", "--allocation", "sensitivity"]) == 2
+    assert "--allocation choose activation sparsity" in capsys.readouterr().err
+
+
+def test_cli_recipe(tmp_path, texts, capsys):
+    from actsparse.cli.main import main
+
+    model_dir = save_tiny_model_dir(tmp_path / "tiny")
+    args = ["recipe", "--model", str(model_dir), "--data", str(texts["eval"]), "--calib-data", str(texts["calib"]),
+            "--select-data", str(texts["select"]), "--select-tokens", "64", "--seqlen", "32", "--calib-windows", "3",
+            "--max-tokens", "96", "--criteria", "amber", "--mitigations", "none,var", "--store", str(tmp_path / "r.jsonl"),
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count(" ppl ") >= 4 and "winner     amber + " in out and "density    0.5000" in out
+    assert main([*args[:-1], "--select-data", str(texts["eval"])]) == 2  # selecting on the evaluation text is refused
+    err = capsys.readouterr().err
+    assert "overlap" in err or "share text" in err

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from actsparse.config import SparsityConfig
+from actsparse.core.patterns import parse_pattern
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError

@@ -29,6 +29,7 @@ import numpy as np
 from torch import nn
 
 from actsparse.amber.sensitivity import measure_curves
+from actsparse.calibration.collect import collect_input_stats
 from actsparse.config import SENSITIVITY, SparsityConfig, site_key
 from actsparse.core.mitigation import get_mitigation
 from actsparse.errors import ActsparseError
@@ -183,6 +184,8 @@ def allocate(
         raise ActsparseError(f"the average N {pattern.n} is outside the choices {list(choices)}; include N values on both sides")
     windows = as_windows(calib_windows)
     measured = _measured_mitigation(config.mitigation)
+    if stats is None and (config.criterion_obj.needs_calibration or get_mitigation(measured).needs_calibration):
+        stats = collect_input_stats(model, windows, bos_id=bos_id, progress=progress)  # clact, smooth-static
     sparse_choices = [c for c in choices if c < m]
     curves = measure_curves(
         model, windows, [f"{c}:{m}" for c in sparse_choices], config.criterion, measured, stats=stats, bos_id=bos_id,

@@ -102,6 +102,8 @@ class WeightPruneReport:
             "sparse_flop_fraction": self.pruned_flop_fraction,
             "sparse_roles": sorted({s.role for s in self.pruned}),
             "unrecognised_layers": [s.name for s in self.dense if s.role is None],
+            "density": 1.0 - self.removed_flop_fraction,  # FLOP-weighted share of weights kept, as SparsifyReport's
+            "layer_patterns": {str(self.config.pattern): len(self.pruned)} if self.pruned else {},
             "removed_flop_fraction": self.removed_flop_fraction,
             "layer_density": dict(self.density),
             "prune_seconds": self.seconds,

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from actsparse.amber.allocation import allocate
 from actsparse.calibration import layerwise
 from actsparse.calibration.mitigations import ensure_mitigation
 from actsparse.calibration.state import save_state
@@ -60,6 +61,8 @@ def cmd_calibrate(args) -> None:
         chosen = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))[: args.calib_windows]
         windows = windows[chosen.sort().values]
     cache = "cpu" if args.offload else None
+    if not config.resolved:  # N per layer measured on the same calibration windows, saved with the state
+        config, _ = allocate(model, config, windows, bos_id=bos_id, progress=not args.no_progress)
     report = layerwise.calibrate_(
         model, config, windows, options=options, bos_id=bos_id, progress=not args.no_progress, cache_device=cache
     )

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from actsparse.baselines import WeightPruneConfig, get_pruner
 from actsparse.calibration.mitigations import is_calibrated
-from actsparse.cli.options import given, settings_from
+from actsparse.cli.options import allocation_from, given, settings_from
 from actsparse.core.patterns import parse_pattern
 from actsparse.data.sources import check_disjoint, load_text
 from actsparse.errors import ActsparseError
@@ -14,7 +14,17 @@ from actsparse.models.discovery import find_linear_sites
 from actsparse.models.loading import model_skeleton
 from actsparse.selection import choose_sites
 
-STATE_FIXES = ("pattern", "criterion", "mitigation", "roles", "layers", "skip", "seed", "prefill_only")  # from the state's config
+STATE_FIXES = (
+    "pattern",
+    "criterion",
+    "mitigation",
+    "roles",
+    "layers",
+    "skip",
+    "seed",
+    "prefill_only",
+    "allocation",
+)  # from the state's config
 STATE_REFUSES = ("calib_data", "calib_windows", "prune", "method")  # its calibration is done
 
 
@@ -22,7 +32,12 @@ def needs_calibration(config) -> bool:
     """Whether ``config`` (a ``SparsityConfig`` or ``WeightPruneConfig``) reads calibration text."""
     if isinstance(config, WeightPruneConfig):
         return get_pruner(config.method).needs_calibration
-    return config.criterion_obj.needs_calibration or config.mitigation_obj.needs_calibration or is_calibrated(config.mitigation)
+    return (
+        config.criterion_obj.needs_calibration
+        or config.mitigation_obj.needs_calibration
+        or is_calibrated(config.mitigation)
+        or not config.resolved  # allocation="sensitivity" is measured on the calibration text
+    )
 
 
 def preflight(args, config, calibrated: bool | None = None):
@@ -45,6 +60,11 @@ def preflight(args, config, calibrated: bool | None = None):
 def _same(key: str, typed, saved) -> bool:
     if key == "pattern":
         return str(parse_pattern(typed)) == str(parse_pattern(saved))
+    if key == "allocation":
+        typed = allocation_from(typed)
+        if isinstance(typed, str) or isinstance(saved, str):
+            return typed == saved
+        return {k: str(parse_pattern(v)) for k, v in dict(typed).items()} == dict(saved)
     if key in ("roles", "layers", "skip"):
         return (None if typed is None else set(typed)) == (None if saved is None else set(saved))
     return typed == saved

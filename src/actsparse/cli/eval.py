@@ -66,6 +66,14 @@ def cmd_eval(args) -> None:
     print(
         f"sparse linear FLOPs {record['sparse_flop_fraction']:.1%} ({record['sparse_layers']} layers sparse, {record['dense_layers']} dense)"
     )
+    patterns = ", ".join(f"{count} at {pattern}" for pattern, count in record["layer_patterns"].items())
+    print(f"density    {record['density']:.4f} of linear-layer inputs kept, FLOP-weighted ({patterns})")
+    if "allocation" in record:
+        info = record["allocation"]
+        print(
+            f"allocation N per layer from e_q on {info['data']} ({info['settings']['windows']} windows, {info['seconds']:.1f} s): "
+            f"target {info['target_density']:.4f}, reached {info['density']:.4f}{'' if info['met'] else ' (nearest achievable)'}"
+        )
     if not record["causal"]:
         print("note: this criterion/mitigation looks at every token of the batch (non-causal)")
     print(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from actsparse.cli import calibrate, eval, export, fetch, layers, methods, patterns, report, sensitivity, sweep, tasks
+from actsparse.cli import calibrate, eval, export, fetch, layers, methods, patterns, recipe, report, sensitivity, sweep, tasks
 from actsparse.cli.bench import add_bench_command
 from actsparse.cli.checks import check_state_options, preflight
 from actsparse.cli.options import (
@@ -40,6 +40,7 @@ __all__ = [
 COMMANDS = (
     eval.add_eval_command,
     sweep.add_sweep_command,
+    recipe.add_recipe_command,
     report.add_report_command,
     tasks.add_tasks_command,
     calibrate.add_calibrate_command,

@@ -9,8 +9,10 @@ the evaluation defaults from ``EvalSettings``'s. Only the command line's own def
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from actsparse.baselines import PRUNERS, WeightPruneConfig
 from actsparse.cli.placement import add_placement_options as add_placement_options
@@ -24,7 +26,7 @@ from actsparse.models.loading import DTYPES
 
 DEFAULT_PATTERN = "8:16"  # the command line's default; SparsityConfig's own is 2:4
 TARGETS = ("activations", "weights")  # what --prune removes
-ACTIVATIONS_ONLY = ("criterion", "mitigation", "prefill_only", "backend")  # options that --prune weights refuses
+ACTIVATIONS_ONLY = ("criterion", "mitigation", "prefill_only", "backend", "allocation")  # options that --prune weights refuses
 
 
 def defaults(cls) -> dict:
@@ -158,6 +160,14 @@ def add_sparsity_options(parser: argparse.ArgumentParser, weights: bool = True) 
         choices=list(BACKENDS),
         help="auto: Triton kernels on CUDA where supported (default)",
     )
+    group.add_argument(
+        "--allocation",
+        default="uniform",
+        metavar="uniform|sensitivity|FILE.json",
+        help="N per layer, M fixed: uniform (default); sensitivity (chosen from e_q curves on --calib-data, --calib-windows "
+        'windows, with --pattern the FLOP-weighted average); or a JSON file holding a map {"ROLE@LAYER": "N:M" or "dense"} '
+        "(or a result record / state description whose config has one)",
+    )
     if weights:
         group.add_argument(
             "--prune",
@@ -284,17 +294,37 @@ def settings_from(args) -> EvalSettings:
     )  # fmt: skip
 
 
+def allocation_from(text: str):
+    """``--allocation``: ``uniform``, ``sensitivity``, or the map in a JSON file (a map, or a record with ``config.allocation``)."""
+    if text in ("uniform", "sensitivity"):
+        return text
+    path = Path(text)
+    if not path.is_file():
+        raise ActsparseError(
+            f"--allocation {text!r} is neither uniform, sensitivity nor an existing JSON file; give one of those "
+            '(a file holds {"ROLE@LAYER": "N:M"}, e.g. the config of an earlier --json record)'
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ActsparseError(f"--allocation {text}: cannot read it as JSON ({error}); fix the file") from error
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"].get("allocation", "uniform")
+    return data
+
+
 def config_from(args) -> SparsityConfig:
     return SparsityConfig(
         pattern=args.pattern, criterion=args.criterion, mitigation=args.mitigation, roles=args.roles, layers=args.layers,
         skip=tuple(args.skip), seed=args.seed, backend=args.backend, prefill_only=getattr(args, "prefill_only", False),
+        allocation=allocation_from(getattr(args, "allocation", "uniform")),
     )  # fmt: skip
 
 
 def weight_config_from(args) -> WeightPruneConfig:
     if set(ACTIVATIONS_ONLY) & given(args):
         raise ActsparseError(
-            "--criterion, --mitigation, --backend and --prefill-only choose activation sparsity; with --prune weights use --method "
+            "--criterion, --mitigation, --backend, --prefill-only and --allocation choose activation sparsity; with --prune weights use --method "
             f"({', '.join(PRUNERS)})"
         )
     return WeightPruneConfig(
