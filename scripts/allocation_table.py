@@ -89,12 +89,14 @@ def main() -> None:
     parser.add_argument("--criteria", default="magnitude,amber")
     parser.add_argument("--mitigations", default="none,lowrank")
     parser.add_argument("--no-recipe", action="store_true", help="leave the recipe search out")
+    parser.add_argument("--rows", default=None, help="only these rows, by number from 1 (default: all), e.g. 2,4,5")
     parser.add_argument("--sparsegpt", choices=["store", "run"], default="store")
     parser.add_argument("--out", required=True, help="JSONL store of the rows (resumed if it exists)")
     args = parser.parse_args()
     store = Path(args.out)
     settings = settings_from(args)
     pattern, low = parse_pattern(args.pattern), parse_pattern(args.low)
+    wanted = set(ROWS) if args.rows is None else {ROWS[int(i) - 1] for i in args.rows.split(",")}
     evaluator = None
 
     def get() -> Evaluator:
@@ -119,10 +121,10 @@ def main() -> None:
         ROWS[3]: SparsityConfig(pattern=args.pattern, criterion="amber", mitigation="lowrank", allocation="sensitivity"),
     }
     for row, config in configs.items():
-        if row not in done():
+        if row in wanted and row not in done():
             start = time.perf_counter()
             save(row, get().run(config), time.perf_counter() - start)
-    if ROWS[4] not in done():
+    if ROWS[4] in wanted and ROWS[4] not in done():
         start = time.perf_counter()
         ev = get()
         windows, calib_spec = ev.calibration_windows(settings.calib_windows)
