@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from actsparse import validate
+import actsparse.validate as validate
 from actsparse.calibration.mitigations import ensure_mitigation, is_calibrated
 from actsparse.calibration.state import state_config
 from actsparse.config import SparsityConfig
