@@ -11,12 +11,23 @@ from actsparse.calibration import layerwise
 from actsparse.calibration.mitigations import ensure_mitigation
 from actsparse.calibration.state import save_state
 from actsparse.cli.checks import preflight
-from actsparse.cli.options import add_eval_options, add_sparsity_options, config_from, placement_from, real, whole
+from actsparse.cli.options import (
+    EVALUATION,
+    add_eval_options,
+    add_sparsity_options,
+    config_from,
+    defaults,
+    placement_from,
+    real,
+    whole,
+)
 from actsparse.data.sources import check_disjoint, load_text, stored_sample
 from actsparse.errors import ActsparseError
 from actsparse.eval.perplexity import encode, make_windows
 from actsparse.eval.run import EvalSettings
 from actsparse.models import loading
+
+OPTIONS = defaults(layerwise.CalibrationOptions)
 
 
 def add_calibrate_command(commands) -> None:
@@ -27,13 +38,16 @@ def add_calibrate_command(commands) -> None:
     )  # fmt: skip
     add_sparsity_options(ca, weights=False)
     add_eval_options(ca, evaluation=False)
-    ca.set_defaults(calib_windows=32)
+    ca.set_defaults(calib_windows=EVALUATION["calib_windows"])
     ca.add_argument("--out", required=True, metavar="DIR", help="state directory (written atomically)")
     ca.add_argument(
         "--steps", type=whole(1), default=None, help="training steps per decoder layer (default: one pass over --calib-windows)"
     )
     ca.add_argument(
-        "--lr", type=real(0.0, open_low=True), default=1e-4, help="AdamW learning rate of learned mitigations (default: 1e-4)"
+        "--lr",
+        type=real(0.0, open_low=True),
+        default=OPTIONS["lr"],
+        help=f"AdamW learning rate of learned mitigations (default: {OPTIONS['lr']:.0e})".replace("e-0", "e-"),
     )
     ca.add_argument(
         "--offload", action="store_true",

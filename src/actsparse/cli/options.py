@@ -2,8 +2,8 @@
 
 Choices and defaults come from where they are defined: the backends from ``core.dispatch``,
 the dtypes from ``models.loading``, the sparsity defaults from ``SparsityConfig``'s fields and
-the evaluation defaults from ``EvalSettings``'s. Only the command line's own defaults (the
-8:16 pattern, 32 or 128 calibration windows) are written here.
+the evaluation defaults from ``EvalSettings``'s (and ``WeightPruneConfig``'s calibration windows).
+Only the command line's own default pattern (8:16) is written here.
 """
 
 from __future__ import annotations
@@ -204,8 +204,9 @@ def add_eval_options(parser: argparse.ArgumentParser, evaluation: bool = True) -
         default=EVALUATION["calib_data"],
         help=f"calibration text, never overlapping --data (default: {EVALUATION['calib_data']})",
     )
-    windows_help = ("calibration windows for criteria/mitigations that need statistics (default: 32), or for wanda/sparsegpt weight pruning (default: 128)"
-                    if evaluation else "calibration windows (default: 32)")  # fmt: skip
+    windows_help = (f"calibration windows for criteria/mitigations that need statistics (default: {EVALUATION['calib_windows']}), "
+                    f"or for wanda/sparsegpt weight pruning (default: {WEIGHTS['calib_windows']})"
+                    if evaluation else f"calibration windows (default: {EVALUATION['calib_windows']})")  # fmt: skip
     group.add_argument("--calib-windows", type=whole(1), default=None, help=windows_help)
     group.add_argument(
         "--seqlen", type=whole(2), default=EVALUATION["seqlen"], help=f"window length in tokens (default: {EVALUATION['seqlen']})"
@@ -283,7 +284,7 @@ def task_settings_from(args) -> TaskSettings:
 def calib_windows_from(args) -> int:
     if args.calib_windows is not None:
         return args.calib_windows
-    return 128 if getattr(args, "prune", TARGETS[0]) == "weights" else 32
+    return WEIGHTS["calib_windows"] if getattr(args, "prune", TARGETS[0]) == "weights" else EVALUATION["calib_windows"]
 
 
 def settings_from(args) -> EvalSettings:
