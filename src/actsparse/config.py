@@ -63,16 +63,18 @@ class SparsityConfig:
         normalise_selection(self)
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ActsparseError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
-        parse_pattern(self.pattern)
-        get_criterion(validate.text("criterion", self.criterion))
-        get_mitigation(validate.text("mitigation", self.mitigation))
+        pattern = self.pattern_obj  # parsed (and refused) here, once
+        validate.text("criterion", self.criterion)
+        criterion = self.criterion_obj  # looked up (and refused) here, once
+        validate.text("mitigation", self.mitigation)
+        mitigation = self.mitigation_obj
         validate.whole("seed", self.seed, minimum=None)
         validate.flag("prefill_only", self.prefill_only)
-        object.__setattr__(self, "allocation", parse_allocation(self.allocation, parse_pattern(self.pattern)))
+        object.__setattr__(self, "allocation", parse_allocation(self.allocation, pattern))
         if self.backend == "triton":  # a forced kernel that does not exist is refused now, not at the first sparse layer
-            for pattern in {parse_pattern(self.pattern), *self.layer_patterns().values()}:
-                if not pattern.is_dense:
-                    choose_backend("triton", pattern, self.criterion, self.mitigation)
+            for each in {pattern, *self.layer_patterns().values()}:
+                if not each.is_dense:
+                    choose_backend("triton", each, criterion, mitigation)
 
     def to_dict(self) -> dict:
         out = asdict(self)
