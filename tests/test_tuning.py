@@ -53,7 +53,7 @@ def test_one_layer_per_distinct_shape_and_config(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="timing the fast paths needs CUDA")
-def test_tune_fills_both_tables_on_cuda(monkeypatch):
+def test_tune_fills_both_tables_on_cuda(monkeypatch, tmp_path):
     from actsparse.eval.speed import preset_model
 
     monkeypatch.setattr(dispatch.DECODE_CHOICE, "measured", {})
@@ -64,8 +64,51 @@ def test_tune_fills_both_tables_on_cuda(monkeypatch):
     layers = distinct_layers(model)
     assert len(rows) == len(layers) * (2 + 2)  # decode rows 1, 2 (graph); prefill 128 in eager and graph
     assert all(r.sparse_ms >= 0 and r.dense_ms > 0 for r in rows)
+    table = tmp_path / "fast-paths.json"
+    first = tune_(model, decode_rows=(1,), prefill_rows=(128,), repeats=3, table=table)
+    again = tune_(model, decode_rows=(1,), prefill_rows=(128,), repeats=3, table=table)
+    assert again == first  # read back, nothing timed twice
     for r in rows:
         if r.phase == "decode":
             assert dispatch.DECODE_CHOICE.measured[(r.in_features, r.out_features, r.rows, 2, 4, torch.bfloat16)] == r.sparse_wins
         else:
             assert dispatch.PREFILL_CHOICE.measured[(r.mode, r.rows, r.in_features, r.out_features)] == r.sparse_wins
+
+
+def test_a_table_file_keeps_measurements_per_gpu_and_versions(tmp_path, monkeypatch):
+    from actsparse.core.tuning import read_table, record, write_table
+
+    monkeypatch.setattr(dispatch.DECODE_CHOICE, "measured", {})
+    monkeypatch.setattr(dispatch.PREFILL_CHOICE, "measured", {})
+    path = tmp_path / "fast-paths.json"
+    assert read_table(path) == {}  # not written yet
+    h200 = [
+        Tuned("decode", "graph", 1, 4096, 4096, "8:16", "bfloat16", 0.013, 0.019),
+        Tuned("prefill", "eager", 8192, 4096, 14336, "2:4", "bfloat16", 1.76, 1.48),
+    ]
+    other = [Tuned("decode", "graph", 1, 4096, 4096, "8:16", "bfloat16", 0.03, 0.02)]
+    write_table(path, "H200 | v1", h200)
+    write_table(path, "H100 | v1", other)  # a second section leaves the first alone
+    sections = read_table(path)
+    assert sections["H200 | v1"] == h200 and sections["H100 | v1"] == other
+    record(sections["H200 | v1"])
+    assert dispatch.DECODE_CHOICE.measured == {(4096, 4096, 1, 8, 16, torch.bfloat16): True}
+    assert dispatch.PREFILL_CHOICE.measured == {("eager", 8192, 4096, 14336): False}
+
+
+def test_an_unreadable_table_is_refused_with_the_fix(tmp_path):
+    from actsparse.core.tuning import read_table
+
+    path = tmp_path / "fast-paths.json"
+    path.write_text('{"format": 99, "sections": {}}')
+    with pytest.raises(ActsparseError, match="not a fast-path table.*delete it"):
+        read_table(path)
+    path.write_text("not json")
+    with pytest.raises(ActsparseError, match="not a fast-path table"):
+        read_table(path)
+
+
+def test_tuning_a_cpu_model_writes_no_table(tmp_path):
+    model = tiny_model("llama")
+    sparsify_(model, SparsityConfig(pattern="2:4"))
+    assert tune_(model, table=tmp_path / "t.json") == [] and not (tmp_path / "t.json").exists()

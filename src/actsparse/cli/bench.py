@@ -71,6 +71,12 @@ def add_bench_command(commands) -> None:
         action="store_false",
         help="skip timing the fast paths per layer shape before the bench (then the built-in defaults decide)",
     )
+    be.add_argument(
+        "--tune-table",
+        default=None,
+        metavar="FILE",
+        help="keep the fast-path measurements in this JSON file, per GPU and versions: later runs reuse them",
+    )
     be.set_defaults(func=cmd_bench)
 
 
@@ -92,6 +98,7 @@ def cmd_bench(args) -> None:
         layers=args.num_layers,
         seed=args.seed,
         tune=args.tune,
+        tune_table=args.tune_table,
     )
     if args.model in PRESETS:
         model = preset_model(args.model, DTYPES[args.dtype], device, layers=args.num_layers, seed=args.seed)

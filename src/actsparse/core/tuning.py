@@ -15,11 +15,16 @@ anything: without ``tune_`` the layers follow the defaults documented in ``core.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from functools import partial
+from pathlib import Path
 
 import torch
 
+from actsparse._version import __version__
+from actsparse.artifacts import write_json_atomic
 from actsparse.core.dispatch import (
     DECODE_CHOICE,
     EAGER,
@@ -36,6 +41,7 @@ from actsparse.kernels.sparse_gemv import MAX_ROWS
 from actsparse.timing import Timer, capture_graph
 
 FLUSH_BYTES = 64 << 20  # more than the H100/H200 L2 (50 / 60 MiB)
+TABLE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,11 @@ class Tuned:
     @property
     def sparse_wins(self) -> bool:
         return self.sparse_ms < self.dense_ms
+
+    @property
+    def key(self) -> tuple:
+        """What was measured (everything but the times)."""
+        return (self.phase, self.mode, self.rows, self.in_features, self.out_features, self.pattern, self.dtype)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "sparse_wins": self.sparse_wins}
@@ -99,10 +110,21 @@ class _Clock:
 
 @torch.no_grad()
 def tune_(
-    model, *, decode_rows=tuple(range(1, MAX_ROWS + 1)), prefill_rows=(), modes=(EAGER, GRAPH), repeats: int = 7, seed: int = 0
+    model,
+    *,
+    decode_rows=tuple(range(1, MAX_ROWS + 1)),
+    prefill_rows=(),
+    modes=(EAGER, GRAPH),
+    repeats: int = 7,
+    seed: int = 0,
+    table: str | Path | None = None,
 ) -> list[Tuned]:
     """Time the fast paths of ``model``'s sparse layers once and record the winners (see the module
-    docstring); returns every measurement. Layers that do not run the Triton path on CUDA are skipped."""
+    docstring); returns every measurement. Layers that do not run the Triton path on CUDA are skipped.
+
+    ``table``: a JSON file keeping the measurements across processes, one section per GPU and
+    software versions. Choices found there for this GPU and these versions are used without
+    timing; the others are measured and added (the file is rewritten atomically)."""
     for rows in (*decode_rows, *prefill_rows):
         if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
             raise ActsparseError(f"rows to tune must be positive integers, got {rows!r}")
@@ -114,38 +136,110 @@ def tune_(
     for mode in modes:
         if mode not in (EAGER, GRAPH):
             raise ActsparseError(f"unknown mode {mode!r}; choose {EAGER} or {GRAPH}")
+    layers = distinct_layers(model)
+    if not layers:
+        return []
+    section = table_section(layers[0].weight.device)
+    stored = read_table(table).get(section, []) if table is not None else []
+    record(stored)
+    known = {row.key for row in stored}
     generator = torch.Generator().manual_seed(seed)
     results: list[Tuned] = []
-    for layer in distinct_layers(model):
-        results += _tune_layer(layer, decode_rows, prefill_rows, modes, _Clock(layer.weight.device, repeats), generator)
-    return results
+    for layer in layers:
+        clock = _Clock(layer.weight.device, repeats)
+        results += _tune_layer(layer, decode_rows, prefill_rows, modes, clock, generator, known)
+    if table is not None and results:
+        write_table(table, section, stored + results)
+    return stored + results
 
 
-def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _Clock, generator) -> list[Tuned]:
+def record(rows: list[Tuned]) -> None:
+    """Put measurements into the dispatch tables."""
+    for row in rows:
+        if row.phase == "decode":
+            n, m = (int(part) for part in row.pattern.split(":"))
+            key = (row.in_features, row.out_features, row.rows, n, m, getattr(torch, row.dtype))
+            DECODE_CHOICE.measured[key] = row.sparse_wins
+        else:
+            PREFILL_CHOICE.measured[(row.mode, row.rows, row.in_features, row.out_features)] = row.sparse_wins
+
+
+def table_section(device: torch.device) -> str:
+    """The key of a table's section: the GPU and the versions of the code that was timed."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{gpu} | actsparse {__version__} | torch {torch.__version__} | triton {_triton_version()}"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
+def read_table(path: str | Path) -> dict[str, list[Tuned]]:
+    """The sections of a measurement table (empty when the file does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != TABLE_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {TABLE_FORMAT}")
+        fields = {f.name for f in dataclass_fields(Tuned)}
+        return {
+            section: [Tuned(**{k: v for k, v in row.items() if k in fields}) for row in rows]
+            for section, rows in data["sections"].items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ActsparseError(
+            f"{path} is not a fast-path table actsparse can read ({error}); fix: delete it or pass another file"
+        ) from None
+
+
+def write_table(path: str | Path, section: str, rows: list[Tuned]) -> None:
+    sections = read_table(path)
+    sections[section] = rows
+    write_json_atomic(
+        path,
+        {"format": TABLE_FORMAT, "sections": {name: [r.to_dict() for r in entries] for name, entries in sections.items()}},
+    )
+
+
+def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _Clock, generator, known) -> list[Tuned]:
     n, m = layer.pattern.n, layer.pattern.m
     k, o, dtype = layer.in_features, layer.out_features, layer.weight.dtype
     results = []
 
-    def record(phase, mode, rows, sparse_ms, dense_ms):
-        dtype_name = str(dtype).removeprefix("torch.")
+    dtype_name = str(dtype).removeprefix("torch.")
+
+    def measured(phase, mode, rows, sparse_ms, dense_ms):
         results.append(Tuned(phase, mode, rows, k, o, str(layer.pattern), dtype_name, sparse_ms, dense_ms))
         return results[-1].sparse_wins
 
+    def done(phase, mode, rows):
+        return (phase, mode, rows, k, o, str(layer.pattern), dtype_name) in known
+
     for rows in decode_rows:
+        if done("decode", GRAPH, rows):
+            continue
         x = torch.randn(rows, k, generator=generator).to(device=layer.weight.device, dtype=dtype)
         if not runs_here(x, layer.forced_backend):
             continue
         gemv_forward(layer, x)  # the transposed weight copy and the workspace, made outside the capture
         sparse = clock(partial(gemv_forward, layer, x), 20, GRAPH)
         dense = clock(partial(sparsify_forward, layer, x), 20, GRAPH)
-        DECODE_CHOICE.measured[(k, o, rows, n, m, dtype)] = record("decode", GRAPH, rows, sparse, dense)
+        DECODE_CHOICE.measured[(k, o, rows, n, m, dtype)] = measured("decode", GRAPH, rows, sparse, dense)
     for rows in prefill_rows:
         x = torch.randn(rows, k, generator=generator).to(device=layer.weight.device, dtype=dtype)
         if not cslt_applies(layer, x):
             continue
         sparsify_forward(layer, x, cslt=True)  # the cuSPARSELt algorithm search, outside the capture
         for mode in modes:
+            if done("prefill", mode, rows):
+                continue
             sparse = clock(partial(sparsify_forward, layer, x, cslt=True), 2, mode)
             dense = clock(partial(sparsify_forward, layer, x), 2, mode)
-            PREFILL_CHOICE.measured[(mode, rows, k, o)] = record("prefill", mode, rows, sparse, dense)
+            PREFILL_CHOICE.measured[(mode, rows, k, o)] = measured("prefill", mode, rows, sparse, dense)
     return results

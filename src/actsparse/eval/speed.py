@@ -82,6 +82,7 @@ class BenchOptions:
     layers: int | None = None  # presets: fewer decoder layers (quick runs)
     seed: int = 0
     tune: bool = True  # on CUDA: time the fast paths per layer shape first (actsparse.tune_), then bench
+    tune_table: str | None = None  # a tune_ table file: measurements kept across runs (per GPU and versions)
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in MODES]
@@ -295,7 +296,10 @@ def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -
             result.checks["sparse_flop_fraction"] = report.sparse_flop_fraction
             if options.tune and device.type == "cuda":
                 decode_rows = tuple(b for b in options.batches if b <= MAX_ROWS)
-                tuned = tune_(model, decode_rows=decode_rows, prefill_rows=options.prefill, modes=modes, seed=options.seed)
+                tuned = tune_(
+                    model, decode_rows=decode_rows, prefill_rows=options.prefill, modes=modes, seed=options.seed,
+                    table=options.tune_table,
+                )  # fmt: skip
                 result.tuning = [t.to_dict() for t in tuned]
         generator = torch.Generator().manual_seed(options.seed)
         for mode in modes:
