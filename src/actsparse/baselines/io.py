@@ -1,25 +1,23 @@
 """Save the pruned linear weights of a model, and apply them to a fresh copy of it.
 
-A saved directory holds ``pruned_weights.safetensors`` (the pruned layers' weights, keyed by
-module name, in the model's storage layout and dtype) and ``actsparse_pruned.json`` (the
-format marker, the config, the model's identity, each layer's shape and pattern, and the
-package versions). The JSON is written last, so a directory without it is incomplete.
+A saved directory (``artifacts.SavedDirectory``, the format calibrated states use too) holds
+``pruned_weights.safetensors`` (the pruned layers' weights, keyed by module name, in the
+model's storage layout and dtype) and ``actsparse_pruned.json`` (the format marker, the
+config, the model's fingerprint, each layer's shape and pattern, the package versions, the
+sha256 and size of the weights file and ``meta_sha256`` over the JSON itself). The two
+files are written into the directory (other files there are left alone), the JSON last, so
+a directory without it is incomplete. Version 1 directories (no checksums, a shorter
+fingerprint) still load, unchecked as before.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from actsparse.artifacts import versions, write_json_atomic
+from actsparse.artifacts import SavedDirectory, model_fingerprint
 from actsparse.baselines.config import WeightPruneConfig
 from actsparse.baselines.prune import RECORD_ATTR, WeightPruneReport, note_pruning_
 from actsparse.baselines.verify import verify_pattern
@@ -28,19 +26,23 @@ from actsparse.errors import ActsparseError
 WEIGHTS_FILE = "pruned_weights.safetensors"
 META_FILE = "actsparse_pruned.json"
 FORMAT = "actsparse-pruned-weights"
-FORMAT_VERSION = 1
-
-
-def _identity(model: nn.Module) -> dict:
-    """What a model must match to take these weights: its class, type and a fingerprint of its embeddings."""
-    embed = model.get_input_embeddings().weight.detach().double()
-    return {
-        "architecture": type(model).__name__,
-        "model_type": getattr(model.config, "model_type", None),
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "embedding_mean": embed.mean().item(),
-        "embedding_abs_mean": embed.abs().mean().item(),
-    }
+FORMAT_VERSION = 2  # 2: the JSON and the weights file checksummed, the full model fingerprint
+DIRECTORY = SavedDirectory(
+    marker=FORMAT,
+    manifest=META_FILE,
+    tensors=WEIGHTS_FILE,
+    version=FORMAT_VERSION,
+    unchecked=(1,),
+    kind="pruned-weights",
+    written_by="actsparse.save_pruned",
+    subject="pruned weights",
+    plural=True,
+    listing="layers",
+    again="save the pruned weights again",
+    bad_json="it was not written by actsparse.save_pruned",
+    home="load them into the model they were pruned from",
+    replace=False,
+)
 
 
 @torch.no_grad()
@@ -61,22 +63,10 @@ def save_pruned(model: nn.Module, directory: str | Path, report: WeightPruneRepo
         )
     if not layers:
         raise ActsparseError("no layer was pruned, nothing to save")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: model.get_submodule(name).weight.detach().cpu().contiguous() for name in layers}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, directory / WEIGHTS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
         "config": config,
-        "model": _identity(model),
+        "model": model_fingerprint(model),
         "layers": {
             name: {
                 "shape": list(t.shape),
@@ -86,14 +76,8 @@ def save_pruned(model: nn.Module, directory: str | Path, report: WeightPruneRepo
             }
             for name, t in tensors.items()
         },  # fmt: skip
-        "versions": versions(),
     }
-    write_json_atomic(directory / META_FILE, meta)
-    return directory
-
-
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-6)
+    return DIRECTORY.write(directory, tensors, meta)
 
 
 @torch.no_grad()
@@ -106,35 +90,10 @@ def load_pruned_(model: nn.Module, directory: str | Path, *, check_model: bool =
     the model's dtype. Returns the config they were pruned with.
     """
     directory = Path(directory)
-    meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
-    if not meta_path.is_file() or not weights_path.is_file():
-        raise ActsparseError(
-            f"{directory} is not a pruned-weights directory written by actsparse.save_pruned (needs {META_FILE} and {WEIGHTS_FILE})"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ActsparseError(f"{meta_path} is not valid JSON ({error}); it was not written by actsparse.save_pruned") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ActsparseError(f"{meta_path} is not an actsparse pruned-weights description (format is not '{FORMAT}')")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ActsparseError(
-            f"{meta_path} has format version {meta.get('format_version')}; this actsparse reads version {FORMAT_VERSION}"
-        )
-    saved, here = meta["model"], _identity(model)
-    for key in ("architecture", "model_type"):
-        if saved.get(key) != here[key]:
-            raise ActsparseError(
-                f"pruned weights in {directory} are for a different model: {key} is {saved.get(key)!r} there, {here[key]!r} here"
-            )
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError) as error:
-        raise ActsparseError(f"cannot read {weights_path} ({error}); save the pruned weights again") from error
-    if set(tensors) != set(meta["layers"]):
-        raise ActsparseError(
-            f"{weights_path} and {meta_path} do not list the same layers; the directory is damaged, save it again"
-        )
+    meta = DIRECTORY.read_manifest(directory)
+    saved, here = meta["model"], model_fingerprint(model)
+    DIRECTORY.check_architecture(saved, here, directory)
+    tensors = DIRECTORY.read_tensors(directory, meta)
     targets = {}
     for name, tensor in tensors.items():
         try:
@@ -146,16 +105,8 @@ def load_pruned_(model: nn.Module, directory: str | Path, *, check_model: bool =
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
             raise ActsparseError(f"layer {name} has weight shape {shape} in this model but {tuple(tensor.shape)} in {directory}")
         targets[name] = (weight, tensor)
-    same = (
-        saved.get("num_params") == here["num_params"]
-        and _close(saved["embedding_mean"], here["embedding_mean"])
-        and _close(saved["embedding_abs_mean"], here["embedding_abs_mean"])
-    )
-    if check_model and not same:
-        raise ActsparseError(
-            f"pruned weights in {directory} come from a different checkpoint of {here['architecture']} (its parameter count or input "
-            "embeddings differ); load them into the model they were pruned from, or pass check_model=False"
-        )
+    if check_model:
+        DIRECTORY.check_checkpoint(saved, here, directory)
     for weight, tensor in targets.values():
         weight.copy_(tensor.to(weight.dtype))
     config = WeightPruneConfig.from_dict(meta["config"])

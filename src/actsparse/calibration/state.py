@@ -9,7 +9,8 @@ every tensor's shape and dtype, the package versions, the sha256 and size of the
 safetensors file, and ``meta_sha256``: the sha256 of the JSON's own content (everything
 but that field, as compact sorted JSON), so a hand-edited description is refused like an
 altered tensor file. The directory is written whole into a temporary directory beside the
-target and renamed into place.
+target and renamed into place. The format is ``artifacts.SavedDirectory`` (``DIRECTORY``), the
+identity ``artifacts.model_fingerprint``: both shared with pruned weights (``baselines/io.py``).
 
 ``read_state_meta(dir)`` checks the format and both checksums without a model, so a damaged
 or edited state is refused before any model loads. ``check_state(model, dir)`` adds the
@@ -20,21 +21,13 @@ shape mismatch, leaving the model dense on failure).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from actsparse.artifacts import sha256_file, versions
+from actsparse.artifacts import SavedDirectory, manifest_digest, model_fingerprint
 from actsparse.calibration.layerwise import CALIBRATION_ATTR, CalibrationOptions, CalibrationReport
 from actsparse.calibration.mitigations import CovarianceStats, ensure_mitigation, own_feature_vector
 from actsparse.config import SparsityConfig
@@ -47,15 +40,22 @@ TENSORS_FILE = "calibrated_state.safetensors"
 META_FILE = "actsparse_state.json"
 FORMAT = "actsparse-calibrated-state"
 FORMAT_VERSION = 2  # 2: meta_sha256 covers the JSON itself
+DIRECTORY = SavedDirectory(
+    marker=FORMAT,
+    manifest=META_FILE,
+    tensors=TENSORS_FILE,
+    version=FORMAT_VERSION,
+    kind="calibrated-state",
+    written_by="actsparse calibrate",
+    subject="state",
+    listing="tensors",
+    again="calibrate again",
+    bad_json="write the state again",
+    home="load it into the model it was calibrated on",
+    version_note=" (whose description is checksummed too); calibrate the state again",
+)
 
-
-def meta_digest(meta: dict) -> str:
-    """sha256 of a state description without its ``meta_sha256`` field, as compact sorted JSON."""
-    body = {key: value for key, value in meta.items() if key != "meta_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-_sha256 = sha256_file
+meta_digest = manifest_digest  # the old name
 
 
 def _owned(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -68,22 +68,8 @@ def _owned(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def model_identity(model: nn.Module) -> dict:
-    """Architecture, model type, parameter count (mitigation parameters excluded) and an embedding fingerprint."""
-    embed = model.get_input_embeddings().weight.detach().double()
-    extra = sum(t.numel() for t in _owned(model).values() if isinstance(t, nn.Parameter))
-    return {
-        "architecture": type(model).__name__,
-        "model_type": getattr(getattr(model, "config", None), "model_type", None),
-        "num_params": sum(p.numel() for p in model.parameters()) - extra,
-        "embedding_shape": list(embed.shape),
-        "embedding_mean": embed.mean().item(),
-        "embedding_abs_mean": embed.abs().mean().item(),
-        "embedding_sq_mean": embed.square().mean().item(),
-    }
-
-
-def _close(a, b) -> bool:
-    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-6)
+    """``artifacts.model_fingerprint`` of the model, its mitigation parameters not counted."""
+    return model_fingerprint(model, exclude=_owned(model).values())
 
 
 @torch.no_grad()
@@ -112,81 +98,26 @@ def save_state(model: nn.Module, directory: str | Path, *, calibration: dict | N
     if first.mitigation.name != config.mitigation:
         raise ActsparseError("the model's sparse layers do not match the config it was calibrated with; calibrate it again")
     tensors = {key: t.detach().cpu().contiguous() for key, t in _owned(model).items()}
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
-        path = tmp / TENSORS_FILE
-        save_file(tensors, str(path), metadata={"format": FORMAT})
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "config": config.to_dict(),
-            "calibration": {**(report.to_dict() if report is not None else {}), **(calibration or {})},
-            "model": model_identity(model),
-            "tensors": {
-                key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for key, t in tensors.items()
-            },
-            "layers": sorted(layers),
-            "sha256": _sha256(path),
-            "bytes": path.stat().st_size,
-            "versions": versions(),
-        }
-        meta = json.loads(json.dumps(meta))  # as it will read back (tuples as lists), before it is hashed
-        meta["meta_sha256"] = meta_digest(meta)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for name in (TENSORS_FILE, META_FILE):
-            os.chmod(tmp / name, 0o666 & ~umask)
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    meta = {
+        "config": config.to_dict(),
+        "calibration": {**(report.to_dict() if report is not None else {}), **(calibration or {})},
+        "model": model_identity(model),
+        "tensors": {key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for key, t in tensors.items()},
+        "layers": sorted(layers),
+    }
+    return DIRECTORY.write(directory, tensors, meta)
 
 
 def read_state_meta(directory: str | Path, verify: bool = True) -> dict:
     """The JSON description of a state directory: format and its own checksum checked, and with
     ``verify`` the tensor file's size and sha256 and the config too (no model needed)."""
-    directory = Path(directory)
-    meta_path, tensors_path = directory / META_FILE, directory / TENSORS_FILE
-    if not meta_path.is_file() or not tensors_path.is_file():
-        raise ActsparseError(
-            f"{directory} is not a calibrated-state directory written by actsparse calibrate (needs {META_FILE} and {TENSORS_FILE})"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ActsparseError(f"{meta_path} is not valid JSON ({error}); write the state again") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ActsparseError(f"{meta_path} is not an actsparse calibrated-state description (format is not '{FORMAT}')")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ActsparseError(
-            f"{meta_path} has format version {meta.get('format_version')}; this actsparse reads version {FORMAT_VERSION} "
-            "(whose description is checksummed too); calibrate the state again"
-        )
-    if meta.get("meta_sha256") != meta_digest(meta):
-        raise ActsparseError(
-            f"{meta_path} does not match its own checksum (meta_sha256): the description was altered; calibrate again"
-        )
+    meta = DIRECTORY.read_manifest(directory, verify=verify)
     if not verify:
         return meta
-    if tensors_path.stat().st_size != meta.get("bytes") or _sha256(tensors_path) != meta.get("sha256"):
-        raise ActsparseError(
-            f"{tensors_path} does not match the checksum recorded in {META_FILE} (truncated or altered); calibrate again"
-        )
     try:
         state_config(meta)
     except (TypeError, KeyError, AttributeError) as error:
-        raise ActsparseError(f"{meta_path} holds no valid config ({error}); calibrate again") from error
+        raise ActsparseError(f"{Path(directory) / META_FILE} holds no valid config ({error}); calibrate again") from error
     return meta
 
 
@@ -216,20 +147,9 @@ def check_state(model: nn.Module, directory: str | Path, *, check_model: bool = 
     directory = Path(directory)
     meta = read_state_meta(directory)
     saved, here = meta["model"], model_identity(model)
-    for key in ("architecture", "model_type"):
-        if saved.get(key) != here[key]:
-            raise ActsparseError(
-                f"state in {directory} is for a different model: {key} is {saved.get(key)!r} there, {here[key]!r} here"
-            )
-    same = (
-        saved.get("num_params") == here["num_params"] and saved.get("embedding_shape") == here["embedding_shape"]
-        and all(_close(saved.get(k), here[k]) for k in ("embedding_mean", "embedding_abs_mean", "embedding_sq_mean"))
-    )  # fmt: skip
-    if check_model and not same:
-        raise ActsparseError(
-            f"state in {directory} comes from a different checkpoint of {here['architecture']} (its parameter count or input "
-            "embeddings differ); load it into the model it was calibrated on, or pass check_model=False"
-        )
+    DIRECTORY.check_architecture(saved, here, directory)
+    if check_model:
+        DIRECTORY.check_checkpoint(saved, here, directory)
     return meta
 
 
@@ -265,13 +185,7 @@ def load_state_(
                 )
     if sparse_layers(model):
         raise ActsparseError("model is already sparsified; call actsparse.unsparsify_(model) first")
-    tensors_path = directory / TENSORS_FILE
-    try:
-        tensors = load_file(tensors_path)
-    except (SafetensorError, OSError) as error:
-        raise ActsparseError(f"cannot read {tensors_path} ({error}); calibrate again") from error
-    if set(tensors) != set(meta["tensors"]):
-        raise ActsparseError(f"{tensors_path} and {META_FILE} do not list the same tensors; the directory is damaged")
+    tensors = DIRECTORY.read_tensors(directory, meta)
     apply_state_(model, config, tensors, meta.get("calibration", {}), where=f"state in {directory}")
     return config
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import time
 
-from actsparse.artifacts import write_json_atomic
+from actsparse.artifacts import model_kind, write_json_atomic
 from actsparse.calibration.mitigations import ensure_mitigation
+from actsparse.calibration.state import DIRECTORY as STATE_DIRECTORY
 from actsparse.calibration.state import check_state_text, read_state_meta, state_config
 from actsparse.cli.checks import check_state_options, preflight
 from actsparse.cli.options import (
@@ -108,13 +109,7 @@ def cmd_eval_state(args) -> None:
     skeleton = preflight(args, config, calibrated=False)
     check_state_text(meta, load_text(args.data))  # the state's calibration text never overlaps --data
     if skeleton is not None:
-        saved = meta["model"]
-        for key in ("architecture", "model_type"):
-            here = type(skeleton).__name__ if key == "architecture" else getattr(skeleton.config, "model_type", None)
-            if saved.get(key) != here:
-                raise ActsparseError(
-                    f"state in {args.state} is for a different model: {key} is {saved.get(key)!r} there, {here!r} for {args.model}"
-                )
+        STATE_DIRECTORY.check_architecture(meta["model"], model_kind(skeleton), args.state, here_is=f"for {args.model}")
     backend = args.backend if "backend" in given(args) else None
     record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run_state(args.state, extra=extra, backend=backend))
     if record is None:

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from actsparse.artifacts import sha256_file
+from actsparse.artifacts import model_kind, sha256_file
 from actsparse.errors import ActsparseError
 from actsparse.paths import cache_dir
 
@@ -461,8 +461,7 @@ def model_info(model) -> dict:
     """Architecture, parameter count and dtype, for recording next to results."""
     param = next(model.parameters())
     return {
-        "architecture": type(model).__name__,
-        "model_type": model.config.model_type,
+        **model_kind(model),
         "num_params": sum(p.numel() for p in model.parameters()),
         "dtype": str(param.dtype).removeprefix("torch."),
     }
