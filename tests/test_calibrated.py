@@ -62,6 +62,16 @@ def test_spts_formula(data):
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_spts_and_dpts_are_one_formula(data):
+    """With every token's median at S-PTS's η, D-PTS gives S-PTS's output bit for bit."""
+    calib, x = data
+    spts, _, _ = make_layer("spts", calib)
+    dpts, _, _ = make_layer("dpts")
+    shifted = x - x.median(dim=-1, keepdim=True).values + spts.eta  # each token's lower median is now η
+    assert torch.equal(dpts(shifted), spts(shifted))
+
+
 @pytest.mark.parametrize("per_feature", [False, True])
 @torch.no_grad()
 def test_scap_formula(data, per_feature):

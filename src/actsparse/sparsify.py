@@ -124,7 +124,7 @@ def sparsify_(
                 prefill_only=config.prefill_only,
             )
         bridge_offload_(layer, original)
-        _set_module(model, site.name, layer)
+        set_module(model, site.name, layer)
     if chosen:
         mark_sparsified_(model, config)
     if pattern.is_dense:
@@ -144,7 +144,7 @@ def unsparsify_(model: nn.Module) -> int:
     """Put the original dense layers back; returns how many were restored."""
     layers = sparse_layers(model)
     for name, layer in layers.items():
-        _set_module(model, name, layer.original)
+        set_module(model, name, layer.original)
     for attr in (SPARSITY_ATTR, CALIBRATION_ATTR):
         if attr in vars(model):
             delattr(model, attr)

@@ -33,7 +33,7 @@ from actsparse.core.mitigation import Mitigation, register_mitigation
 from actsparse.core.patterns import Dense
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
-from actsparse.modules import set_module as _set_module
+from actsparse.modules import set_module
 
 QMAX = 127
 SCALE_EPS = 1e-12  # smallest quantisation step (an all-zero row quantises to zeros)
@@ -152,6 +152,6 @@ def quantize_rest_(model, config, report, stats=None) -> int:
         layer = SparseLinear(
             module, Dense(), criterion, mitigation, name=site.name, stats=(stats or {}).get(site.name), backend="torch"
         )
-        _set_module(model, site.name, layer)
+        set_module(model, site.name, layer)
         count += 1
     return count

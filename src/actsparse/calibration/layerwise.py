@@ -345,7 +345,7 @@ def calibrate_(
                 bridge_offload_(sparse, modules[site.name])
                 own_feature_vector(sparse)  # clact's norms are saved with the state
                 sparse.stats = None  # the statistics are folded into the mitigation's tensors
-                _set_module(model, site.name, sparse)
+                set_module(model, site.name, sparse)
             del stats
             info = {}
             if learned:

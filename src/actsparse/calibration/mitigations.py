@@ -46,7 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actsparse.core.mitigation import MITIGATIONS, Mitigation, get_mitigation, register_mitigation, variance_scale
+from actsparse.core.mitigation import (
+    MITIGATIONS,
+    Mitigation,
+    get_mitigation,
+    register_mitigation,
+    shifted_product,
+    variance_scale,
+)
 from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
 
@@ -174,9 +181,7 @@ def prepare_spts(layer) -> None:
 def apply_shift(layer, x: torch.Tensor) -> torch.Tensor:
     """``P(x − η) Wᵀ + η (W1)ᵀ + b`` (spts)."""
     _check(layer)
-    eta = layer.eta.to(x.dtype)
-    sparse = layer.product(layer.prune(x - eta))
-    return (sparse.float() + layer.eta * layer.weight_row_sum).to(sparse.dtype)
+    return shifted_product(layer, x, layer.eta)  # layer.eta: float32
 
 
 def _prepare_scap(layer, per_feature: bool) -> None:

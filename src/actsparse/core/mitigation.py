@@ -73,11 +73,16 @@ def prepare_row_sums(layer: SparseLinear) -> None:
     layer.register_buffer("weight_row_sum", layer.dense_weight().float().sum(dim=1), persistent=False)
 
 
+def shifted_product(layer: SparseLinear, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """``P(x - η) Wᵀ + η (W 1)ᵀ + b``: the median shift of D-PTS (η per token) and S-PTS (η
+    calibrated); ``x - η`` in ``x``'s dtype, the rank-1 term in float32 (``layer.weight_row_sum``)."""
+    sparse = layer.product(layer.prune(x - eta.to(x.dtype)))
+    return (sparse.float() + eta.float() * layer.weight_row_sum).to(sparse.dtype)
+
+
 def dynamic_shift(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
     """D-PTS in hardware form: ``P(x - η_t) Wᵀ + η_t (W 1)ᵀ + b`` with η_t the lower median of x_t."""
-    eta = x.median(dim=-1, keepdim=True).values
-    sparse = layer.product(layer.prune(x - eta))
-    return (sparse.float() + eta.float() * layer.weight_row_sum).to(sparse.dtype)
+    return shifted_product(layer, x, x.median(dim=-1, keepdim=True).values)
 
 
 def smooth_scale(input_abs_max: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
