@@ -11,6 +11,7 @@ from actsparse.baselines import PRUNERS, LayerInputs, Pruner, prune_matrix, regi
 from actsparse.baselines.methods import magnitude
 from actsparse.cli.main import main
 from actsparse.core.patterns import parse_pattern
+from actsparse.core.stats import InputStats
 from actsparse.models.discovery import find_linear_sites
 from conftest import TEXT, VOCAB, tiny_model
 
@@ -217,6 +218,22 @@ def test_pruning_is_sequential_each_layer_calibrated_on_the_pruned_model():
     assert len(seen) == len(final)
     for recorded, site in zip(seen.values(), report.pruned):  # pruned in forward order
         torch.testing.assert_close(recorded, final[site.name].square_sum, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_inputs_are_input_stats_in_float32():
+    """The pruners' accumulator is core.stats.InputStats (float32 sums on its device) plus XᵀX."""
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    inputs = LayerInputs(16, "hessian")
+    inputs.add(x[:2])
+    inputs.update(x[2:])
+    rows = x.reshape(-1, 16).float()
+    assert isinstance(inputs, InputStats) and inputs.tokens == 15 and inputs.square_sum.dtype == torch.float32
+    assert torch.equal(inputs.square_sum, rows[:10].square().sum(0) + rows[10:].square().sum(0))
+    assert torch.equal(inputs.abs_max, rows.abs().amax(0)) and torch.equal(inputs.feature_norm(), inputs.square_sum.sqrt())
+    torch.testing.assert_close(inputs.hessian(), 2 * rows.T @ rows / 15)
+    assert inputs != LayerInputs.from_tensor(x) and len({inputs, inputs}) == 1  # by identity, hashable
+    with pytest.raises(ValueError, match="need must be"):
+        LayerInputs(16, "none")
 
 
 def test_restore_brings_back_the_dense_model():

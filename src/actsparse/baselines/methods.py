@@ -36,6 +36,7 @@ import torch
 
 from actsparse.core.masks import keep_mask
 from actsparse.core.patterns import Pattern, parse_pattern
+from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
 from actsparse.kernels.ranking import topk_mask
 from actsparse.registry import Registry
@@ -43,8 +44,9 @@ from actsparse.registry import Registry
 NEEDS = ("none", "norms", "hessian")
 
 
-class LayerInputs:
-    """Running sums over the calibration inputs ``x`` ``[tokens, K]`` of one linear layer.
+class LayerInputs(InputStats):
+    """Running sums over the calibration inputs ``x`` ``[tokens, K]`` of one linear layer:
+    ``core.stats.InputStats`` in float32 on ``device``.
 
     ``need``: ``"norms"`` keeps ``sum_t x_tj²`` per feature; ``"hessian"`` also ``XᵀX``
     (``K x K``, float32, on ``device``).
@@ -53,8 +55,8 @@ class LayerInputs:
     def __init__(self, width: int, need: str = "hessian", device: torch.device | str = "cpu"):
         if need not in NEEDS[1:]:
             raise ValueError(f"need must be 'norms' or 'hessian', got {need!r}")
-        self.width, self.need, self.tokens = width, need, 0
-        self.square_sum = torch.zeros(width, dtype=torch.float32, device=device)
+        super().__init__(width, dtype=torch.float32, device=device)
+        self.need = need
         self.xtx = torch.zeros(width, width, dtype=torch.float32, device=device) if need == "hessian" else None
 
     @classmethod
@@ -63,16 +65,16 @@ class LayerInputs:
         inputs.add(x)
         return inputs
 
-    def add(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, self.width).to(self.square_sum.device, torch.float32)
-        self.tokens += rows.shape[0]
-        self.square_sum += rows.square().sum(0)
+    __eq__ = object.__eq__  # compared and hashed by identity (not field by field like InputStats)
+    __hash__ = object.__hash__
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = self._rows(x)
+        super().update(rows)
         if self.xtx is not None:
             self.xtx.addmm_(rows.t(), rows)
 
-    def feature_norm(self) -> torch.Tensor:
-        """``||X_{:,j}||_2`` over the calibration tokens."""
-        return self.square_sum.sqrt()
+    add = update
 
     def hessian(self) -> torch.Tensor:
         """``H = 2 XᵀX / n`` (a new tensor)."""
