@@ -96,13 +96,16 @@ def main() -> None:
     store = Path(args.out)
     settings = settings_from(args)
     pattern, low = parse_pattern(args.pattern), parse_pattern(args.low)
-    wanted = set(ROWS) if args.rows is None else {ROWS[int(i) - 1] for i in args.rows.split(",")}
+    wanted = list(ROWS) if args.rows is None else [ROWS[int(i) - 1] for i in args.rows.split(",")]  # in this order
     evaluator = None
 
     def get() -> Evaluator:
         nonlocal evaluator
         if evaluator is None:
             evaluator = Evaluator(settings, progress=not args.no_progress)
+            earlier = [r for r in read_jsonl(store) if r.get("kind") == "run" and "dense_ppl" in r] if store.exists() else []
+            if earlier:  # resumed: the dense perplexity of the first run, not measured again
+                evaluator.reuse_dense(earlier[0])
         return evaluator
 
     def done() -> set[str]:
@@ -120,12 +123,13 @@ def main() -> None:
         ROWS[2]: SparsityConfig(pattern=args.pattern, criterion="amber", allocation="sensitivity"),
         ROWS[3]: SparsityConfig(pattern=args.pattern, criterion="amber", mitigation="lowrank", allocation="sensitivity"),
     }
-    for row, config in configs.items():
-        if row in wanted and row not in done():
-            start = time.perf_counter()
-            save(row, get().run(config), time.perf_counter() - start)
-    if ROWS[4] in wanted and ROWS[4] not in done():
+    for row in wanted:
+        if row in done():
+            continue
         start = time.perf_counter()
+        if row in configs:
+            save(row, get().run(configs[row]), time.perf_counter() - start)
+            continue
         ev = get()
         windows, calib_spec = ev.calibration_windows(settings.calib_windows)
         sens = measure_sensitivity(

@@ -321,3 +321,18 @@ def test_cli_recipe(tmp_path, texts, capsys):
     assert main([*args[:-1], "--select-data", str(texts["eval"])]) == 2  # selecting on the evaluation text is refused
     err = capsys.readouterr().err
     assert "overlap" in err or "share text" in err
+
+
+def test_a_resumed_table_reuses_the_dense_perplexity_of_its_records(tmp_path, texts):
+    model_dir = save_tiny_model_dir(tmp_path / "tiny")
+    settings = EvalSettings(model=str(model_dir), data=str(texts["eval"]), seqlen=32)
+    record = Evaluator(settings, progress=False).run(SparsityConfig(pattern="8:16"))
+    again = Evaluator(settings, progress=False)
+    again.reuse_dense(record)
+    assert (
+        again.dense()[0].ppl == record["dense_ppl"]
+        and again.run(SparsityConfig(pattern="8:16"))["sparse_ppl"] == record["sparse_ppl"]
+    )
+    other = Evaluator(EvalSettings(model=str(model_dir), data=str(texts["eval"]), seqlen=16), progress=False)
+    with pytest.raises(ActsparseError, match="other settings"):
+        other.reuse_dense(record)

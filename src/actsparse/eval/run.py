@@ -14,6 +14,7 @@ zero-shot tasks and the generation check measure the very model the perplexity w
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -118,6 +119,19 @@ class Evaluator:
             result = self._perplexity("dense")
             self._dense = (result, time.perf_counter() - start)
         return self._dense
+
+    def reuse_dense(self, record: dict) -> None:
+        """Take the dense perplexity from an earlier record of this model, text and settings instead of
+        measuring it again (a resumed table); refused when the record was made otherwise."""
+        if record.get("model") != self.settings.model or record.get("data") != self.source.spec:
+            raise ActsparseError(f"the record is of {record.get('model')} on {record.get('data')}, not of this evaluation")
+        same = {k: v for k, v in record.get("settings", {}).items() if k != "device"} == {
+            k: v for k, v in asdict(self.settings).items() if k != "device"
+        }
+        if not same or record.get("windows") != len(self.windows):
+            raise ActsparseError("the record was evaluated with other settings; measure the dense perplexity again")
+        ppl = record["dense_ppl"]
+        self._dense = (Perplexity(ppl, math.log(ppl), record["tokens"], record["windows"]), record.get("dense_seconds", 0.0))
 
     def calibration_stats(self):
         """Input statistics on the calibration text (computed once, never on evaluation text)."""
