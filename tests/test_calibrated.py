@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from actsparse.calibration.layerwise import CalibrationOptions, calibrate_, lr_factor
-from actsparse.calibration.mitigations import CovarianceStats, ensure_mitigation
+from actsparse.calibration.mitigations import CovarianceStats, collects, ensure_mitigation
 from actsparse.calibration.state import META_FILE, TENSORS_FILE, load_state_, save_state
 from actsparse.cli.main import main
 from actsparse.config import SparsityConfig
@@ -70,6 +70,15 @@ def test_spts_and_dpts_are_one_formula(data):
     dpts, _, _ = make_layer("dpts")
     shifted = x - x.median(dim=-1, keepdim=True).values + spts.eta  # each token's lower median is now η
     assert torch.equal(dpts(shifted), spts(shifted))
+
+
+@pytest.mark.parametrize("mitigation,covariance,rows", [("spts", False, False), ("scap", False, True), ("rotation", True, False)])
+def test_the_accumulator_collects_what_the_mitigation_says(data, mitigation, covariance, rows):
+    calib, _ = data
+    stats = CovarianceStats.collecting(K, collects(mitigation))
+    stats.update(calib)
+    assert (stats.outer_sum is not None, bool(stats.rows)) == (covariance, rows)
+    assert stats.tokens == len(calib) and stats.token_median_sum.item() != 0 and stats.abs_max.max() > 0
 
 
 @pytest.mark.parametrize("per_feature", [False, True])

@@ -245,10 +245,7 @@ def train_layer(
 @torch.no_grad()
 def _dense_pass(layer, call, inputs, modules: dict, needs: set, device, cache_device):
     """Dense outputs of ``layer`` on ``inputs`` (targets), and CovarianceStats of ``modules``' inputs."""
-    stats = {
-        name: CovarianceStats(io_features(m)[0], covariance="covariance" in needs, keep_rows="rows" in needs)
-        for name, m in modules.items()
-    }
+    stats = {name: CovarianceStats.collecting(io_features(m)[0], needs) for name, m in modules.items()}
     handles = []
     if needs:
         handles = [
@@ -394,6 +391,6 @@ def collect_covariance_stats(
     needs = collects(ensure_mitigation(mitigation))
 
     def make(site):
-        return CovarianceStats(site.in_features, covariance="covariance" in needs, keep_rows="rows" in needs)
+        return CovarianceStats.collecting(site.in_features, needs)
 
     return collect_input_stats(model, as_windows(windows), bos_id=bos_id, progress=progress, make=make)

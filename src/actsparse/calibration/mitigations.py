@@ -93,6 +93,12 @@ class CovarianceStats(InputStats):
         if self.rows is None:
             self.rows = []
 
+    @classmethod
+    def collecting(cls, width: int, needs: Set[str]) -> CovarianceStats:
+        """The accumulator for what ``needs`` asks (a mitigation's ``collects``: ``"covariance"``,
+        ``"rows"``; the sums and the token medians are always kept)."""
+        return cls(width, covariance="covariance" in needs, keep_rows="rows" in needs)
+
     def update(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, self.width)
         super().update(rows)
