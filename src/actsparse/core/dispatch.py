@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from actsparse.core.mitigation import MEDIAN_SHIFT, MITIGATIONS, PLAIN, VARIANCE_SCALE, Mitigation, get_mitigation
+from actsparse.core.mitigation import MEDIAN_SHIFT, MITIGATIONS, PLAIN, VARIANCE_SCALE, Mitigation, add_shift_term, get_mitigation
 from actsparse.core.scoring import ABS_TIMES_VECTOR, CRITERIA, Criterion, get_criterion
 from actsparse.errors import ActsparseError
 from actsparse.kernels import cslt24  # also registers torch.ops.actsparse.sparsify_compress24
@@ -215,7 +215,7 @@ def sparsify_forward(layer: SparseLinear, x: torch.Tensor, cslt: bool = False) -
     else:
         y = layer.product(ops.nm_sparsify(x, n, m, vector, eta, var))
     if eta is not None:
-        y = (y.float() + eta[:, None] * layer.weight_row_sum).to(y.dtype)
+        y = add_shift_term(y, eta[:, None], layer.weight_row_sum)
     return y
 
 

@@ -76,8 +76,12 @@ def prepare_row_sums(layer: SparseLinear) -> None:
 def shifted_product(layer: SparseLinear, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
     """``P(x - η) Wᵀ + η (W 1)ᵀ + b``: the median shift of D-PTS (η per token) and S-PTS (η
     calibrated); ``x - η`` in ``x``'s dtype, the rank-1 term in float32 (``layer.weight_row_sum``)."""
-    sparse = layer.product(layer.prune(x - eta.to(x.dtype)))
-    return (sparse.float() + eta.float() * layer.weight_row_sum).to(sparse.dtype)
+    return add_shift_term(layer.product(layer.prune(x - eta.to(x.dtype))), eta, layer.weight_row_sum)
+
+
+def add_shift_term(y: torch.Tensor, eta: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
+    """``y + η (W 1)ᵀ`` in float32, back in y's dtype: the rank-1 term of a shift (η ``[T, 1]``)."""
+    return (y.float() + eta.float() * row_sum).to(y.dtype)
 
 
 def dynamic_shift(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
