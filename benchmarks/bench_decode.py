@@ -27,6 +27,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from actsparse.timing import capture_graph
+
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096)]  # (in K, out O): gate/up, down, q/o
 DEVICE = "cuda"
 
@@ -41,16 +43,7 @@ def parse_pattern(text: str) -> tuple[int, int]:
 
 def graph_of(fn):
     """``fn`` captured in a CUDA graph (after a warm-up that compiles and allocates)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
+    return capture_graph(fn, warmup=3)
 
 
 def time_us(fns, eager: bool, rep: int = 500) -> float:

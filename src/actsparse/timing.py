@@ -37,12 +37,12 @@ class Timer:
         return statistics.median(times)
 
 
-def capture_graph(fn):
-    """``fn`` captured as a CUDA graph after warm-up calls on a side stream (workspaces made outside)."""
+def capture_graph(fn, warmup: int = 2):
+    """``fn`` captured as a CUDA graph after ``warmup`` calls on a side stream (workspaces made outside)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):
+        for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()

@@ -148,6 +148,7 @@ def tune_(
     for layer in layers:
         clock = _Clock(layer.weight.device, repeats)
         results += _tune_layer(layer, decode_rows, prefill_rows, modes, clock, generator, known)
+    record(results)
     if table is not None and results:
         write_table(table, section, stored + results)
     return stored + results
@@ -208,7 +209,7 @@ def write_table(path: str | Path, section: str, rows: list[Tuned]) -> None:
 
 
 def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _Clock, generator, known) -> list[Tuned]:
-    n, m = layer.pattern.n, layer.pattern.m
+    """One layer's measurements (not yet in the dispatch tables: the candidates are called directly)."""
     k, o, dtype = layer.in_features, layer.out_features, layer.weight.dtype
     results = []
 
@@ -216,7 +217,6 @@ def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _C
 
     def measured(phase, mode, rows, sparse_ms, dense_ms):
         results.append(Tuned(phase, mode, rows, k, o, str(layer.pattern), dtype_name, sparse_ms, dense_ms))
-        return results[-1].sparse_wins
 
     def done(phase, mode, rows):
         return (phase, mode, rows, k, o, str(layer.pattern), dtype_name) in known
@@ -230,7 +230,7 @@ def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _C
         gemv_forward(layer, x)  # the transposed weight copy and the workspace, made outside the capture
         sparse = clock(partial(gemv_forward, layer, x), 20, GRAPH)
         dense = clock(partial(sparsify_forward, layer, x), 20, GRAPH)
-        DECODE_CHOICE.measured[(k, o, rows, n, m, dtype)] = measured("decode", GRAPH, rows, sparse, dense)
+        measured("decode", GRAPH, rows, sparse, dense)
     for rows in prefill_rows:
         x = torch.randn(rows, k, generator=generator).to(device=layer.weight.device, dtype=dtype)
         if not cslt_applies(layer, x):
@@ -241,5 +241,5 @@ def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _C
                 continue
             sparse = clock(partial(sparsify_forward, layer, x, cslt=True), 2, mode)
             dense = clock(partial(sparsify_forward, layer, x), 2, mode)
-            PREFILL_CHOICE.measured[(mode, rows, k, o)] = measured("prefill", mode, rows, sparse, dense)
+            measured("prefill", mode, rows, sparse, dense)
     return results

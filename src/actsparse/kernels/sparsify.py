@@ -108,17 +108,20 @@ def _config(T, K, m, elem_bytes, var):
 
 def nm_sparsify(x, n, m, vector=None, var=False, shift=None):
     """Keep ``n`` of every ``m`` features of each row of ``x`` (see the module docstring); returns a new tensor."""
+    y = _output_for(x, n, m, vector, shift, "nm_sparsify")
+    if x.numel():
+        _launch(x, y, n, m, vector, shift, var=var)
+    return y
+
+
+def _output_for(x, n, m, vector, shift, name: str):
+    """Check the arguments of a kernel call and return its (empty) output tensor."""
     if triton is None:
-        raise RuntimeError("nm_sparsify needs triton; use nm_sparsify_reference")
+        raise RuntimeError(f"{name} needs triton; use {name}_reference")
     _check(x, n, m, vector, shift)
     if not x.is_cuda and not _INTERPRETED:
         raise ValueError("x must be a CUDA tensor (or set TRITON_INTERPRET=1 before importing to run on the CPU)")
-    T, K = x.shape
-    y = torch.empty_like(x)
-    if x.numel() == 0:
-        return y
-    _launch(x, y, n, m, vector, shift, var=var)
-    return y
+    return torch.empty_like(x)
 
 
 def nm_sparsify_var_scale(x, n, m, vector=None):
@@ -127,13 +130,8 @@ def nm_sparsify_var_scale(x, n, m, vector=None):
 
     One pass over ``x`` tiled like plain pruning (no whole-row programs, no second pass); each tile
     writes its share of the four row sums and the scale is reduced from them in a fixed order."""
-    if triton is None:
-        raise RuntimeError("nm_sparsify_var_scale needs triton; use nm_sparsify_var_scale_reference")
-    _check(x, n, m, vector, None)
-    if not x.is_cuda and not _INTERPRETED:
-        raise ValueError("x must be a CUDA tensor (or set TRITON_INTERPRET=1 before importing to run on the CPU)")
+    y = _output_for(x, n, m, vector, None, "nm_sparsify_var_scale")
     T, K = x.shape
-    y = torch.empty_like(x)
     if x.numel() == 0:
         return y, torch.ones(T, dtype=torch.float32, device=x.device)
     sums = _launch(x, y, n, m, vector, None, var=False, sums=True)
