@@ -9,10 +9,11 @@ from torch import nn
 
 from actsparse.config import SparsityConfig
 from actsparse.core.patterns import parse_pattern
+from actsparse.core.shared_input import link_shared_input, unlink_shared_input
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
-from actsparse.models.discovery import LinearSite, find_linear_sites
+from actsparse.models.discovery import SHARED_INPUT_ROLES, LinearSite, find_linear_sites
 from actsparse.models.placement import bridge_offload_, onloaded
 from actsparse.modules import set_module
 from actsparse.selection import choose_sites
@@ -125,11 +126,25 @@ def sparsify_(
             )
         bridge_offload_(layer, original)
         set_module(model, site.name, layer)
+    link_shared_inputs_(model, chosen)
     if chosen:
         mark_sparsified_(model, config)
     if pattern.is_dense:
         return SparsifyReport(sparse=(), dense=tuple(sites))
     return SparsifyReport.of(model, sites)
+
+
+def link_shared_inputs_(model: nn.Module, sites: list[LinearSite]) -> None:
+    """Link the sparse layers of each block that read one input (q/k/v, gate/up) and keep the same
+    features, so that the fast path selects once for them (``core.shared_input``)."""
+    layers = sparse_layers(model)
+    blocks: dict[tuple, list[SparseLinear]] = {}
+    for site in sites:
+        roles = next((roles for roles in SHARED_INPUT_ROLES if site.role in roles), None)
+        if roles is not None and site.name in layers:
+            blocks.setdefault((site.name.rpartition(".")[0], roles), []).append(layers[site.name])
+    for members in blocks.values():
+        link_shared_input(members)
 
 
 def mark_sparsified_(model: nn.Module, config: SparsityConfig) -> None:
@@ -143,6 +158,7 @@ def mark_sparsified_(model: nn.Module, config: SparsityConfig) -> None:
 def unsparsify_(model: nn.Module) -> int:
     """Put the original dense layers back; returns how many were restored."""
     layers = sparse_layers(model)
+    unlink_shared_input(layers.values())
     for name, layer in layers.items():
         set_module(model, name, layer.original)
     for attr in (SPARSITY_ATTR, CALIBRATION_ATTR):

@@ -77,6 +77,13 @@ def add_bench_command(commands) -> None:
         metavar="FILE",
         help="keep the fast-path measurements in this JSON file, per GPU and versions: later runs reuse them",
     )
+    be.add_argument(
+        "--no-share-selection",
+        dest="share_selection",
+        action="store_false",
+        help="every sparse layer selects its own inputs, also q/k/v and gate/up that read one input and keep the same "
+        "features (by default those select once: one launch per group); for comparison",
+    )
     be.set_defaults(func=cmd_bench)
 
 
@@ -99,6 +106,7 @@ def cmd_bench(args) -> None:
         seed=args.seed,
         tune=args.tune,
         tune_table=args.tune_table,
+        share_selection=args.share_selection,
     )
     if args.model in PRESETS:
         model = preset_model(args.model, DTYPES[args.dtype], device, layers=args.num_layers, seed=args.seed)

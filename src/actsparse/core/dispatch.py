@@ -41,6 +41,7 @@ from actsparse.kernels import sparsify as sparsify_kernels  # also registers tor
 from actsparse.kernels.sparse_gemv import MAX_ROWS
 
 if TYPE_CHECKING:
+    from actsparse.core.shared_input import SharedInput
     from actsparse.core.sparse_linear import SparseLinear
 
 BACKENDS = ("auto", "torch", "triton")
@@ -160,14 +161,50 @@ DECODE_CHOICE = DecodeChoice()
 VAR_AT_OUTPUT_ROWS: int | None = None
 
 
-def triton_forward(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+def triton_forward(layer: SparseLinear, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton path for rows ``x [T, K]`` of a layer whose config is supported: the measured
-    (or default) choice between the decode GEMV, the cuSPARSELt product and sparsify + product."""
+    (or default) choice between the decode GEMV, the cuSPARSELt product and sparsify + product.
+
+    ``source``: the tensor the layer was called with (``x`` is its rows); a layer linked to others
+    that read the same input (``core.shared_input``) takes its output from their one selection."""
     x = x.contiguous()
+    group = layer.shared_input
+    if group is not None and source is not None and not torch.compiler.is_compiling() and group.active():
+        out = group.take(layer, source)
+        if out is not None:
+            return out
+        outputs = shared_outputs(group, x)
+        if outputs is not None:
+            return group.keep(source, layer, outputs)
     n, m = layer.pattern.n, layer.pattern.m
     if DECODE_CHOICE.sparse_wins(layer.in_features, layer.out_features, x.shape[0], n, m, x.dtype):
         return gemv_forward(layer, x)
     return sparsify_forward(layer, x, cslt=uses_cslt(layer, x))
+
+
+def shared_outputs(group: SharedInput, x: torch.Tensor) -> list[torch.Tensor] | None:
+    """Every member's output from one selection of ``x``: the decode GEMV over their weights side
+    by side where :data:`DECODE_CHOICE` says it wins for that shape, else one sparsify pass and
+    each member's product; None where the members must compute alone (VAR's scale at the output)."""
+    lead, rows = group.lead, x.shape[0]
+    n, m = lead.pattern.n, lead.pattern.m
+    if DECODE_CHOICE.sparse_wins(group.in_features, group.out_features, rows, n, m, x.dtype):
+        return shared_gemv(group, x)
+    if _var_at_output(lead, rows):
+        return None
+    return _products(group.layers, x, [uses_cslt(member, x) for member in group.layers])
+
+
+def shared_gemv(group: SharedInput, x: torch.Tensor) -> list[torch.Tensor]:
+    """One launch for all members: select once, read the kept rows of every member's weight."""
+    lead = group.lead
+    var = lead.mitigation.kernel == VARIANCE_SCALE
+    return group.split(group.gemv_weight()(x, lead.pattern.n, lead.pattern.m, shift=_shift(lead, x), var=var))
+
+
+def shared_sparsify(group: SharedInput, x: torch.Tensor) -> list[torch.Tensor]:
+    """One sparsify pass, then each member's dense product (the alternative ``tune_`` times)."""
+    return _products(group.layers, x, [False] * len(group.layers))
 
 
 class _DirectOps:
@@ -201,22 +238,35 @@ def sparsify_forward(layer: SparseLinear, x: torch.Tensor, cslt: bool = False) -
 
     VAR's per-token scale goes to the product's output from :data:`VAR_AT_OUTPUT_ROWS` rows on
     (the sparsify pass then runs at plain pruning's bandwidth); D-PTS's rank-1 term always does."""
-    n, m = layer.pattern.n, layer.pattern.m
-    vector = layer.feature_vector
-    var = layer.mitigation.kernel == VARIANCE_SCALE
-    eta = _shift(layer, x)
-    rows = x.shape[0]
+    if _var_at_output(layer, x.shape[0]) and not cslt:
+        pruned, scale = _ops().nm_sparsify_var_scale(x, layer.pattern.n, layer.pattern.m, layer.feature_vector)
+        return layer.product(pruned, row_scale=scale)
+    return _products([layer], x, [cslt])[0]
+
+
+def _var_at_output(layer: SparseLinear, rows: int) -> bool:
+    return layer.mitigation.kernel == VARIANCE_SCALE and VAR_AT_OUTPUT_ROWS is not None and rows >= VAR_AT_OUTPUT_ROWS
+
+
+def _products(layers, x: torch.Tensor, cslt: list[bool]) -> list[torch.Tensor]:
+    """The layers' outputs on ``x`` sparsified once (the layers keep the same features of it):
+    the compressed input for those that take cuSPARSELt, the pruned input for the others."""
+    lead, rows = layers[0], x.shape[0]
+    n, m = lead.pattern.n, lead.pattern.m
+    vector = lead.feature_vector
+    eta = _shift(lead, x)
     ops = _ops()
-    if cslt:
-        y = layer.cslt_linear()(ops.sparsify_compress24(x, vector), rows)
-    elif var and VAR_AT_OUTPUT_ROWS is not None and rows >= VAR_AT_OUTPUT_ROWS:
-        pruned, scale = ops.nm_sparsify_var_scale(x, n, m, vector)
-        y = layer.product(pruned, row_scale=scale)
-    else:
-        y = layer.product(ops.nm_sparsify(x, n, m, vector, eta, var))
-    if eta is not None:
-        y = add_shift_term(y, eta[:, None], layer.weight_row_sum)
-    return y
+    compressed = ops.sparsify_compress24(x, vector) if any(cslt) else None
+    pruned = None
+    if not all(cslt):
+        pruned = ops.nm_sparsify(x, n, m, vector, eta, lead.mitigation.kernel == VARIANCE_SCALE)
+    outputs = []
+    for layer, sparse_product in zip(layers, cslt):
+        y = layer.cslt_linear()(compressed, rows) if sparse_product else layer.product(pruned)
+        if eta is not None:
+            y = add_shift_term(y, eta[:, None], layer.weight_row_sum)
+        outputs.append(y)
+    return outputs
 
 
 def cslt_applies(layer: SparseLinear, x: torch.Tensor) -> bool:

@@ -34,6 +34,7 @@ class SparseLinear(nn.Module):
 
     prefill_only: bool = False
     dense_apply = None
+    shared_input = None  # a core.shared_input.SharedInput when linked to layers reading the same input
 
     def __init__(
         self,
@@ -130,7 +131,7 @@ class SparseLinear(nn.Module):
             return self.dense_forward(x)
         rows = x.reshape(-1, self.in_features)
         if self.backend == "triton" and runs_here(rows, self.forced_backend):
-            out = triton_forward(self, rows)
+            out = triton_forward(self, rows, source=x)
         else:
             out = self.mitigation.apply(self, rows)
         return out.reshape(*x.shape[:-1], self.out_features)

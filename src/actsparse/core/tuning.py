@@ -1,6 +1,7 @@
 """Measure once, per sparse layer shape, which fast path wins; the dispatch tables keep the answer.
 
-``tune_(model)`` times, on the model's own sparse layers (one per distinct shape and config):
+``tune_(model)`` times, on the model's own sparse layers (one per distinct shape and config),
+and on each distinct group of linked layers that read one input (``core.shared_input``):
 
 - **decode** (rows 1 .. ``MAX_ROWS``): the one-launch sparse GEMV against sparsify + dense product,
   inside CUDA graphs (the mode decoding runs in), into ``DECODE_CHOICE``;
@@ -33,8 +34,11 @@ from actsparse.core.dispatch import (
     cslt_applies,
     gemv_forward,
     runs_here,
+    shared_gemv,
+    shared_sparsify,
     sparsify_forward,
 )
+from actsparse.core.shared_input import SharedInput
 from actsparse.core.sparse_linear import SparseLinear
 from actsparse.errors import ActsparseError
 from actsparse.kernels.sparse_gemv import MAX_ROWS
@@ -69,6 +73,21 @@ class Tuned:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "sparse_wins": self.sparse_wins}
+
+
+def distinct_groups(model) -> list[SharedInput]:
+    """One group of linked layers (``core.shared_input``) per (K, sum of O, pattern, dtype, mitigation kernel), on CUDA."""
+    seen, groups = set(), []
+    for module in model.modules():
+        group = getattr(module, "shared_input", None) if isinstance(module, SparseLinear) else None
+        if group is None or not group.lead.weight.is_cuda:
+            continue
+        lead = group.lead
+        key = (group.in_features, group.out_features, str(lead.pattern), lead.weight.dtype, lead.mitigation.kernel)
+        if key not in seen:
+            seen.add(key)
+            groups.append(group)
+    return groups
 
 
 def distinct_layers(model) -> list[SparseLinear]:
@@ -139,6 +158,7 @@ def tune_(
     layers = distinct_layers(model)
     if not layers:
         return []
+    groups = distinct_groups(model)
     section = table_section(layers[0].weight.device)
     stored = read_table(table).get(section, []) if table is not None else []
     record(stored)
@@ -148,6 +168,9 @@ def tune_(
     for layer in layers:
         clock = _Clock(layer.weight.device, repeats)
         results += _tune_layer(layer, decode_rows, prefill_rows, modes, clock, generator, known)
+    for group in groups:
+        clock = _Clock(group.lead.weight.device, repeats)
+        results += _tune_group(group, decode_rows, clock, generator, known)
     record(results)
     if table is not None and results:
         write_table(table, section, stored + results)
@@ -242,4 +265,24 @@ def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _C
             sparse = clock(partial(sparsify_forward, layer, x, cslt=True), 2, mode)
             dense = clock(partial(sparsify_forward, layer, x), 2, mode)
             measured("prefill", mode, rows, sparse, dense)
+    return results
+
+
+def _tune_group(group: SharedInput, decode_rows, clock: _Clock, generator, known) -> list[Tuned]:
+    """Decode rows of linked layers: one GEMV over their weights side by side against one sparsify
+    pass and each layer's dense product, kept under ``(K, sum of O)`` in ``DECODE_CHOICE``."""
+    lead = group.lead
+    k, o, dtype = group.in_features, group.out_features, lead.weight.dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+    results = []
+    for rows in decode_rows:
+        if ("decode", GRAPH, rows, k, o, str(lead.pattern), dtype_name) in known:
+            continue
+        x = torch.randn(rows, k, generator=generator).to(device=lead.weight.device, dtype=dtype)
+        if not runs_here(x, lead.forced_backend):
+            continue
+        shared_gemv(group, x)  # the side-by-side weight copy and the workspace, made outside the capture
+        sparse = clock(partial(shared_gemv, group, x), 20, GRAPH)
+        dense = clock(partial(shared_sparsify, group, x), 20, GRAPH)
+        results.append(Tuned("decode", GRAPH, rows, k, o, str(lead.pattern), dtype_name, sparse, dense))
     return results

@@ -29,6 +29,7 @@ import torch
 
 from actsparse._version import __version__
 from actsparse.config import SparsityConfig
+from actsparse.core.shared_input import unlink_shared_input
 from actsparse.core.tuning import tune_
 from actsparse.errors import ActsparseError
 from actsparse.kernels.sparse_gemv import MAX_ROWS
@@ -83,6 +84,7 @@ class BenchOptions:
     seed: int = 0
     tune: bool = True  # on CUDA: time the fast paths per layer shape first (actsparse.tune_), then bench
     tune_table: str | None = None  # a tune_ table file: measurements kept across runs (per GPU and versions)
+    share_selection: bool = True  # linked q/k/v and gate/up select once (core.shared_input); False: each layer alone
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in MODES]
@@ -265,6 +267,10 @@ def check_fast_path(model, config: SparsityConfig, generator) -> dict:
     return {"layer_rel_err": worst, "tolerance": tolerance, "layers_checked": len(seen)}
 
 
+def _groups(model) -> list:
+    return [layer.shared_input for layer in sparse_layers(model).values() if layer.shared_input is not None]
+
+
 def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -> BenchResult:
     """Dense, then sparse (``sparsify_`` with ``config``), prefill and decode in every mode; model left dense."""
     import transformers
@@ -292,7 +298,10 @@ def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -
             report = sparsify_(model, config)
             if not report.sparse:
                 raise ActsparseError("the config sparsifies no layer of this model; fix: check --roles/--layers/--skip")
-            result.checks = check_fast_path(model, config, torch.Generator().manual_seed(options.seed + 1))
+            if not options.share_selection:
+                unlink_shared_input(sparse_layers(model).values())
+            result.checks["shared_input_groups"] = len({id(g) for g in _groups(model)})
+            result.checks.update(check_fast_path(model, config, torch.Generator().manual_seed(options.seed + 1)))
             result.checks["sparse_flop_fraction"] = report.sparse_flop_fraction
             if options.tune and device.type == "cuda":
                 decode_rows = tuple(b for b in options.batches if b <= MAX_ROWS)

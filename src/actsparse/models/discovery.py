@@ -29,6 +29,8 @@ LEAF_ROLES = {
     "c_attn": "qkv", "qkv_proj": "qkv", "query_key_value": "qkv", "wqkv": "qkv",
     "gate_up_proj": "gate_up",
 }  # fmt: skip
+# Roles of one decoder block that read the same input (the attention input; the MLP input).
+SHARED_INPUT_ROLES = (("q", "k", "v"), ("gate", "up"))
 # Names whose role depends on the block they sit in: output of attention, or of the MLP.
 CONTEXT_LEAVES = {"c_proj", "dense", "proj", "out", "output"}
 ATTENTION_WORDS = ("attn", "attention")
