@@ -125,13 +125,14 @@ def _linked_pair():
         SparseLinear(torch.nn.Linear(16, out), config.pattern_obj, config.criterion_obj, config.mitigation_obj, backend="triton")
         for out in (8, 4)
     ]
+    layers = [layer.to(DEVICE) for layer in layers]
     (group,) = link_shared_input(layers)
     return layers, group
 
 
 def test_a_member_called_with_another_input_does_not_take_the_kept_output():
     (a, b), group = _linked_pair()
-    x, other = torch.randn(3, 16), torch.randn(3, 16)
+    x, other = torch.randn(3, 16, device=DEVICE), torch.randn(3, 16, device=DEVICE)
     with torch.no_grad():
         assert torch.allclose(a(x), a.mitigation.apply(a, x), atol=1e-6)
         kept = group._pending[1]
@@ -144,7 +145,7 @@ def test_a_member_called_with_another_input_does_not_take_the_kept_output():
 
 def test_an_input_changed_in_place_is_not_served_from_the_kept_outputs():
     (a, b), group = _linked_pair()
-    x = torch.randn(3, 16)
+    x = torch.randn(3, 16, device=DEVICE)
     with torch.no_grad():
         a(x)
         x.mul_(-2.0)  # bumps the version counter
@@ -154,7 +155,7 @@ def test_an_input_changed_in_place_is_not_served_from_the_kept_outputs():
 
 def test_kept_outputs_are_taken_once_and_then_released():
     (a, b), group = _linked_pair()
-    x = torch.randn(2, 16)
+    x = torch.randn(2, 16, device=DEVICE)
     with torch.no_grad():
         a(x)
         assert group.take(b, x) is not None
@@ -164,5 +165,5 @@ def test_kept_outputs_are_taken_once_and_then_released():
 def test_a_score_vector_set_after_linking_turns_sharing_off():
     (a, b), group = _linked_pair()
     assert group.active()
-    b.feature_vector = torch.rand(16)
+    b.feature_vector = torch.rand(16, device=DEVICE)
     assert not group.active()
