@@ -7,6 +7,9 @@ pattern's N/M, default 8:16 = 50%), on every projection of every layer:
 
 - uniform: every layer at the pattern (amber + none, amber + lowrank);
 - sensitivity: N per layer chosen from e_q curves on the calibration text (``allocation="sensitivity"``);
+- Fisher: N per layer chosen from the Fisher estimates of the loss increase on the calibration
+  text (``allocation="sensitivity", sensitivity="fisher"``; rows 6 and 7, after the others so
+  that the numbers of the earlier rows keep their meaning);
 - Amber's layer skipping at the same density: the least sensitive layers at ``--low`` (default
   4:16), the others dense, the FLOP fraction chosen so that the density is the pattern's
   (``budget_skip`` on e_q measured at ``--low``; the exact density reached is reported);
@@ -41,7 +44,10 @@ ROWS = (
     "sensitivity N, amber + none",
     "sensitivity N, amber + lowrank",
     "Amber layer skipping, amber + lowrank",
+    "Fisher N, amber + none",
+    "Fisher N, amber + lowrank",
 )
+SHOWN = (*ROWS[:4], *ROWS[5:], ROWS[4])  # the table's order: the per-layer rows together
 
 
 def table(records: list[dict], pattern: str) -> str:
@@ -55,7 +61,7 @@ def table(records: list[dict], pattern: str) -> str:
         "|---|---:|---:|---:|---:|---|---:|",
         f"| dense | {dense:.2f} | 0 | 100% | 0% | – | {first.get('dense_seconds', 0):.0f} |",
     ]
-    for row in (*ROWS, "SparseGPT weights", "recipe search winner"):
+    for row in (*SHOWN, "SparseGPT weights", "recipe search winner"):
         r = runs.get(row)
         if r is None:
             lines.append(f"| {row} | – | – | – | – | – | – |")
@@ -122,6 +128,10 @@ def main() -> None:
         ROWS[1]: SparsityConfig(pattern=args.pattern, criterion="amber", mitigation="lowrank"),
         ROWS[2]: SparsityConfig(pattern=args.pattern, criterion="amber", allocation="sensitivity"),
         ROWS[3]: SparsityConfig(pattern=args.pattern, criterion="amber", mitigation="lowrank", allocation="sensitivity"),
+        ROWS[5]: SparsityConfig(pattern=args.pattern, criterion="amber", allocation="sensitivity", sensitivity="fisher"),
+        ROWS[6]: SparsityConfig(
+            pattern=args.pattern, criterion="amber", mitigation="lowrank", allocation="sensitivity", sensitivity="fisher"
+        ),
     }
     for row in wanted:
         if row in done():
@@ -146,7 +156,8 @@ def main() -> None:
         if args.sparsegpt == "store" and weights.exists():
             found = next(
                 (r for r in read_jsonl(weights) if r.get("config", {}).get("method") == "sparsegpt"
-                 and r["config"].get("pattern") == args.pattern and r.get("tokens") == get().dense()[0].predicted_tokens),
+                 and r["config"].get("pattern") == args.pattern and r.get("data") == get().source.spec
+                 and r.get("tokens") == get().dense()[0].predicted_tokens),
                 None,
             )  # fmt: skip
             if found is not None:

@@ -5,13 +5,18 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 import actsparse
 from actsparse import SparsityConfig, allocate, sparsify_, unsparsify_
-from actsparse.amber.allocation import choose_n, default_choices, density_of
+from actsparse.amber.allocation import OBJECTIVES, choose_n, default_choices, density_of
+from actsparse.amber.sensitivity import measure_curves, measure_fisher_curves, measure_loss_terms
 from actsparse.calibration.layerwise import CalibrationOptions, calibrate_
 from actsparse.calibration.state import load_state_, save_state
+from actsparse.config import SENSITIVITIES
 from actsparse.core.patterns import NM
 from actsparse.errors import ActsparseError
 from actsparse.eval.run import EvalSettings, Evaluator
@@ -164,18 +169,19 @@ def test_choice_meets_the_budget_exactly_and_is_the_cheapest():
     sites = [_site("a", 16, 16, 0, "q"), _site("b", 16, 32, 0, "k"), _site("c", 32, 32, 0, "v"), _site("d", 16, 48, 0, "o")]
     choices = [4, 8, 12]
     errors = {n: {s.name: (1 - n / 16) * (0.5 + torch.rand((), generator=generator).item()) for s in sites} for n in choices}
-    picked, objective = choose_n(sites, errors, 16, 0.5)
+    costs = {n: {name: e**2 for name, e in by_name.items()} for n, by_name in errors.items()}  # e_q² as the eq objective
+    picked, objective = choose_n(sites, costs, 16, 0.5)
     density, fraction = density_of(sites, picked, 16)
     assert density == 0.5 and fraction == 1.0
     best = None
     for combo in itertools.product(choices, repeat=len(sites)):  # brute force over every exact-budget choice
         n = {f"{s.role}@{s.layer}": c for s, c in zip(sites, combo)}
         if density_of(sites, n, 16)[0] == 0.5:
-            cost = sum(errors[c][s.name] ** 2 for s, c in zip(sites, combo))
+            cost = sum(costs[c][s.name] for s, c in zip(sites, combo))
             best = cost if best is None else min(best, cost)
     assert objective == pytest.approx(best, rel=1e-12)
     assert set(picked) == {"q@0", "k@0", "v@0", "o@0"}
-    assert objective == pytest.approx(sum(errors[picked[f"{s.role}@0"]][s.name] ** 2 for s in sites), rel=1e-12)
+    assert objective == pytest.approx(sum(costs[picked[f"{s.role}@0"]][s.name] for s in sites), rel=1e-12)
 
 
 def test_an_unreachable_budget_gives_the_nearest_density_and_says_so():
@@ -207,6 +213,134 @@ def test_allocate_measures_curves_and_resolves_an_exact_map():
         allocate(model, config, WINDOWS, choices=[10, 12], progress=False)
     fitted = SparsityConfig(pattern="8:16", criterion="amber", mitigation="oscale", allocation="sensitivity")
     assert allocate(model, fitted, WINDOWS, progress=False)[1].settings["mitigation"] == "none"  # nothing fitted yet
+
+
+# ---- the loss-aware sensitivity (Fisher) ---------------------------------------------------------
+
+
+def _hand_terms(model, windows, name, n, m, bos_id):
+    """``Σ_t Σ_j g² d²`` and the token count for one layer, magnitude N:M, by hand: autograd on the
+    layer's output, the error ``d`` = the dropped inputs through the weight, in float64."""
+    layer = model.get_submodule(name)
+    seen = {}
+
+    def hook(module, args, out):
+        out.retain_grad()
+        seen["x"], seen["y"] = args[0].detach(), out
+
+    handle = layer.register_forward_hook(hook)
+    diagonal, rank_one, tokens = 0.0, 0.0, 0
+    try:
+        for window in windows:
+            ids = window if bos_id is None else torch.cat([window.new_tensor([bos_id]), window])
+            logits = model(ids.unsqueeze(0), use_cache=False).logits[0]
+            loss = F.cross_entropy(logits[:-1], ids[1:], reduction="sum")
+            loss.backward()
+            x, g = seen["x"].double().reshape(-1, layer.in_features), seen["y"].grad.double().reshape(-1, layer.out_features)
+            groups = x.abs().reshape(x.shape[0], -1, m)
+            kept = torch.zeros_like(groups).scatter_(-1, groups.topk(n, dim=-1).indices, 1.0).reshape(x.shape)
+            d = (x * (1 - kept)) @ layer.weight.double().T  # Y - Y' (the bias cancels)
+            diagonal += (g.square() * d.square()).sum().item()
+            rank_one += (g * d).sum(-1).square().sum().item()
+            tokens += ids.numel() - 1
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    return diagonal, rank_one, tokens
+
+
+@pytest.mark.parametrize("bos_id", [None, 1])
+def test_loss_terms_equal_the_hand_computed_fisher_sums(bos_id):
+    model = tiny_model("llama")
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    terms, tokens = measure_loss_terms(
+        model, WINDOWS[:2], ["4:16", "12:16"], "magnitude", names=names, bos_id=bos_id, progress=False
+    )
+    assert all(p.grad is None for p in model.parameters()) and all(p.requires_grad for p in model.parameters())
+    for name in names:
+        for n in (4, 12):
+            diagonal, rank_one, count = _hand_terms(model, WINDOWS[:2], name, n, 16, bos_id)
+            assert tokens == count == 2 * (32 if bos_id is not None else 31)
+            assert terms[f"{n}:16"][name].diagonal == pytest.approx(diagonal, rel=1e-4)
+            assert terms[f"{n}:16"][name].rank_one == pytest.approx(rank_one, rel=1e-4)
+    fisher = measure_fisher_curves(model, WINDOWS[:2], ["4:16"], "magnitude", names=names, bos_id=bos_id, progress=False)
+    assert fisher["4:16"].scores[names[1]] == pytest.approx(terms["4:16"][names[1]].diagonal / (2 * tokens), rel=1e-12)
+    eq = measure_curves(model, WINDOWS[:2], ["4:16"], "magnitude", names=names, bos_id=bos_id, progress=False)["4:16"].scores
+    t = terms["4:16"][names[0]]
+    assert (t.error / t.reference) ** 0.5 == pytest.approx(eq[names[0]], rel=1e-6)  # the same error d as e_q's
+
+
+def test_fisher_curves_fall_as_more_inputs_are_kept():
+    model = tiny_model("llama")
+    curves = measure_fisher_curves(model, WINDOWS, ["4:16", "8:16", "12:16"], "magnitude", progress=False)
+    low, mid, high = (curves[p].scores for p in ("4:16", "8:16", "12:16"))
+    assert sum(low.values()) > sum(mid.values()) > sum(high.values()) > 0
+    falling = [name for name in low if low[name] >= mid[name] >= high[name]]
+    assert len(falling) >= 0.9 * len(low)  # each layer's dropped inputs at 12:16 are among those dropped at 8:16 and 4:16
+
+
+def test_the_objectives_are_the_configs_sensitivities_and_ride_in_the_config():
+    assert tuple(OBJECTIVES) == SENSITIVITIES == ("eq", "fisher")
+    config = SparsityConfig(pattern="8:16", criterion="amber", allocation="sensitivity", sensitivity="fisher")
+    assert config.to_dict()["sensitivity"] == "fisher" and SparsityConfig(**config.to_dict()) == config
+    assert "sensitivity" not in SparsityConfig(pattern="8:16", allocation="sensitivity").to_dict()  # eq: records as before
+    with pytest.raises(ActsparseError, match="unknown sensitivity 'hessian'"):
+        SparsityConfig(pattern="8:16", allocation="sensitivity", sensitivity="hessian")
+    with pytest.raises(ActsparseError, match="use it with allocation='sensitivity'"):
+        SparsityConfig(pattern="8:16", sensitivity="fisher")
+    chosen = SparsityConfig(pattern="8:16", allocation=MIXED, sensitivity="fisher")  # a map keeps how it was chosen
+    assert chosen.sensitivity == "fisher"
+
+
+def test_fisher_allocation_meets_the_budget_and_costs_what_its_curves_say():
+    model = tiny_model("llama")
+    config = SparsityConfig(
+        pattern="8:16", criterion="amber", mitigation="lowrank", allocation="sensitivity", sensitivity="fisher"
+    )
+    resolved, allocation = allocate(model, config, WINDOWS, progress=False)
+    assert allocation.met and allocation.density == 0.5 and resolved.sensitivity == "fisher"
+    assert allocation.settings["sensitivity"] == "fisher" and "Fisher" in allocation.settings["objective"]
+    curves = allocation.settings["curves"]
+    assert allocation.objective == pytest.approx(sum(curves[str(n)][k] for k, n in allocation.n.items() if n < 16), rel=1e-9)
+    assert allocation.objective <= allocation.uniform_objective + 1e-15
+    assert sparsify_(model, resolved).density == 0.5
+    unsparsify_(model)
+
+
+def test_fisher_spends_the_budget_where_the_loss_does_not_see_it_and_e_q_cannot():
+    """Layer 1's MLP output scaled by 1e-3: e_q (relative, scale-free) sees the same layers, so its choice
+    does not move; the Fisher estimate sees that their errors reach the loss 1e-3 times smaller and
+    makes them as sparse as the choices allow, paying for it with denser layers elsewhere."""
+    model = tiny_model("llama")
+    config = SparsityConfig(pattern="8:16", criterion="magnitude", allocation="sensitivity")
+    _, before = allocate(model, config, WINDOWS, progress=False)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
+    _, eq = allocate(model, config, WINDOWS, progress=False)
+    _, fisher = allocate(model, replace_sensitivity(config, "fisher"), WINDOWS, progress=False)
+    mlp = ("gate@1", "up@1", "down@1")
+    assert {k: eq.n[k] for k in mlp} == {k: before.n[k] for k in mlp}  # e_q is blind to the scale
+    assert all(fisher.n[k] == 4 for k in mlp) and any(eq.n[k] > 4 for k in mlp)
+    assert fisher.met and eq.met and fisher.n != eq.n
+
+
+def replace_sensitivity(config, name):
+    return SparsityConfig(**{**config.to_dict(), "sensitivity": name})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    widths=st.lists(st.sampled_from([(16, 16), (16, 32), (32, 16), (32, 48)]), min_size=1, max_size=5),
+    costs=st.lists(st.floats(0.0, 1e3, allow_nan=False), min_size=15, max_size=15),
+)
+def test_any_nonnegative_costs_meet_a_feasible_budget_exactly(widths, costs):
+    sites = [_site(f"s{i}", k, o, i, "q") for i, (k, o) in enumerate(widths)]
+    table = {n: {s.name: costs[(3 * i + c) % 15] for i, s in enumerate(sites)} for c, n in enumerate((4, 8, 12))}
+    picked, objective = choose_n(sites, table, 16, 0.5)  # uniform 8:16 is feasible, so the budget is met
+    assert density_of(sites, picked, 16)[0] == 0.5
+    assert objective <= sum(table[8].values()) + 1e-9
+    chosen = [picked[f"q@{s.layer}"] for s in sites]
+    assert objective == pytest.approx(sum(table[n][s.name] for s, n in zip(sites, chosen) if n < 16), abs=1e-9)
 
 
 # ---- evaluation, sweeps and the recipe search ---------------------------------------------------
@@ -305,6 +439,31 @@ def test_cli_eval_and_calibrate_with_allocations(tmp_path, texts, capsys):
         assert message in capsys.readouterr().err
     assert main(["eval", *common, "--prune", "weights", "--allocation", "sensitivity"]) == 2
     assert "--allocation choose activation sparsity" in capsys.readouterr().err
+
+
+def test_cli_eval_with_the_fisher_sensitivity(tmp_path, texts, capsys):
+    from actsparse.cli.main import main
+
+    model_dir = save_tiny_model_dir(tmp_path / "tiny")
+    common = ["--model", str(model_dir), "--data", str(texts["eval"]), "--calib-data", str(texts["calib"]), "--seqlen", "32",
+              "--calib-windows", "3", "--pattern", "8:16", "--criterion", "amber", "--max-tokens", "96", "--no-progress"]  # fmt: skip
+    assert main(["eval", *common, "--allocation", "sensitivity", "--sensitivity", "fisher", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["config"]["sensitivity"] == "fisher" and isinstance(record["config"]["allocation"], dict)
+    assert record["allocation"]["settings"]["sensitivity"] == "fisher" and record["allocation"]["met"]
+    assert main(["eval", *common, "--allocation", "sensitivity", "--json"]) == 0
+    eq = json.loads(capsys.readouterr().out)
+    assert "sensitivity" not in eq["config"] and eq["allocation"]["settings"]["sensitivity"] == "eq"
+    assert main(["eval", *common, "--sensitivity", "fisher"]) == 2
+    assert "use it with allocation='sensitivity'" in capsys.readouterr().err
+    assert main(["eval", *common, "--allocation", "sensitivity", "--sensitivity", "taylor"]) == 2
+    assert main(["eval", *common, "--prune", "weights", "--sensitivity", "fisher"]) == 2
+    assert "--sensitivity and --allocation choose activation sparsity" in capsys.readouterr().err
+    evaluator = Evaluator(EvalSettings(model=str(model_dir), data=str(texts["eval"]), calib_data=str(texts["calib"]), seqlen=32,
+                                       calib_windows=3, max_tokens=96), progress=False)  # fmt: skip
+    config = SparsityConfig(pattern="8:16", criterion="amber", allocation="sensitivity")
+    by_eq, by_fisher = evaluator.allocate(config)[1], evaluator.allocate(replace_sensitivity(config, "fisher"))[1]
+    assert by_eq["settings"]["sensitivity"] == "eq" and by_fisher["settings"]["sensitivity"] == "fisher"  # measured apart
 
 
 def test_cli_recipe(tmp_path, texts, capsys):

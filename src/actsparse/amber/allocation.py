@@ -2,11 +2,15 @@
 
 ``allocate(model, config, calib_windows)`` resolves ``SparsityConfig(allocation="sensitivity")``:
 
-1. the sensitivity curves: ``e_q`` of every selected layer at each candidate N (``choices``,
-   by default N = M/4 … M in steps of M/8, N = M meaning dense), measured in one dense pass
-   over calibration windows with the config's criterion and mitigation (``measure_curves``;
-   a mitigation fitted by calibration is measured as ``none``, since it has nothing fitted yet);
-2. an exact choice: N per layer minimising ``Σ e_q(N)²`` subject to the FLOP-weighted density
+1. the sensitivity curves: a cost of every selected layer at each candidate N (``choices``,
+   by default N = M/4 … M in steps of M/8, N = M meaning dense, cost 0), measured on
+   calibration windows with the config's criterion and mitigation (a mitigation fitted by
+   calibration is measured as ``none``, since it has nothing fitted yet). The config's
+   ``sensitivity`` names the objective (``OBJECTIVES``): ``eq``, the cost ``e_q(N)²`` from one
+   dense pass (``measure_curves``), or ``fisher``, the Fisher estimate of the mean NLL's
+   increase ``½ E_t Σ_j g_tj² d_tj(N)²`` from one dense forward and backward pass
+   (``measure_fisher_curves``);
+2. an exact choice: N per layer minimising the summed cost subject to the FLOP-weighted density
    ``Σ F_i N_i / (M Σ F_i)`` (``F_i`` the layer's FLOPs per token, over the selected layers)
    being the pattern's ``N/M``. A multiple-choice knapsack solved by dynamic programming over
    the FLOPs in units of their greatest common divisor (coarsened to at most ``MAX_STATES``
@@ -21,16 +25,16 @@ without measuring again; the ``Allocation`` says how it was chosen.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import reduce
 
 import numpy as np
 from torch import nn
 
-from actsparse.amber.sensitivity import measure_curves
+from actsparse.amber.sensitivity import Sensitivity, measure_curves, measure_fisher_curves
 from actsparse.calibration.collect import collect_input_stats
-from actsparse.config import SENSITIVITY, SparsityConfig, site_key
+from actsparse.config import SENSITIVITIES, SENSITIVITY, SparsityConfig, site_key
 from actsparse.core.mitigation import get_mitigation
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import LinearSite, find_linear_sites
@@ -59,8 +63,8 @@ class Allocation:
     target_density: float
     density: float  # FLOP-weighted over the allocated layers, exactly
     sparse_flop_fraction: float  # share of the allocated layers' FLOPs with N < M
-    objective: float  # Σ e_q(N)² of the choice
-    uniform_objective: float | None = None  # Σ e_q² at the average N, for comparison (None when not a candidate)
+    objective: float  # the summed cost of the choice (Σ e_q(N)² for eq)
+    uniform_objective: float | None = None  # the summed cost at the average N, for comparison (None when not a candidate)
     settings: dict = field(default_factory=dict)
 
     @property
@@ -93,18 +97,18 @@ def density_of(sites: Sequence[LinearSite], n: dict[str, int], m: int) -> tuple[
 
 
 def choose_n(
-    sites: Sequence[LinearSite], errors: dict[int, dict[str, float]], m: int, target_density: float
+    sites: Sequence[LinearSite], costs: dict[int, dict[str, float]], m: int, target_density: float
 ) -> tuple[dict[str, int], float]:
-    """N per site (by key) minimising ``Σ errors[N][name]²`` at the FLOP-weighted density nearest ``target_density``.
+    """N per site (by key) minimising ``Σ costs[N][name]`` at the FLOP-weighted density nearest ``target_density``.
 
-    ``errors[N]`` maps module names to ``e_q`` at N (N = M is dense: error 0 whether given or not).
-    Returns the choice and its objective.
+    ``costs[N]`` maps module names to a layer's additive cost at N (``e_q²``, or an estimated loss
+    increase; N = M is dense: cost 0 whether given or not). Returns the choice and its objective.
     """
     if not sites:
         raise ActsparseError("no layers to allocate; select at least one linear layer")
     if not 0.0 < target_density <= 1.0:
         raise ActsparseError(f"target density must be in (0, 1], got {target_density}")
-    choices = sorted(errors if m in errors else {**errors, m: {}})
+    choices = sorted(costs if m in costs else {**costs, m: {}})
     if any(not 1 <= n <= m for n in choices):
         raise ActsparseError(f"candidate N must be in 1..{m}, got {choices}")
     flops = [s.in_features * s.out_features for s in sites]
@@ -116,9 +120,7 @@ def choose_n(
         weights = [max(1, round(w * scale)) for w in weights]
         span = sum(weights) * m
     target = target_density * span
-    cost = np.array(
-        [[0.0 if n == m else errors[n][s.name] ** 2 for n in choices] for s in sites], dtype=np.float64
-    )  # [sites, choices]
+    cost = np.array([[0.0 if n == m else costs[n][s.name] for n in choices] for s in sites], dtype=np.float64)  # [sites, choices]
     best = np.full(span + 1, np.inf)
     best[0] = 0.0
     picks = np.zeros((len(sites), span + 1), dtype=np.int16)
@@ -146,6 +148,27 @@ def choose_n(
     return chosen, objective
 
 
+@dataclass(frozen=True)
+class Objective:
+    """A sensitivity a per-layer allocation minimises: ``measure`` gives the curves (``measure_curves``'
+    signature), ``cost`` a layer's additive cost from its score at one N."""
+
+    name: str
+    description: str  # what is minimised, for records
+    measure: Callable[..., dict[str, Sensitivity]]
+    cost: Callable[[float], float]
+
+
+OBJECTIVES = {
+    o.name: o
+    for o in (
+        Objective("eq", "sum of e_q^2", measure_curves, lambda e: e * e),
+        Objective("fisher", "sum of Fisher loss-increase estimates", measure_fisher_curves, lambda delta: delta),
+    )
+}
+assert tuple(OBJECTIVES) == SENSITIVITIES, "config.SENSITIVITIES names the objectives here"
+
+
 def _measured_mitigation(name: str) -> str:
     """The mitigation the curves are measured with: a fitted one has nothing fitted yet, so ``none``."""
     return "none" if get_mitigation(name).fitted else name
@@ -169,7 +192,7 @@ def allocate(
     ``Allocation`` computed from the map (no measuring).
     """
     pattern = config.pattern_obj
-    sites = choose_sites(replace(config, allocation="uniform"), find_linear_sites(model))
+    sites = choose_sites(replace(config, allocation="uniform", sensitivity=SENSITIVITIES[0]), find_linear_sites(model))
     if pattern.nm is None:
         raise ActsparseError(f"a per-layer allocation needs an N:M pattern, not {pattern}")
     m = pattern.m
@@ -187,18 +210,21 @@ def allocate(
     if stats is None and (config.criterion_obj.needs_calibration or get_mitigation(measured).needs_calibration):
         stats = collect_input_stats(model, windows, bos_id=bos_id, progress=progress)  # clact, smooth-static
     sparse_choices = [c for c in choices if c < m]
-    curves = measure_curves(
+    objective_obj = OBJECTIVES[config.sensitivity]
+    curves = objective_obj.measure(
         model, windows, [f"{c}:{m}" for c in sparse_choices], config.criterion, measured, stats=stats, bos_id=bos_id,
         names=[s.name for s in sites], progress=progress,
     )  # fmt: skip
-    errors = {c: curves[f"{c}:{m}"].scores for c in sparse_choices}
-    n, objective = choose_n(sites, errors, m, pattern.density)
+    scores = {c: curves[f"{c}:{m}"].scores for c in sparse_choices}
+    costs = {c: {name: objective_obj.cost(value) for name, value in scores[c].items()} for c in sparse_choices}
+    n, objective = choose_n(sites, costs, m, pattern.density)
     density, fraction = density_of(sites, n, m)
-    uniform = sum(errors[pattern.n][s.name] ** 2 for s in sites) if pattern.n in errors else None
+    uniform = sum(costs[pattern.n][s.name] for s in sites) if pattern.n in costs else None
     settings = {
         "source": SENSITIVITY, "choices": list(choices), "windows": len(windows), "seqlen": windows.shape[1],
-        "criterion": config.criterion, "mitigation": measured, "objective": "sum of e_q^2",
-        "curves": {str(c): {site_key(s.role, s.layer): errors[c][s.name] for s in sites} for c in sparse_choices},
+        "criterion": config.criterion, "mitigation": measured, "sensitivity": objective_obj.name,
+        "objective": objective_obj.description,
+        "curves": {str(c): {site_key(s.role, s.layer): scores[c][s.name] for s in sites} for c in sparse_choices},
     }  # fmt: skip
     allocation = Allocation(m, n, pattern.density, density, fraction, objective, uniform, settings)
     return replace(config, allocation=allocation.patterns()), allocation

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from actsparse.calibration.collect import run_windows
 from actsparse.core.mitigation import get_mitigation
@@ -26,7 +27,7 @@ from actsparse.core.sparse_linear import SparseLinear
 from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
 from actsparse.models.discovery import ROLES, LinearSite, find_linear_sites
-from actsparse.models.placement import bridge_offload_, onloaded
+from actsparse.models.placement import bridge_offload_, input_device, onloaded
 from actsparse.sparsify import sparse_layers
 
 SENSITIVITY_EPS = 1e-8
@@ -149,31 +150,10 @@ def measure_curves(
     ``{str(pattern): Sensitivity}`` (the sensitivity curves a per-layer allocation reads)."""
     if sparse_layers(model):
         raise ActsparseError("model is sparsified; measure sensitivity on the dense model (actsparse.unsparsify_ first)")
-    pattern_objs = [parse_pattern(p) for p in patterns]
-    if not pattern_objs or any(p.is_dense for p in pattern_objs):
-        raise ActsparseError("sensitivity needs sparse patterns (N:M or unstructured:S), not dense")
-    criterion_obj, mitigation_obj = get_criterion(criterion), get_mitigation(mitigation)
+    pattern_objs = _sparse_patterns(patterns)
     sites = find_linear_sites(model)
-    chosen = [s for s in sites if s.role is not None and (names is None or s.name in names)]
-    wrappers: dict[str, SparseLinear] = {}
-    sums: dict[str, list[list[float]]] = {}
-    for index, site in enumerate(chosen):
-        module = model.get_submodule(site.name)
-        for pattern_obj in pattern_objs[1:]:
-            pattern_obj.check_width(site.in_features)
-        with onloaded(module):
-            wrappers[site.name] = SparseLinear(
-                module,
-                pattern_objs[0],
-                criterion_obj,
-                mitigation_obj,
-                name=site.name,
-                stats=(stats or {}).get(site.name),
-                seed=index,
-                backend="torch",
-            )
-        bridge_offload_(wrappers[site.name], module)
-        sums[site.name] = [[0.0, 0.0] for _ in pattern_objs]  # per pattern: sum (Y - Y')^2, sum Y^2
+    chosen, wrappers = _wrappers(model, sites, pattern_objs, criterion, mitigation, stats, names)
+    sums = {name: [[0.0, 0.0] for _ in pattern_objs] for name in wrappers}  # per pattern: sum (Y - Y')^2, sum Y^2
 
     def hook(module, args, output, name):
         # one wrapper per layer (its mitigation prepared once), its pattern switched per candidate:
@@ -205,4 +185,159 @@ def measure_curves(
             "eps": eps,
         }
         out[str(pattern_obj)] = Sensitivity(sites=sites, scores=scores, settings=settings)
+    return out
+
+
+def _sparse_patterns(patterns: list[str]):
+    pattern_objs = [parse_pattern(p) for p in patterns]
+    if not pattern_objs or any(p.is_dense for p in pattern_objs):
+        raise ActsparseError("sensitivity needs sparse patterns (N:M or unstructured:S), not dense")
+    return pattern_objs
+
+
+@torch.no_grad()
+def _wrappers(model, sites, pattern_objs, criterion, mitigation, stats, names):
+    """The recognised (or named) layers and one ``SparseLinear`` per layer sharing its weight,
+    at the first pattern (switched per candidate by the caller)."""
+    criterion_obj, mitigation_obj = get_criterion(criterion), get_mitigation(mitigation)
+    chosen = [s for s in sites if s.role is not None and (names is None or s.name in names)]
+    wrappers: dict[str, SparseLinear] = {}
+    for index, site in enumerate(chosen):
+        module = model.get_submodule(site.name)
+        for pattern_obj in pattern_objs[1:]:
+            pattern_obj.check_width(site.in_features)
+        with onloaded(module):
+            wrappers[site.name] = SparseLinear(
+                module,
+                pattern_objs[0],
+                criterion_obj,
+                mitigation_obj,
+                name=site.name,
+                stats=(stats or {}).get(site.name),
+                seed=index,
+                backend="torch",
+            )
+        bridge_offload_(wrappers[site.name], module)
+    return chosen, wrappers
+
+
+@dataclass
+class LossTerms:
+    """What one backward pass gives for one layer at one pattern, summed over the calibration tokens
+    (``t``) and the layer's output channels (``j``); ``g`` is the gradient of the summed NLL of the
+    calibration tokens with respect to the layer's output, ``d = Y − Y'`` the layer's output error."""
+
+    diagonal: float = 0.0  # Σ_t Σ_j g² d²
+    rank_one: float = 0.0  # Σ_t (Σ_j g d)²
+    first_order: float = 0.0  # Σ_t Σ_j g d
+    error: float = 0.0  # Σ_t Σ_j d²
+    reference: float = 0.0  # Σ_t Σ_j Y²
+    channel_grad: torch.Tensor | None = None  # [O]: Σ_t g_j²
+    channel_error: torch.Tensor | None = None  # [O]: Σ_t d_j²
+
+
+def _window_loss(model: nn.Module, window: torch.Tensor, bos_id: int | None) -> tuple[torch.Tensor, int]:
+    """The summed NLL of one window's predicted tokens, exactly as the perplexity counts them."""
+    ids = window if bos_id is None else torch.cat([window.new_tensor([bos_id]), window])
+    ids = ids.unsqueeze(0).to(input_device(model))
+    logits = model(ids, use_cache=False).logits
+    targets = ids[:, 1:]
+    return nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="sum"), targets.numel()
+
+
+def measure_loss_terms(
+    model: nn.Module,
+    windows: torch.Tensor,
+    patterns: list[str],
+    criterion: str = "amber",
+    mitigation: str = "none",
+    *,
+    stats: dict[str, InputStats] | None = None,
+    bos_id: int | None = None,
+    names: list[str] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, LossTerms]], int]:
+    """``LossTerms`` of every layer at each pattern, ``{str(pattern): {name: LossTerms}}``, and the
+    number of predicted tokens: one dense forward and backward pass per window.
+
+    The forward hooks keep each layer's input and dense output; a hook on the output's gradient
+    sparsifies the kept input at every candidate pattern (the layer alone, as ``e_q`` does) and
+    pairs the error with that gradient token by token. The parameters get no gradient.
+    """
+    if sparse_layers(model):
+        raise ActsparseError("model is sparsified; measure sensitivity on the dense model (actsparse.unsparsify_ first)")
+    pattern_objs = _sparse_patterns(patterns)
+    chosen, wrappers = _wrappers(model, find_linear_sites(model), pattern_objs, criterion, mitigation, stats, names)
+    terms = {str(p): {name: LossTerms() for name in wrappers} for p in pattern_objs}
+
+    def backward(grad: torch.Tensor, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.no_grad():
+            g = grad.double().flatten(0, -2)
+            wrapper = wrappers[name]
+            g2 = g.square()
+            for pattern_obj in pattern_objs:
+                wrapper.pattern = pattern_obj
+                d = (y - wrapper(x).double()).flatten(0, -2)
+                t = terms[str(pattern_obj)][name]
+                gd = g * d
+                t.diagonal += (gd * gd).sum().item()
+                t.rank_one += gd.sum(-1).square().sum().item()
+                t.first_order += gd.sum().item()
+                t.error += d.square().sum().item()
+                t.reference += y.square().sum().item()
+                t.channel_grad = g2.sum(0) if t.channel_grad is None else t.channel_grad + g2.sum(0)
+                channel = d.square().sum(0)
+                t.channel_error = channel if t.channel_error is None else t.channel_error + channel
+
+    def forward(module, args, output, name):
+        x, y = args[0].detach(), output.detach().double()
+        output.register_hook(lambda grad: backward(grad, name, x, y))
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handles = [
+        model.get_submodule(s.name).register_forward_hook(lambda m, a, o, name=s.name: forward(m, a, o, name)) for s in chosen
+    ]
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_(True)))
+    tokens = 0
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for window in tqdm(windows, desc="loss sensitivity", unit="window", disable=not progress):
+                loss, count = _window_loss(model, window, bos_id)
+                loss.backward()
+                tokens += count
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return terms, tokens
+
+
+def measure_fisher_curves(
+    model: nn.Module,
+    windows: torch.Tensor,
+    patterns: list[str],
+    criterion: str = "amber",
+    mitigation: str = "none",
+    *,
+    stats: dict[str, InputStats] | None = None,
+    bos_id: int | None = None,
+    names: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Sensitivity]:
+    """The Fisher estimate of the increase of the mean NLL when each layer alone is sparsified at each
+    of ``patterns``: ``Δ = Σ_t Σ_j g_tj² d_tj² / (2T)`` (``LossTerms.diagonal`` over the ``T``
+    predicted tokens; docs/methods.md, Per-layer allocation). ``{str(pattern): Sensitivity}``."""
+    terms, tokens = measure_loss_terms(
+        model, windows, patterns, criterion, mitigation, stats=stats, bos_id=bos_id, names=names, progress=progress
+    )
+    sites = find_linear_sites(model)
+    out = {}
+    for pattern, by_name in terms.items():
+        scores = {name: t.diagonal / (2 * tokens) for name, t in by_name.items()}
+        settings = {"pattern": pattern, "criterion": criterion, "mitigation": mitigation, "windows": len(windows),
+                    "tokens": tokens, "measure": "fisher"}  # fmt: skip
+        out[pattern] = Sensitivity(sites=sites, scores=scores, settings=settings)
     return out

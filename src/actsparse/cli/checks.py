@@ -24,6 +24,7 @@ STATE_FIXES = (
     "seed",
     "prefill_only",
     "allocation",
+    "sensitivity",
 )  # from the state's config
 STATE_REFUSES = ("calib_data", "calib_windows", "prune", "method")  # its calibration is done
 

@@ -72,7 +72,7 @@ def cmd_eval(args) -> None:
     if "allocation" in record:
         info = record["allocation"]
         print(
-            f"allocation N per layer from e_q on {info['data']} ({info['settings']['windows']} windows, {info['seconds']:.1f} s): "
+            f"allocation N per layer from {info['settings']['objective']} on {info['data']} ({info['settings']['windows']} windows, {info['seconds']:.1f} s): "
             f"target {info['target_density']:.4f}, reached {info['density']:.4f}{'' if info['met'] else ' (nearest achievable)'}"
         )
     if not record["causal"]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from actsparse.baselines import PRUNERS, WeightPruneConfig
 from actsparse.cli.placement import add_placement_options as add_placement_options
 from actsparse.cli.placement import placement_from as placement_from
-from actsparse.config import SparsityConfig
+from actsparse.config import SENSITIVITIES, SparsityConfig
 from actsparse.core.dispatch import BACKENDS
 from actsparse.errors import ActsparseError
 from actsparse.eval.lmeval import TaskSettings
@@ -26,7 +26,8 @@ from actsparse.models.loading import DTYPES
 
 DEFAULT_PATTERN = "8:16"  # the command line's default; SparsityConfig's own is 2:4
 TARGETS = ("activations", "weights")  # what --prune removes
-ACTIVATIONS_ONLY = ("criterion", "mitigation", "prefill_only", "backend", "allocation")  # options that --prune weights refuses
+# options that --prune weights refuses
+ACTIVATIONS_ONLY = ("criterion", "mitigation", "prefill_only", "backend", "allocation", "sensitivity")
 
 
 def defaults(cls) -> dict:
@@ -167,6 +168,13 @@ def add_sparsity_options(parser: argparse.ArgumentParser, weights: bool = True) 
         help="N per layer, M fixed: uniform (default); sensitivity (chosen from e_q curves on --calib-data, --calib-windows "
         'windows, with --pattern the FLOP-weighted average); or a JSON file holding a map {"ROLE@LAYER": "N:M" or "dense"} '
         "(or a result record / state description whose config has one)",
+    )
+    group.add_argument(
+        "--sensitivity",
+        default=SPARSITY["sensitivity"],
+        choices=list(SENSITIVITIES),
+        help="what --allocation sensitivity minimises: eq, the sum of e_q^2 (default); fisher, the Fisher estimate of "
+        "the loss increase from one forward and backward pass on the calibration windows (docs/methods.md)",
     )
     if weights:
         group.add_argument(
@@ -319,13 +327,14 @@ def config_from(args) -> SparsityConfig:
         pattern=args.pattern, criterion=args.criterion, mitigation=args.mitigation, roles=args.roles, layers=args.layers,
         skip=tuple(args.skip), seed=args.seed, backend=args.backend, prefill_only=getattr(args, "prefill_only", False),
         allocation=allocation_from(getattr(args, "allocation", "uniform")),
+        sensitivity=getattr(args, "sensitivity", SPARSITY["sensitivity"]),
     )  # fmt: skip
 
 
 def weight_config_from(args) -> WeightPruneConfig:
     if set(ACTIVATIONS_ONLY) & given(args):
         raise ActsparseError(
-            "--criterion, --mitigation, --backend, --prefill-only and --allocation choose activation sparsity; with --prune weights use --method "
+            "--criterion, --mitigation, --backend, --prefill-only, --sensitivity and --allocation choose activation sparsity; with --prune weights use --method "
             f"({', '.join(PRUNERS)})"
         )
     return WeightPruneConfig(

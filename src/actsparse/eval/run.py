@@ -167,10 +167,11 @@ class Evaluator:
     def allocate(self, config: SparsityConfig) -> tuple[SparsityConfig, dict | None]:
         """``config`` with ``allocation="sensitivity"`` resolved on the calibration text (the settings'
         ``calib_windows`` windows, never the evaluation text), and the allocation's record; any other
-        config as it is, with None. Measured once per criterion, mitigation, pattern and selection."""
+        config as it is, with None. Measured once per criterion, mitigation, pattern, selection and sensitivity."""
         if config.resolved:
             return config, None
-        key = (config.pattern, config.criterion, config.mitigation, config.roles, config.layers, config.skip, config.seed)
+        key = (config.pattern, config.criterion, config.mitigation, config.roles, config.layers, config.skip, config.seed,
+               config.sensitivity)  # fmt: skip
         if key not in self._allocations:
             windows, calib_spec = self.calibration_windows(self.settings.calib_windows)
             criterion, mitigation = config.criterion_obj, config.mitigation_obj
