@@ -5,7 +5,7 @@ import torch
 
 from actsparse import ActsparseError, SparsityConfig, sparsify_, tune_
 from actsparse.core import dispatch
-from actsparse.core.tuning import Tuned, distinct_layers
+from actsparse.core.tuning import Tuned, distinct_groups, distinct_layers
 from conftest import tiny_model
 
 
@@ -61,8 +61,11 @@ def test_tune_fills_both_tables_on_cuda(monkeypatch, tmp_path):
     model = preset_model("tiny-llama", torch.bfloat16, torch.device("cuda"), seed=0)
     sparsify_(model, SparsityConfig(pattern="2:4"))
     rows = tune_(model, decode_rows=(1, 2), prefill_rows=(128,), repeats=3)
-    layers = distinct_layers(model)
-    assert len(rows) == len(layers) * (2 + 2)  # decode rows 1, 2 (graph); prefill 128 in eager and graph
+    layers, groups = distinct_layers(model), distinct_groups(model)
+    assert len(groups) == 2  # q/k/v and gate/up, side by side
+    # per layer: decode rows 1, 2 (graph) and prefill 128 in eager and graph; per group: decode rows 1, 2
+    assert len(rows) == len(layers) * (2 + 2) + len(groups) * 2
+    assert {(r.in_features, r.out_features) for r in rows} >= {(g.in_features, g.out_features) for g in groups}
     assert all(r.sparse_ms >= 0 and r.dense_ms > 0 for r in rows)
     table = tmp_path / "fast-paths.json"
     first = tune_(model, decode_rows=(1,), prefill_rows=(128,), repeats=3, table=table)

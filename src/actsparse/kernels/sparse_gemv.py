@@ -41,6 +41,8 @@ from typing import NamedTuple
 
 import torch
 
+from actsparse.kernels.launch import Launcher
+
 try:
     import triton
     import triton.language as tl
@@ -240,8 +242,8 @@ def sparse_gemv(x, wt, o, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, s
     if out is None:
         out = torch.empty(rows, o, dtype=x.dtype, device=x.device)
     dummy = ws.partials
-    LAST_LAUNCH["kernel"] = _sparse_gemv_kernel[(tiles, split)](
-        x, dummy if vector is None else vector, dummy if shift is None else shift, wt,
+    LAST_LAUNCH["kernel"] = _GEMV_LAUNCH(
+        (tiles, split), x, dummy if vector is None else vector, dummy if shift is None else shift, wt,
         dummy if bias is None else bias, dummy if row_sum is None else row_sum, out,
         ws.partials, ws.stats, ws.counters, ws.rows, ws.values,
         rows, k, o, plan.chunk,
@@ -468,6 +470,9 @@ if triton is not None:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + r[:, None] * O + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=(r < B)[:, None] & col_ok[None, :])
+
+
+_GEMV_LAUNCH = Launcher(_sparse_gemv_kernel) if triton is not None else None
 
 
 def sm_count(device: torch.device) -> int:

@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from actsparse.kernels.launch import Launcher
+
 try:
     import triton
     import triton.language as tl
@@ -153,7 +155,8 @@ def _launch(x, y, n, m, vector, shift, *, var: bool, sums: bool = False):
     unique = x.element_size() == 2 and vector is None  # 15-bit |x| and a 5-bit lane fit one int32 key
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), 1 if var else triton.cdiv(K // m, cfg["BLOCK_G"]))
     partial = torch.empty(4, T, grid[1], dtype=torch.float32, device=x.device) if sums else x
-    _nm_kernel[grid](
+    _NM_LAUNCH(
+        grid,
         x,
         y,
         x if vector is None else vector.contiguous(),
@@ -509,6 +512,7 @@ if triton is not None:
         tl.store(scale_ptr + rows, tl.sqrt_rn(tl.div_rn(var_x, tl.maximum(var_p, 1e-8))), mask=ok)
 
     _INTERPRETED = type(_nm_kernel).__name__ == "InterpretedFunction"  # decorated under TRITON_INTERPRET=1
+    _NM_LAUNCH = Launcher(_nm_kernel)
 
 
 # ----------------------------------------------------------------------------- the PyTorch ops
