@@ -31,7 +31,11 @@ def calibrate_once(model, config, windows, bos_id, cuda_graph):
     report = calibrate_(model, config, windows, bos_id=bos_id, progress=False, cuda_graph=cuda_graph)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    state = {f"{n}.{k}": getattr(l, k).detach().float().cpu() for n, l in sparse_layers(model).items() for k in l.state_names}
+    state = {
+        f"{n}.{k}": t.detach().float().cpu()
+        for n, l in sparse_layers(model).items()
+        for k, t in l.mitigation_state.tensors().items()
+    }
     losses = [info.get("last_loss", 0.0) for info in report.layers.values()]
     unsparsify_(model)
     return seconds, state, losses

@@ -15,11 +15,13 @@ Three mitigations, registered with ``register_mitigation`` (usable through ``spa
   with α = 0.10, folded the same way (``x/ŝ``, ``W·diag(ŝ)``), then the same order.
 
 Order: smooth -> sparsify -> quantise. The criterion scores the smoothed input, and its
-per-feature vector (amber, wina, …) is recomputed from the folded weight ``W·diag(s)``, i.e.
-the criterion sees the smoothed model as if it were the model. With a ``dense`` pattern (or
-a decode step under ``prefill_only``) the same layers run without sparsity: "W8A8 dense".
-The quantised weight is precomputed into a buffer in ``prepare``; the shared original
-weight is never modified.
+per-feature vector (amber, wina, …) is the one of the folded weight ``W·diag(s)``
+(``prepare`` sets the layer's ``criterion_vector`` to it), i.e. the criterion sees the smoothed
+model as if it were the model. With a ``dense`` pattern (or a decode step under
+``prefill_only``) the same layers run without sparsity: "W8A8 dense". The quantised weight is
+precomputed into a buffer in ``prepare``; the shared original weight is never modified. These
+buffers are made again whenever the layer is built (from the weight and the input statistics):
+they are the layer's own, not mitigation state (``core/mitigation_state.py``), and are not saved.
 """
 
 from __future__ import annotations
@@ -95,8 +97,7 @@ def _prepare(layer: SparseLinear, scale_fn=None, name: str = "w8a8") -> None:
             raise ActsparseError(f"mitigation '{name}' needs calibration statistics; pass calibration data (CLI: --calib-data)")
         smooth = scale_fn(layer.stats.abs_max.to(weight.device), weight)
         weight = weight.float() * smooth  # W diag(s): column j times s_j
-        if layer.criterion.feature_vector is not None:  # the criterion sees the folded weight
-            layer.feature_vector = layer.criterion.feature_vector(weight, layer.stats).to(weight.device)
+        layer.criterion_vector = layer.criterion_vector_of(weight, layer.stats)  # the criterion sees the folded weight
     layer.register_buffer("w8a8_smooth", smooth, persistent=False)
     layer.register_buffer("w8a8_weight", quantize_weight(weight).to(layer.dense_weight().dtype), persistent=False)
     layer.dense_apply = partial(_forward, layer, sparse=False)

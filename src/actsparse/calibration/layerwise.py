@@ -111,15 +111,8 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
 
 
 def trainable_parameters(layer: nn.Module) -> list[nn.Parameter]:
-    """The mitigation parameters of the SparseLinear layers inside ``layer``."""
-    found = []
-    for module in layer.modules():
-        if isinstance(module, SparseLinear):
-            for name in getattr(module, "state_names", ()):
-                value = getattr(module, name)
-                if isinstance(value, nn.Parameter):
-                    found.append(value)
-    return found
+    """The mitigation parameters of the SparseLinear layers inside ``layer``: their mitigation states' ``parameters()``."""
+    return [p for module in layer.modules() if isinstance(module, SparseLinear) for p in module.mitigation_state.parameters()]
 
 
 class _WindowLoss:

@@ -27,8 +27,10 @@ Options reach a mitigation through its name: ``lowrank:32`` is made on demand by
 ``ensure_mitigation`` (``lowrank:8/16/32/64/128`` are registered up front, so they also pass
 ``SparsityConfig`` validation directly).
 
-Every tensor a mitigation owns (buffers and parameters) is listed in ``layer.state_names``:
-those are what ``save_state`` writes. Mitigations in ``CALIBRATED`` say ``needs_calibration``
+Every tensor a mitigation owns (buffers and parameters) is held by the layer's
+``mitigation_state`` (``core.mitigation_state.MitigationState``; the layer reads them as its own
+attributes, ``layer.eta``): those are what ``save_state`` writes, and its parameters are what
+``calibrate_`` trains. Mitigations in ``CALIBRATED`` say ``needs_calibration``
 and refuse to run until their layer is calibrated: by ``calibrate_`` (layer by layer, the
 normal way), by a saved state (``load_state_``), or for the statistics-only ones by
 ``sparsify_(model, config, stats=collect_covariance_stats(model, windows, config.mitigation))``
@@ -44,7 +46,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from actsparse.core.mitigation import (
     MITIGATIONS,
@@ -54,6 +55,7 @@ from actsparse.core.mitigation import (
     shifted_product,
     variance_scale,
 )
+from actsparse.core.mitigation_state import FEATURE_VECTOR
 from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
 
@@ -126,25 +128,12 @@ class CovarianceStats(InputStats):
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def _own(layer, name: str, tensor: torch.Tensor, parameter: bool = False) -> None:
-    """Register a buffer (persistent=False) or parameter owned by the mitigation."""
-    if parameter:
-        layer.register_parameter(name, nn.Parameter(tensor))
-    else:
-        layer.register_buffer(name, tensor, persistent=False)
-    names = list(getattr(layer, "state_names", ()))
-    if name not in names:
-        names.append(name)
-    layer.state_names = tuple(names)
-
-
 def _start(layer) -> None:
-    layer.state_names = ()
-    layer.calibrated = False
+    layer.calibrated = False  # the tensors owned next are placeholders until fitted
 
 
 def _check(layer) -> None:
-    if not getattr(layer, "calibrated", False):
+    if not layer.calibrated:
         raise ActsparseError(
             f"layer {layer.name}: mitigation '{layer.mitigation.name}' is calibrated layer by layer; run "
             "actsparse.calibrate_(model, config, windows) (CLI: actsparse calibrate) or load a saved state "
@@ -180,8 +169,8 @@ def prepare_spts(layer) -> None:
     if stats is not None:
         eta = (stats.token_median_sum / stats.tokens).float().cpu()
         layer.calibrated = True
-    _own(layer, "eta", eta.to(_device(layer)))
-    _own(layer, "weight_row_sum", layer.dense_weight().detach().float().sum(dim=1))
+    layer.mitigation_state.own("eta", eta.to(_device(layer)))
+    layer.mitigation_state.own("weight_row_sum", layer.dense_weight().detach().float().sum(dim=1))
 
 
 def apply_shift(layer, x: torch.Tensor) -> torch.Tensor:
@@ -201,8 +190,8 @@ def _prepare_scap(layer, per_feature: bool) -> None:
     eta = eta.to(_device(layer))
     weight = layer.dense_weight().detach().float()
     folded = weight @ eta if per_feature else eta * weight.sum(dim=1)
-    _own(layer, "eta", eta)
-    _own(layer, "eta_bias", folded)
+    layer.mitigation_state.own("eta", eta)
+    layer.mitigation_state.own("eta_bias", folded)
 
 
 def prepare_scap(layer) -> None:
@@ -224,7 +213,7 @@ def own_feature_vector(layer) -> None:
     """Make a calibration-dependent criterion's feature vector (clact's ``||X_:,j||``) part of the
     layer's saved state, so that a loaded state scores as the calibrated layer did."""
     if layer.criterion.needs_calibration and layer.feature_vector is not None:
-        _own(layer, "feature_vector", layer.feature_vector)
+        layer.mitigation_state.own(FEATURE_VECTOR, layer.feature_vector)
 
 
 def _rotated_stats(stats, q: torch.Tensor):
@@ -239,14 +228,15 @@ def _rotated_stats(stats, q: torch.Tensor):
 
 
 def set_rotation(layer, q: torch.Tensor) -> None:
-    """Install ``Q`` (columns = directions): the rotated weight and the criterion's feature vector."""
+    """Install ``Q`` (columns = directions): the rotated weight, and the criterion's feature vector
+    of the rotated weight and inputs, held by the state (the layer scores with it)."""
     q = q.float().to(_device(layer))
     rotated = layer.dense_weight().detach().float() @ q
-    _own(layer, "rotation", q)
-    _own(layer, "rotated_weight", rotated.to(layer.weight.dtype))
-    if layer.criterion.feature_vector is not None:  # the criterion sees rotated features and the rotated weight
-        layer.feature_vector = layer.criterion.feature_vector(rotated, _rotated_stats(layer.stats, q)).to(_device(layer))
-        _own(layer, "feature_vector", layer.feature_vector)
+    layer.mitigation_state.own("rotation", q)
+    layer.mitigation_state.own("rotated_weight", rotated.to(layer.weight.dtype))
+    vector = layer.criterion_vector_of(rotated, _rotated_stats(layer.stats, q))
+    if vector is not None:  # the criterion sees rotated features and the rotated weight
+        layer.mitigation_state.own(FEATURE_VECTOR, vector)
 
 
 def spread_order(width: int, m: int) -> torch.Tensor:
@@ -294,8 +284,8 @@ def _prepare_lowrank(layer, rank: int) -> None:
     weight = layer.dense_weight().detach().float()
     rank = min(rank, *weight.shape)
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    _own(layer, "lowrank_u", (u[:, :rank] * s[:rank]).to(layer.weight.dtype))  # U_r S_r  [out, r]
-    _own(layer, "lowrank_v", vh[:rank].to(layer.weight.dtype))  # V_rᵀ  [r, in]
+    layer.mitigation_state.own("lowrank_u", (u[:, :rank] * s[:rank]).to(layer.weight.dtype))  # U_r S_r  [out, r]
+    layer.mitigation_state.own("lowrank_v", vh[:rank].to(layer.weight.dtype))  # V_rᵀ  [r, in]
     layer.calibrated = True  # needs no calibration
 
 
@@ -311,7 +301,7 @@ def apply_lowrank(layer, x: torch.Tensor) -> torch.Tensor:
 
 def prepare_lpts(layer) -> None:
     _start(layer)
-    _own(layer, "input_shift", torch.zeros(layer.in_features, device=_device(layer)), parameter=True)
+    layer.mitigation_state.own("input_shift", torch.zeros(layer.in_features, device=_device(layer)), parameter=True)
 
 
 def apply_lpts(layer, x: torch.Tensor) -> torch.Tensor:
@@ -325,9 +315,9 @@ def _learned(scale: bool, shift: bool, var: bool):
     def prepare(layer) -> None:
         _start(layer)
         if scale:
-            _own(layer, "output_scale", torch.zeros(layer.out_features, device=_device(layer)), parameter=True)
+            layer.mitigation_state.own("output_scale", torch.zeros(layer.out_features, device=_device(layer)), parameter=True)
         if shift:
-            _own(layer, "output_shift", torch.zeros(layer.out_features, device=_device(layer)), parameter=True)
+            layer.mitigation_state.own("output_shift", torch.zeros(layer.out_features, device=_device(layer)), parameter=True)
 
     def apply(layer, x: torch.Tensor) -> torch.Tensor:
         _check(layer)

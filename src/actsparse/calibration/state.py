@@ -59,12 +59,18 @@ meta_digest = manifest_digest  # the old name
 
 
 def _owned(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"<module>.<name>": tensor}`` of every mitigation-owned tensor of every SparseLinear."""
-    owned = {}
-    for name, layer in sparse_layers(model).items():
-        for attr in getattr(layer, "state_names", ()):
-            owned[f"{name}.{attr}"] = getattr(layer, attr)
-    return owned
+    """``{"<module>.<name>": tensor}`` of every mitigation-owned tensor of every SparseLinear: the
+    tensors of its ``mitigation_state``, keyed by the layer's name (``….down_proj.eta``)."""
+    return {
+        f"{name}.{key}": tensor
+        for name, layer in sparse_layers(model).items()
+        for key, tensor in layer.mitigation_state.tensors().items()
+    }
+
+
+def uncalibrated(model: nn.Module) -> list[str]:
+    """The names of the sparse layers whose mitigation state still waits to be fitted."""
+    return [name for name, layer in sparse_layers(model).items() if not layer.calibrated]
 
 
 def model_identity(model: nn.Module) -> dict:
@@ -82,12 +88,10 @@ def save_state(model: nn.Module, directory: str | Path, *, calibration: dict | N
     layers = sparse_layers(model)
     if not layers:
         raise ActsparseError("model is not sparsified; calibrate it with actsparse.calibrate_ (or sparsify_) first")
-    uncalibrated = [
-        name for name, layer in layers.items() if getattr(layer, "state_names", ()) and not getattr(layer, "calibrated", True)
-    ]
-    if uncalibrated:
+    waiting = uncalibrated(model)
+    if waiting:
         raise ActsparseError(
-            f"{len(uncalibrated)} sparse layers are not calibrated (e.g. {uncalibrated[0]}); run actsparse.calibrate_ first"
+            f"{len(waiting)} sparse layers are not calibrated (e.g. {waiting[0]}); run actsparse.calibrate_ first"
         )
     report = getattr(model, CALIBRATION_ATTR, None)
     first = next(iter(layers.values()))
@@ -217,10 +221,7 @@ def apply_state_(
         for key, target in owned.items():
             target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
         for layer in sparse_layers(model).values():
-            if getattr(layer, "state_names", ()):
-                layer.calibrated = True
-                if "feature_vector" in layer.state_names:
-                    layer.feature_vector = layer.feature_vector
+            layer.calibrated = True
     except BaseException:
         unsparsify_(model)
         raise

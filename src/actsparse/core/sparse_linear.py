@@ -2,7 +2,8 @@
 
 ``SparseLinear`` wraps an ``nn.Linear`` (or GPT-2's ``Conv1D``) and shares its weight and
 bias parameters, so the model's state dict keys and values do not change and the original
-module can be put back exactly (``original``).
+module can be put back exactly (``original``). What its mitigation fits or learns lives in
+its child ``mitigation_state`` (``core/mitigation_state.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 from actsparse.core.dispatch import choose_backend, runs_here, triton_forward
 from actsparse.core.masks import keep_mask
 from actsparse.core.mitigation import Mitigation
+from actsparse.core.mitigation_state import FEATURE_VECTOR, MitigationState
 from actsparse.core.patterns import Pattern
 from actsparse.core.scoring import Criterion
 from actsparse.core.stats import InputStats
@@ -30,6 +32,10 @@ class SparseLinear(nn.Module):
     Under teacher forcing (perplexity) every call is a prefill call. A mitigation's
     ``prepare`` may set ``dense_apply(layer, rows)``: the layer's form without sparsity
     (e.g. W8A8 fake quantisation), used for dense calls instead of the plain product.
+
+    ``mitigation_state`` (a ``MitigationState``) holds the mitigation's fitted and learned
+    tensors and its ``calibrated`` flag; the layer reads each of them as its own attribute
+    (``layer.eta`` is ``layer.mitigation_state.eta``), and ``layer.calibrated`` is the state's.
     """
 
     prefill_only: bool = False
@@ -63,12 +69,59 @@ class SparseLinear(nn.Module):
         self.backend = choose_backend(backend, pattern, criterion, mitigation)
         self.forced_backend = backend == "triton"
         self._gemv_weight = self._cslt_linear = None
-        vector = None
-        if criterion.feature_vector is not None:
-            vector = criterion.feature_vector(self.dense_weight(), stats).to(self.weight.device)
-        self.register_buffer("feature_vector", vector, persistent=False)
+        self.register_buffer("criterion_vector", self.criterion_vector_of(self.dense_weight(), stats), persistent=False)
+        self.mitigation_state = MitigationState()
         if mitigation.prepare is not None:
             mitigation.prepare(self)
+
+    def __getattr__(self, name: str):
+        """The layer's own parameters, buffers and children, then its mitigation state's tensors."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            state = self.__dict__.get("_modules", {}).get("mitigation_state")
+            found = None if state is None else state.get(name)
+            if found is None:
+                raise
+            return found
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the mitigation state is fitted (``mitigation_state.calibrated``)."""
+        return self.mitigation_state.calibrated
+
+    @calibrated.setter
+    def calibrated(self, value: bool) -> None:
+        self.mitigation_state.calibrated = bool(value)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """The names of the mitigation state's tensors (read-only; ``mitigation_state.tensors()``)."""
+        return tuple(self.mitigation_state.tensors())
+
+    def criterion_vector_of(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor | None:
+        """The criterion's per-feature vector of ``weight`` ``[out, in]`` and ``stats`` on the
+        layer's device; None for a criterion without one."""
+        if self.criterion.feature_vector is None:
+            return None
+        return self.criterion.feature_vector(weight, stats).to(self.weight.device)
+
+    @property
+    def feature_vector(self) -> torch.Tensor | None:
+        """The vector the criterion scores with: the mitigation state's (rotation's of the rotated
+        weight, a calibrated clact's norms) where it holds one, else ``criterion_vector``, the
+        criterion's vector of the layer's weight (W8A8 with smoothing: of the folded weight)."""
+        owned = self.mitigation_state.get(FEATURE_VECTOR)
+        return self.criterion_vector if owned is None else owned
+
+    @feature_vector.setter
+    def feature_vector(self, vector: torch.Tensor | None) -> None:
+        """Score with ``vector`` from now on: it replaces the state's vector where the state holds one,
+        else ``criterion_vector``."""
+        if self.mitigation_state.get(FEATURE_VECTOR) is not None:
+            self.mitigation_state.own(FEATURE_VECTOR, vector)
+        else:
+            self.criterion_vector = vector
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as ``[out, in]`` whatever the storage layout."""

@@ -25,8 +25,9 @@ from actsparse._version import __version__
 from actsparse.artifacts import versions
 from actsparse.calibration.layerwise import CALIBRATION_ATTR
 from actsparse.calibration.mitigations import own_feature_vector
-from actsparse.calibration.state import _owned, apply_state_, state_config
+from actsparse.calibration.state import _owned, apply_state_, state_config, uncalibrated
 from actsparse.config import SparsityConfig
+from actsparse.core.mitigation_state import MitigationState
 from actsparse.core.stats import InputStats
 from actsparse.errors import ActsparseError
 from actsparse.hf import QUANT_METHOD, STATE_PREFIX
@@ -105,7 +106,7 @@ def sparsity_config_of(model) -> SparsityConfig | None:
 
 
 def _has_state(layers) -> bool:
-    return any(getattr(layer, "state_names", ()) for layer in layers.values())
+    return any(layer.mitigation_state.tensors() for layer in layers.values())
 
 
 def _needs_stats(layer) -> bool:
@@ -120,9 +121,7 @@ def actsparse_tensors(model, check: bool = True, copy: bool = True) -> dict[str,
     """
     layers = sparse_layers(model)
     if check:
-        waiting = [
-            name for name, layer in layers.items() if getattr(layer, "state_names", ()) and not getattr(layer, "calibrated", True)
-        ]
+        waiting = uncalibrated(model)
         if waiting:
             raise ActsparseError(
                 f"{len(waiting)} sparse layers are not calibrated (e.g. {waiting[0]}); run actsparse.calibrate_ before saving"
@@ -130,8 +129,7 @@ def actsparse_tensors(model, check: bool = True, copy: bool = True) -> dict[str,
     tensors = {}
     if _has_state(layers):
         for layer in layers.values():
-            if "feature_vector" not in getattr(layer, "state_names", ()):
-                own_feature_vector(layer)  # a calibration-dependent criterion's vector travels with the state
+            own_feature_vector(layer)  # a calibration-dependent criterion's vector travels with the state
         tensors.update({STATE + key: t for key, t in _owned(model).items()})
     else:
         for name, layer in layers.items():
@@ -248,8 +246,11 @@ class ActsparseHfQuantizer(HfQuantizer):
         self.refresh(model)
         state_dict = model.state_dict()
         _onload_sparse_weights(model, state_dict)
-        for key in _owned(model):  # learned parameters are in the module tree; saved once, under actsparse.state.
-            state_dict.pop(key, None)
+        # learned parameters are in the module tree (….mitigation_state.<name>); saved once, under actsparse.state.
+        for name, module in model.named_modules():
+            if isinstance(module, MitigationState):
+                for key in module.state_dict():
+                    state_dict.pop(f"{name}.{key}", None)
         state_dict.update(tensors)
         return state_dict, {"actsparse": __version__}
 
