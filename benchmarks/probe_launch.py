@@ -52,6 +52,18 @@ def main() -> None:
         "sparsify + F.linear": lambda: sparsify_forward(layer, rows),
         "empty tensor": lambda: torch.empty(1, 14336, dtype=torch.bfloat16, device="cuda"),
     }
+    from triton import knobs
+
+    import actsparse.kernels.sparse_gemv as sparse_gemv
+
+    print(f"triton launch_enter_hook: {knobs.runtime.launch_enter_hook!r}")
+    compiled = sparse_gemv._sparse_gemv_kernel  # the JIT function; its last compiled kernel is inspected below
+    layer(x)
+    kept = sparse_gemv.LAST_LAUNCH["kernel"]
+    print(
+        f"compiled kernel: {type(kept).__name__}, fields: "
+        f"{[(f, hasattr(kept, f)) for f in ('run', 'function', 'packed_metadata', '_init_handles')]}, jit: {type(compiled).__name__}"
+    )
     print(f"{'host us per call':<30} {'triton launch':>14} {'direct':>10}")
     for name, fn in cases.items():
         launch.ENABLED = False
@@ -59,6 +71,7 @@ def main() -> None:
         launch.ENABLED = True
         fast = host_us(fn)
         print(f"{name:<30} {slow:>14.1f} {fast:>10.1f}")
+    print(f"GEMV kernels kept for direct relaunch: {len(sparse_gemv._GEMV_LAUNCH.compiled)}")
     model = preset_model("llama3-8b", torch.bfloat16, torch.device("cuda"))
     options = BenchOptions(steps=32, repeats=3)
     timer = Timer(torch.device("cuda"), options.warmup, options.repeats)

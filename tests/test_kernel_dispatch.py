@@ -89,8 +89,11 @@ def test_decode_choice_default_rule_and_measured_entries():
     assert not choice.sparse_wins(4096, 1024, 1, 8, 16, torch.bfloat16)  # narrow k/v projections
     assert not choice.sparse_wins(4096, 14336, 1, 12, 16, torch.bfloat16)  # density above 1/2
     assert not choice.sparse_wins(4096, 14336, 5, 8, 16, torch.bfloat16)  # beyond the kernel's rows
-    choice.measured[(4096, 1024, 1, 8, 16, torch.bfloat16)] = True
+    choice.measured[(4096, 1024, 1, 8, 16, torch.bfloat16, 1)] = True
     assert choice.sparse_wins(4096, 1024, 1, 8, 16, torch.bfloat16)
+    choice.measured[(4096, 6144, 1, 8, 16, torch.bfloat16, 3)] = False  # q/k/v side by side: its own entry
+    assert not choice.sparse_wins(4096, 6144, 1, 8, 16, torch.bfloat16, layers=3)
+    assert choice.sparse_wins(4096, 6144, 1, 8, 16, torch.bfloat16)  # a single layer of that shape: the rule
 
 
 def test_prefill_choice_reads_the_measured_table_and_defaults_to_dense():

@@ -71,9 +71,11 @@ def test_tune_fills_both_tables_on_cuda(monkeypatch, tmp_path):
     first = tune_(model, decode_rows=(1,), prefill_rows=(128,), repeats=3, table=table)
     again = tune_(model, decode_rows=(1,), prefill_rows=(128,), repeats=3, table=table)
     assert again == first  # read back, nothing timed twice
-    for r in rows:
+    latest = {r.key: r for r in rows} | {r.key: r for r in again}  # the table's rows were measured again, and kept
+    for r in latest.values():
         if r.phase == "decode":
-            assert dispatch.DECODE_CHOICE.measured[(r.in_features, r.out_features, r.rows, 2, 4, torch.bfloat16)] == r.sparse_wins
+            key = (r.in_features, r.out_features, r.rows, 2, 4, torch.bfloat16, r.layers)
+            assert dispatch.DECODE_CHOICE.measured[key] == r.sparse_wins
         else:
             assert dispatch.PREFILL_CHOICE.measured[(r.mode, r.rows, r.in_features, r.out_features)] == r.sparse_wins
 
@@ -95,7 +97,7 @@ def test_a_table_file_keeps_measurements_per_gpu_and_versions(tmp_path, monkeypa
     sections = read_table(path)
     assert sections["H200 | v1"] == h200 and sections["H100 | v1"] == other
     record(sections["H200 | v1"])
-    assert dispatch.DECODE_CHOICE.measured == {(4096, 4096, 1, 8, 16, torch.bfloat16): True}
+    assert dispatch.DECODE_CHOICE.measured == {(4096, 4096, 1, 8, 16, torch.bfloat16, 1): True}
     assert dispatch.PREFILL_CHOICE.measured == {("eager", 8192, 4096, 14336): False}
 
 

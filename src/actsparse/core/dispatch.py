@@ -131,11 +131,13 @@ PREFILL_CHOICE = PrefillChoice()
 
 
 class DecodeChoice:
-    """Whether the sparse GEMV beats sparsify + dense product, per (K, O, rows, N, M, dtype).
+    """Whether the sparse GEMV beats sparsify + dense product, per (K, O, rows, N, M, dtype, layers).
 
-    Entries of ``measured`` (filled by :func:`actsparse.tune_`, timed inside CUDA graphs, the
-    mode decoding runs in) override the rule; other shapes follow :meth:`default`, the rule the
-    H200 measurements support (BENCHMARKS.md §5).
+    ``layers``: how many linked layers the product covers side by side (``core.shared_input``;
+    1 for a layer alone), so that a group and a single layer of the same total shape are told
+    apart. Entries of ``measured`` (filled by :func:`actsparse.tune_`, timed inside CUDA graphs,
+    the mode decoding runs in) override the rule; other shapes follow :meth:`default`, the rule
+    the H200 measurements support (BENCHMARKS.md §5).
     """
 
     def __init__(self):
@@ -147,10 +149,10 @@ class DecodeChoice:
         two or more tokens and the narrow k/v projections lose)."""
         return rows == 1 and 2 * n <= m and o >= 2048
 
-    def sparse_wins(self, k: int, o: int, rows: int, n: int, m: int, dtype: torch.dtype) -> bool:
+    def sparse_wins(self, k: int, o: int, rows: int, n: int, m: int, dtype: torch.dtype, layers: int = 1) -> bool:
         if rows > MAX_ROWS:
             return False
-        return self.measured.get((k, o, rows, n, m, dtype), self.default(k, o, rows, n, m))
+        return self.measured.get((k, o, rows, n, m, dtype, layers), self.default(k, o, rows, n, m))
 
 
 DECODE_CHOICE = DecodeChoice()
@@ -188,7 +190,7 @@ def shared_outputs(group: SharedInput, x: torch.Tensor) -> list[torch.Tensor] | 
     each member's product; None where the members must compute alone (VAR's scale at the output)."""
     lead, rows = group.lead, x.shape[0]
     n, m = lead.pattern.n, lead.pattern.m
-    if DECODE_CHOICE.sparse_wins(group.in_features, group.out_features, rows, n, m, x.dtype):
+    if DECODE_CHOICE.sparse_wins(group.in_features, group.out_features, rows, n, m, x.dtype, len(group.layers)):
         return shared_gemv(group, x)
     if _var_at_output(lead, rows):
         return None

@@ -61,6 +61,7 @@ class Tuned:
     dtype: str
     sparse_ms: float
     dense_ms: float
+    layers: int = 1  # linked layers timed side by side (core.shared_input); 1: a layer alone
 
     @property
     def sparse_wins(self) -> bool:
@@ -69,7 +70,8 @@ class Tuned:
     @property
     def key(self) -> tuple:
         """What was measured (everything but the times)."""
-        return (self.phase, self.mode, self.rows, self.in_features, self.out_features, self.pattern, self.dtype)
+        return (self.phase, self.mode, self.rows, self.in_features, self.out_features, self.pattern, self.dtype,
+                self.layers)  # fmt: skip
 
     def to_dict(self) -> dict:
         return {**asdict(self), "sparse_wins": self.sparse_wins}
@@ -182,7 +184,7 @@ def record(rows: list[Tuned]) -> None:
     for row in rows:
         if row.phase == "decode":
             n, m = (int(part) for part in row.pattern.split(":"))
-            key = (row.in_features, row.out_features, row.rows, n, m, getattr(torch, row.dtype))
+            key = (row.in_features, row.out_features, row.rows, n, m, getattr(torch, row.dtype), row.layers)
             DECODE_CHOICE.measured[key] = row.sparse_wins
         else:
             PREFILL_CHOICE.measured[(row.mode, row.rows, row.in_features, row.out_features)] = row.sparse_wins
@@ -242,7 +244,7 @@ def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _C
         results.append(Tuned(phase, mode, rows, k, o, str(layer.pattern), dtype_name, sparse_ms, dense_ms))
 
     def done(phase, mode, rows):
-        return (phase, mode, rows, k, o, str(layer.pattern), dtype_name) in known
+        return (phase, mode, rows, k, o, str(layer.pattern), dtype_name, 1) in known
 
     for rows in decode_rows:
         if done("decode", GRAPH, rows):
@@ -270,13 +272,14 @@ def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _C
 
 def _tune_group(group: SharedInput, decode_rows, clock: _Clock, generator, known) -> list[Tuned]:
     """Decode rows of linked layers: one GEMV over their weights side by side against one sparsify
-    pass and each layer's dense product, kept under ``(K, sum of O)`` in ``DECODE_CHOICE``."""
+    pass and each layer's dense product, kept under ``(K, sum of O, ..., layers)`` in ``DECODE_CHOICE``."""
     lead = group.lead
     k, o, dtype = group.in_features, group.out_features, lead.weight.dtype
     dtype_name = str(dtype).removeprefix("torch.")
     results = []
     for rows in decode_rows:
-        if ("decode", GRAPH, rows, k, o, str(lead.pattern), dtype_name) in known:
+        parts = len(group.layers)
+        if ("decode", GRAPH, rows, k, o, str(lead.pattern), dtype_name, parts) in known:
             continue
         x = torch.randn(rows, k, generator=generator).to(device=lead.weight.device, dtype=dtype)
         if not runs_here(x, lead.forced_backend):
@@ -284,5 +287,5 @@ def _tune_group(group: SharedInput, decode_rows, clock: _Clock, generator, known
         shared_gemv(group, x)  # the side-by-side weight copy and the workspace, made outside the capture
         sparse = clock(partial(shared_gemv, group, x), 20, GRAPH)
         dense = clock(partial(shared_sparsify, group, x), 20, GRAPH)
-        results.append(Tuned("decode", GRAPH, rows, k, o, str(lead.pattern), dtype_name, sparse, dense))
+        results.append(Tuned("decode", GRAPH, rows, k, o, str(lead.pattern), dtype_name, sparse, dense, parts))
     return results

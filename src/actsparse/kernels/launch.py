@@ -9,8 +9,8 @@ and launches it directly afterwards.
 The key is what Triton 3's specialisation reads from the arguments: each tensor's dtype and
 whether its address is a multiple of 16 bytes, each integer's being 1 or a multiple of 16, and
 every constexpr and option value. A call whose key is new goes through ``kernel[grid]`` (and
-compiles if needed); so do calls under the interpreter, with a launch hook set (profilers), or
-with a Triton whose compiled kernels lack the fields used here.
+compiles if needed); so do calls under the interpreter and with a Triton whose compiled kernels
+lack the fields used here. Launch hooks (profilers) are called as Triton calls them.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Launcher:
 
     def __call__(self, grid: tuple[int, ...], *args, **meta):
         first = args[0]
-        if not ENABLED or not first.is_cuda or knobs.runtime.launch_enter_hook is not None:
+        if not ENABLED or not first.is_cuda:
             return self.fn[grid](*args, **meta)
         key = (first.device.index, len(grid), *specialization_key(args, meta))
         hit = self.compiled.get(key)
@@ -72,8 +72,10 @@ class Launcher:
                 self.compiled[key] = (compiled, rest)
             return compiled
         compiled, rest = hit
-        grid = (*grid, 1, 1)
         stream = torch._C._cuda_getCurrentRawStream(first.device.index)  # what Triton's own launch reads
-        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None,
-                     None, knobs.runtime.launch_exit_hook, *args, *rest)  # fmt: skip
+        enter = knobs.runtime.launch_enter_hook  # a profiler's hooks see the launch as they would Triton's
+        metadata = None if enter is None else compiled.launch_metadata(grid, stream, *args, *rest)
+        size = (*grid, 1, 1)
+        compiled.run(size[0], size[1], size[2], stream, compiled.function, compiled.packed_metadata, metadata,
+                     enter, knobs.runtime.launch_exit_hook, *args, *rest)  # fmt: skip
         return compiled
