@@ -70,3 +70,15 @@ def test_relaunched_kernels_match_tritons_launch_for_every_key():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, base * 2)
+
+
+def test_an_empty_hook_chain_is_not_called_but_a_hook_is():
+    from actsparse.kernels.launch import _hook
+
+    class Chain:
+        def __init__(self, calls):
+            self.calls = calls
+
+    assert _hook(None) is None and _hook(Chain([])) is None
+    chain, plain = Chain([print]), print
+    assert _hook(chain) is chain and _hook(plain) is plain

@@ -41,6 +41,12 @@ def specialization_key(args: tuple, constexprs: dict) -> tuple:
     return tuple(_arg_key(arg) for arg in args) + tuple(constexprs.items())
 
 
+def _hook(hook):
+    """A launch hook to call, or None: Triton's default is an empty chain of hooks, which its own
+    launch still builds the launch metadata for and calls on every launch."""
+    return None if hook is None or not getattr(hook, "calls", True) else hook
+
+
 def _launchable(compiled) -> bool:
     return all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata", "_init_handles"))
 
@@ -73,9 +79,9 @@ class Launcher:
             return compiled
         compiled, rest = hit
         stream = torch._C._cuda_getCurrentRawStream(first.device.index)  # what Triton's own launch reads
-        enter = knobs.runtime.launch_enter_hook  # a profiler's hooks see the launch as they would Triton's
+        enter = _hook(knobs.runtime.launch_enter_hook)  # a profiler's hooks see the launch as they would Triton's
         metadata = None if enter is None else compiled.launch_metadata(grid, stream, *args, *rest)
         size = (*grid, 1, 1)
         compiled.run(size[0], size[1], size[2], stream, compiled.function, compiled.packed_metadata, metadata,
-                     enter, knobs.runtime.launch_exit_hook, *args, *rest)  # fmt: skip
+                     enter, _hook(knobs.runtime.launch_exit_hook), *args, *rest)  # fmt: skip
         return compiled
