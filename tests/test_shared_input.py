@@ -167,3 +167,37 @@ def test_a_score_vector_set_after_linking_turns_sharing_off():
     assert group.active()
     b.feature_vector = torch.rand(16, device=DEVICE)
     assert not group.active()
+
+
+@pytest.mark.parametrize("rows, op", [(1, "sparse_gemv"), (5, "nm_sparsify")])
+def test_linked_layers_trace_into_one_graph_with_one_selection_per_group(rows, op, monkeypatch):
+    """torch.compile(fullgraph=True) traces the shared path: 4 kernel calls per block, no graph
+    break, no recompilation for new inputs of the same shape, the eager result."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(DecodeChoice, "default", staticmethod(lambda k, o, r, n, m: r == 1))
+    model = tiny_model("llama").to(DEVICE)
+    sparsify_(model, SparsityConfig(pattern="8:16", backend="triton"))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    try:
+        with torch.no_grad():
+            eager = model(_ids(rows)).logits  # makes the side-by-side weights and workspaces first
+            traced = compiled(_ids(rows)).logits
+            unique = counters["stats"]["unique_graphs"]
+            for seed in range(2):
+                fresh = torch.randint(0, VOCAB, (1, rows), generator=torch.Generator().manual_seed(seed + 50)).to(DEVICE)
+                torch.testing.assert_close(compiled(fresh).logits, model(fresh).logits, atol=1e-5, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] == unique  # no recompilation
+    finally:
+        torch._dynamo.reset()  # later tests compile the same code objects: leave them the whole recompile budget
+    assert len(graphs) == 1
+    targets = (getattr(torch.ops.actsparse, op), getattr(torch.ops.actsparse, op).default)
+    assert sum(node.target in targets for node in graphs[0].graph.nodes) == 4 * len(model.model.layers)
+    torch.testing.assert_close(traced, eager, atol=1e-5, rtol=1e-5)

@@ -168,10 +168,11 @@ def triton_forward(layer: SparseLinear, x: torch.Tensor, source: torch.Tensor | 
     (or default) choice between the decode GEMV, the cuSPARSELt product and sparsify + product.
 
     ``source``: the tensor the layer was called with (``x`` is its rows); a layer linked to others
-    that read the same input (``core.shared_input``) takes its output from their one selection."""
+    that read the same input (``core.shared_input``) takes its output from their one selection
+    (also while torch.compile traces: the shared computation is then part of the graph)."""
     x = x.contiguous()
     group = layer.shared_input
-    if group is not None and source is not None and not torch.compiler.is_compiling() and group.active():
+    if group is not None and source is not None and group.active():
         out = group.take(layer, source)
         if out is not None:
             return out

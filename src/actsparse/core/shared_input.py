@@ -13,7 +13,10 @@ is called first with an input computes every member's output and keeps the other
 called with the same tensor object (and an unchanged version counter) takes its own, once. A
 member called with any other input computes from that input (and keeps the others' outputs of
 it instead), so a model that feeds its projections differently is still right, only not faster.
-Not used while torch.compile traces (each layer alone there).
+Under torch.compile the same code is traced: the identity is decided while tracing and the
+shared computation is part of the graph (no graph break); the version counter cannot be read
+there, so an input changed in place between two members' calls inside one compiled region would
+not be noticed (no Hugging Face model does that).
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ def selection_key(layer: SparseLinear) -> tuple | None:
 
 
 def _version(tensor: torch.Tensor) -> int | None:
-    return None if tensor.is_inference() else tensor._version
+    """The version counter (in-place changes bump it); None where there is none to read: inference
+    tensors, and while torch.compile traces (dynamo cannot read it; the identity alone decides there)."""
+    if torch.compiler.is_compiling() or tensor.is_inference():
+        return None
+    return tensor._version
 
 
 class SharedInput:
