@@ -162,6 +162,17 @@ def test_kept_outputs_are_taken_once_and_then_released():
         assert group.take(b, x) is None and group._source is None  # nothing kept alive
 
 
+def test_offloaded_layers_are_not_linked():
+    """accelerate's hooks load one layer's weight at a time: a group could not read its members'."""
+    config = SparsityConfig(pattern="2:4", backend="triton")
+    layers = [
+        SparseLinear(torch.nn.Linear(16, out, device="meta"), config.pattern_obj, config.criterion_obj,
+                     config.mitigation_obj, backend="triton")
+        for out in (8, 4)
+    ]  # fmt: skip
+    assert link_shared_input(layers) == [] and all(layer.shared_input is None for layer in layers)
+
+
 def test_a_score_vector_set_after_linking_turns_sharing_off():
     (a, b), group = _linked_pair()
     assert group.active()

@@ -33,8 +33,11 @@ if TYPE_CHECKING:
 
 def selection_key(layer: SparseLinear) -> tuple | None:
     """What decides a fast-path layer's kept features, or None when they are its own (a per-layer
-    score vector, the reference backend, a dense form of its own)."""
+    score vector, the reference backend, a dense form of its own) or when its weight is not on
+    hand between calls (offloaded by accelerate: each layer's hook loads only its own weight)."""
     if layer.backend != "triton" or layer.feature_vector is not None or layer.dense_apply is not None:
+        return None
+    if layer.weight.is_meta:
         return None
     if layer.pattern.is_dense:
         return None
