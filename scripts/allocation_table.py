@@ -6,7 +6,7 @@ Every row has the same FLOP-weighted density of the decoder's linear-layer input
 pattern's N/M, default 8:16 = 50%), on every projection of every layer:
 
 - uniform: every layer at the pattern (amber + none, amber + lowrank);
-- sensitivity: N per layer chosen from e_q curves on the calibration text (``allocation="sensitivity"``);
+- sensitivity: N per layer chosen from e_q curves on the calibration text (``allocation="sensitivity", sensitivity="eq"``);
 - Fisher: N per layer chosen from the Fisher estimates of the loss increase on the calibration
   text (``allocation="sensitivity", sensitivity="fisher"``; rows 6 and 7, after the others so
   that the numbers of the earlier rows keep their meaning);
@@ -77,7 +77,7 @@ def table(records: list[dict], pattern: str) -> str:
     lines.append(
         f"{first['model']} on {first['data']}, seqlen {first['settings']['seqlen']}, {first['windows']} windows, "
         f"{first['tokens']} predicted tokens, {first['settings']['dtype']}; calibration {first['settings']['calib_data']} "
-        f"({first['settings']['calib_windows']} windows for the e_q curves)."
+        f"({first['settings']['calib_windows']} windows for the sensitivity curves)."
     )
     return "\n".join(lines)
 
@@ -126,8 +126,10 @@ def main() -> None:
     configs = {
         ROWS[0]: SparsityConfig(pattern=args.pattern, criterion="amber"),
         ROWS[1]: SparsityConfig(pattern=args.pattern, criterion="amber", mitigation="lowrank"),
-        ROWS[2]: SparsityConfig(pattern=args.pattern, criterion="amber", allocation="sensitivity"),
-        ROWS[3]: SparsityConfig(pattern=args.pattern, criterion="amber", mitigation="lowrank", allocation="sensitivity"),
+        ROWS[2]: SparsityConfig(pattern=args.pattern, criterion="amber", allocation="sensitivity", sensitivity="eq"),
+        ROWS[3]: SparsityConfig(
+            pattern=args.pattern, criterion="amber", mitigation="lowrank", allocation="sensitivity", sensitivity="eq"
+        ),
         ROWS[5]: SparsityConfig(pattern=args.pattern, criterion="amber", allocation="sensitivity", sensitivity="fisher"),
         ROWS[6]: SparsityConfig(
             pattern=args.pattern, criterion="amber", mitigation="lowrank", allocation="sensitivity", sensitivity="fisher"

@@ -280,16 +280,16 @@ def test_fisher_curves_fall_as_more_inputs_are_kept():
 
 
 def test_the_objectives_are_the_configs_sensitivities_and_ride_in_the_config():
-    assert tuple(OBJECTIVES) == SENSITIVITIES == ("eq", "fisher")
-    config = SparsityConfig(pattern="8:16", criterion="amber", allocation="sensitivity", sensitivity="fisher")
-    assert config.to_dict()["sensitivity"] == "fisher" and SparsityConfig(**config.to_dict()) == config
-    assert "sensitivity" not in SparsityConfig(pattern="8:16", allocation="sensitivity").to_dict()  # eq: records as before
+    assert tuple(OBJECTIVES) == SENSITIVITIES == ("fisher", "eq")
+    assert SparsityConfig(pattern="8:16", allocation="sensitivity").sensitivity == "fisher"  # the default
+    config = SparsityConfig(pattern="8:16", criterion="amber", allocation="sensitivity", sensitivity="eq")
+    assert config.to_dict()["sensitivity"] == "eq" and SparsityConfig(**config.to_dict()) == config
+    uniform = SparsityConfig(pattern="8:16", sensitivity="eq")  # nothing to choose: held as the default, left out of records
+    assert uniform == SparsityConfig(pattern="8:16") and "sensitivity" not in uniform.to_dict()
     with pytest.raises(ActsparseError, match="unknown sensitivity 'hessian'"):
         SparsityConfig(pattern="8:16", allocation="sensitivity", sensitivity="hessian")
-    with pytest.raises(ActsparseError, match="use it with allocation='sensitivity'"):
-        SparsityConfig(pattern="8:16", sensitivity="fisher")
-    chosen = SparsityConfig(pattern="8:16", allocation=MIXED, sensitivity="fisher")  # a map keeps how it was chosen
-    assert chosen.sensitivity == "fisher"
+    chosen = SparsityConfig(pattern="8:16", allocation=MIXED, sensitivity="eq")  # a map keeps how it was chosen
+    assert chosen.sensitivity == "eq" and chosen.to_dict()["sensitivity"] == "eq"
 
 
 def test_fisher_allocation_meets_the_budget_and_costs_what_its_curves_say():
@@ -312,7 +312,7 @@ def test_fisher_spends_the_budget_where_the_loss_does_not_see_it_and_e_q_cannot(
     does not move; the Fisher estimate sees that their errors reach the loss 1e-3 times smaller and
     makes them as sparse as the choices allow, paying for it with denser layers elsewhere."""
     model = tiny_model("llama")
-    config = SparsityConfig(pattern="8:16", criterion="magnitude", allocation="sensitivity")
+    config = SparsityConfig(pattern="8:16", criterion="magnitude", allocation="sensitivity", sensitivity="eq")
     _, before = allocate(model, config, WINDOWS, progress=False)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
@@ -451,17 +451,18 @@ def test_cli_eval_with_the_fisher_sensitivity(tmp_path, texts, capsys):
     record = json.loads(capsys.readouterr().out)
     assert record["config"]["sensitivity"] == "fisher" and isinstance(record["config"]["allocation"], dict)
     assert record["allocation"]["settings"]["sensitivity"] == "fisher" and record["allocation"]["met"]
-    assert main(["eval", *common, "--allocation", "sensitivity", "--json"]) == 0
+    assert main(["eval", *common, "--allocation", "sensitivity", "--sensitivity", "eq", "--json"]) == 0
     eq = json.loads(capsys.readouterr().out)
-    assert "sensitivity" not in eq["config"] and eq["allocation"]["settings"]["sensitivity"] == "eq"
+    assert eq["config"]["sensitivity"] == "eq" and eq["allocation"]["settings"]["sensitivity"] == "eq"
+    assert eq["config"]["allocation"] != record["config"]["allocation"]
     assert main(["eval", *common, "--sensitivity", "fisher"]) == 2
-    assert "use it with allocation='sensitivity'" in capsys.readouterr().err
+    assert "--sensitivity chooses N per layer; give it with --allocation sensitivity" in capsys.readouterr().err
     assert main(["eval", *common, "--allocation", "sensitivity", "--sensitivity", "taylor"]) == 2
     assert main(["eval", *common, "--prune", "weights", "--sensitivity", "fisher"]) == 2
     assert "--sensitivity and --allocation choose activation sparsity" in capsys.readouterr().err
     evaluator = Evaluator(EvalSettings(model=str(model_dir), data=str(texts["eval"]), calib_data=str(texts["calib"]), seqlen=32,
                                        calib_windows=3, max_tokens=96), progress=False)  # fmt: skip
-    config = SparsityConfig(pattern="8:16", criterion="amber", allocation="sensitivity")
+    config = SparsityConfig(pattern="8:16", criterion="amber", allocation="sensitivity", sensitivity="eq")
     by_eq, by_fisher = evaluator.allocate(config)[1], evaluator.allocate(replace_sensitivity(config, "fisher"))[1]
     assert by_eq["settings"]["sensitivity"] == "eq" and by_fisher["settings"]["sensitivity"] == "fisher"  # measured apart
 

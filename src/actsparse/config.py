@@ -18,9 +18,10 @@ from actsparse.models.discovery import ROLES
 _SKIP = re.compile(r"^(?P<role>[a-z_]*)(?:@(?P<layers>[0-9,\-]+))?$")
 _SITE = re.compile(r"^(?P<role>[a-z_]+)@(?P<layer>[0-9]+)$")
 UNIFORM, SENSITIVITY = "uniform", "sensitivity"
-# How allocation="sensitivity" scores a layer at each N (the objectives of actsparse.amber.allocation.OBJECTIVES):
-# "eq": e_q, the layer's relative output error (the default); "fisher": the Fisher estimate of the loss increase.
-SENSITIVITIES = ("eq", "fisher")
+# What allocation="sensitivity" minimises (the objectives of actsparse.amber.allocation.OBJECTIVES): "fisher", the
+# Fisher estimate of the loss increase (the default); "eq", the layers' relative output errors e_q.
+SENSITIVITIES = ("fisher", "eq")
+DEFAULT_SENSITIVITY = SENSITIVITIES[0]
 ALLOCATION_HELP = (
     "use allocation='uniform', 'sensitivity' (N per layer measured on calibration text, the pattern as the FLOP-weighted "
     "average) or a map {'ROLE@LAYER': 'N:M' or 'dense'} with the pattern's M, e.g. {'down@0': '12:16', 'q@3': '6:16'}"
@@ -50,9 +51,9 @@ class SparsityConfig:
       the other selected layers ``pattern``. It is held as sorted ``(key, pattern)`` pairs and
       ``to_dict`` gives it back as a JSON object, so a saved config names every layer's N.
     - ``sensitivity``: what ``allocation="sensitivity"`` minimises, one of ``SENSITIVITIES``:
-      ``"eq"`` (default) ``Σ e_q²``; ``"fisher"`` the Fisher estimate of the loss increase
+      ``"fisher"`` (default) the Fisher estimate of the loss increase, ``"eq"`` ``Σ e_q²``
       (docs/methods.md, Per-layer allocation). Kept in the resolved config (how its map was
-      chosen); refused with ``allocation="uniform"``, where it would choose nothing.
+      chosen); with ``allocation="uniform"`` it chooses nothing and is held as the default.
     """
 
     pattern: str = "2:4"
@@ -65,7 +66,7 @@ class SparsityConfig:
     backend: str = "auto"
     prefill_only: bool = False
     allocation: str | Mapping[str, str] | tuple[tuple[str, str], ...] = UNIFORM
-    sensitivity: str = SENSITIVITIES[0]
+    sensitivity: str = DEFAULT_SENSITIVITY
 
     def __post_init__(self):
         normalise_selection(self)
@@ -82,10 +83,8 @@ class SparsityConfig:
         validate.text("sensitivity", self.sensitivity)
         if self.sensitivity not in SENSITIVITIES:
             raise ActsparseError(f"unknown sensitivity {self.sensitivity!r}; choose one of: {', '.join(SENSITIVITIES)}")
-        if self.allocation == UNIFORM and self.sensitivity != SENSITIVITIES[0]:
-            raise ActsparseError(
-                f"sensitivity {self.sensitivity!r} chooses N per layer; use it with allocation='sensitivity' (the allocation is uniform)"
-            )
+        if self.allocation == UNIFORM:  # nothing to choose: one value, so that uniform configs compare and round-trip equal
+            object.__setattr__(self, "sensitivity", DEFAULT_SENSITIVITY)
         if self.backend == "triton":  # a forced kernel that does not exist is refused now, not at the first sparse layer
             for each in {pattern, *self.layer_patterns().values()}:
                 if not each.is_dense:
@@ -97,7 +96,6 @@ class SparsityConfig:
             out["allocation"] = dict(self.allocation)
         elif self.allocation == UNIFORM:  # left out, so that records and run keys of uniform configs stay as they were
             del out["allocation"]
-        if self.sensitivity == SENSITIVITIES[0]:  # left out likewise: records of e_q allocations stay as they were
             del out["sensitivity"]
         return out
 

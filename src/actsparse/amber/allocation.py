@@ -6,10 +6,10 @@
    by default N = M/4 … M in steps of M/8, N = M meaning dense, cost 0), measured on
    calibration windows with the config's criterion and mitigation (a mitigation fitted by
    calibration is measured as ``none``, since it has nothing fitted yet). The config's
-   ``sensitivity`` names the objective (``OBJECTIVES``): ``eq``, the cost ``e_q(N)²`` from one
-   dense pass (``measure_curves``), or ``fisher``, the Fisher estimate of the mean NLL's
-   increase ``½ E_t Σ_j g_tj² d_tj(N)²`` from one dense forward and backward pass
-   (``measure_fisher_curves``);
+   ``sensitivity`` names the objective (``OBJECTIVES``): ``fisher`` (the default), the Fisher
+   estimate of the mean NLL's increase ``½ E_t Σ_j g_tj² d_tj(N)²`` from one dense forward and
+   backward pass (``measure_fisher_curves``), or ``eq``, the cost ``e_q(N)²`` from one dense
+   pass (``measure_curves``);
 2. an exact choice: N per layer minimising the summed cost subject to the FLOP-weighted density
    ``Σ F_i N_i / (M Σ F_i)`` (``F_i`` the layer's FLOPs per token, over the selected layers)
    being the pattern's ``N/M``. A multiple-choice knapsack solved by dynamic programming over
@@ -162,8 +162,8 @@ class Objective:
 OBJECTIVES = {
     o.name: o
     for o in (
-        Objective("eq", "sum of e_q^2", measure_curves, lambda e: e * e),
         Objective("fisher", "sum of Fisher loss-increase estimates", measure_fisher_curves, lambda delta: delta),
+        Objective("eq", "sum of e_q^2", measure_curves, lambda e: e * e),
     )
 }
 assert tuple(OBJECTIVES) == SENSITIVITIES, "config.SENSITIVITIES names the objectives here"
@@ -192,7 +192,7 @@ def allocate(
     ``Allocation`` computed from the map (no measuring).
     """
     pattern = config.pattern_obj
-    sites = choose_sites(replace(config, allocation="uniform", sensitivity=SENSITIVITIES[0]), find_linear_sites(model))
+    sites = choose_sites(replace(config, allocation="uniform"), find_linear_sites(model))
     if pattern.nm is None:
         raise ActsparseError(f"a per-layer allocation needs an N:M pattern, not {pattern}")
     m = pattern.m

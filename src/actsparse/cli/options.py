@@ -165,7 +165,7 @@ def add_sparsity_options(parser: argparse.ArgumentParser, weights: bool = True) 
         "--allocation",
         default="uniform",
         metavar="uniform|sensitivity|FILE.json",
-        help="N per layer, M fixed: uniform (default); sensitivity (chosen from e_q curves on --calib-data, --calib-windows "
+        help="N per layer, M fixed: uniform (default); sensitivity (chosen from loss curves, --sensitivity, on --calib-data, --calib-windows "
         'windows, with --pattern the FLOP-weighted average); or a JSON file holding a map {"ROLE@LAYER": "N:M" or "dense"} '
         "(or a result record / state description whose config has one)",
     )
@@ -173,8 +173,8 @@ def add_sparsity_options(parser: argparse.ArgumentParser, weights: bool = True) 
         "--sensitivity",
         default=SPARSITY["sensitivity"],
         choices=list(SENSITIVITIES),
-        help="what --allocation sensitivity minimises: eq, the sum of e_q^2 (default); fisher, the Fisher estimate of "
-        "the loss increase from one forward and backward pass on the calibration windows (docs/methods.md)",
+        help="what --allocation sensitivity minimises: fisher, the Fisher estimate of the loss increase from one forward "
+        "and backward pass on the calibration windows (default); eq, the sum of e_q^2 (docs/methods.md)",
     )
     if weights:
         group.add_argument(
@@ -323,10 +323,13 @@ def allocation_from(text: str):
 
 
 def config_from(args) -> SparsityConfig:
+    allocation = allocation_from(getattr(args, "allocation", "uniform"))
+    if "sensitivity" in given(args) and allocation == "uniform":
+        raise ActsparseError("--sensitivity chooses N per layer; give it with --allocation sensitivity")
     return SparsityConfig(
         pattern=args.pattern, criterion=args.criterion, mitigation=args.mitigation, roles=args.roles, layers=args.layers,
         skip=tuple(args.skip), seed=args.seed, backend=args.backend, prefill_only=getattr(args, "prefill_only", False),
-        allocation=allocation_from(getattr(args, "allocation", "uniform")),
+        allocation=allocation,
         sensitivity=getattr(args, "sensitivity", SPARSITY["sensitivity"]),
     )  # fmt: skip
 
