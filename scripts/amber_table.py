@@ -28,7 +28,7 @@ import argparse
 from contextlib import contextmanager
 from pathlib import Path
 
-import actsparse.eval.run as eval_run
+import actsparse.eval.methods as eval_methods
 from actsparse.amber import QUANT_MITIGATIONS, amber_preset, budget_skip, measure_sensitivity, quantize_rest_, random_skip
 from actsparse.cli.main import add_eval_options, settings_from
 from actsparse.config import SparsityConfig
@@ -68,8 +68,8 @@ def plan(
 
 @contextmanager
 def whole_decoder_w8a8():
-    """Make ``Evaluator.run`` follow ``sparsify_`` with ``quantize_rest_`` for W8A8 mitigations."""
-    original = eval_run.sparsify_
+    """Make ``Evaluator.run`` (``Activations.apply``) follow ``sparsify_`` with ``quantize_rest_`` for W8A8 mitigations."""
+    original = eval_methods.sparsify_
 
     def sparsify_and_quantize_(model, config, *, stats=None):
         report = original(model, config, stats=stats)
@@ -77,11 +77,11 @@ def whole_decoder_w8a8():
             quantize_rest_(model, config, report, stats)
         return report
 
-    eval_run.sparsify_ = sparsify_and_quantize_
+    eval_methods.sparsify_ = sparsify_and_quantize_
     try:
         yield
     finally:
-        eval_run.sparsify_ = original
+        eval_methods.sparsify_ = original
 
 
 def table(records: list[dict], patterns: list[str]) -> str:

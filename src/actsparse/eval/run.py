@@ -1,15 +1,15 @@
-"""The main job: dense and sparse perplexity of one model on one text, for one or many configs.
+"""The main job: dense and sparse perplexity of one model on one text, for one or many methods.
 
-``Evaluator`` loads the model, the evaluation windows and (when a config needs them) the
-calibration statistics once, then evaluates any number of ``SparsityConfig``s against the
-same dense baseline. Each evaluation returns one self-describing record. ``run_weights``
-evaluates a weight pruning baseline (``WeightPruneConfig``) against the same baseline and
-restores the dense weights afterwards.
+``Evaluator`` loads the model, the evaluation windows and (when a method needs them) the
+calibration statistics once, then evaluates any number of methods (``eval/methods.py``:
+``Dense``, ``Activations``, ``Calibrated``, ``FromState``, ``Weights``; a ``SparsityConfig`` is
+``Activations``) against the same dense baseline with ``run(method)``. Each evaluation returns
+one self-describing record, which names its method (``method_kind``, ``label``). ``run_dense``,
+``run_calibrated``, ``run_state`` and ``run_weights`` are ``run`` of the matching method object.
 
-Every ``run*`` takes ``extra``: a function ``(model, tokenizer) -> dict`` called while the model
+``run`` takes ``extra``: a function ``(model, tokenizer) -> dict`` called while the model
 is still sparse (or pruned, or calibrated), whose result is added to the record — how the
 zero-shot tasks and the generation check measure the very model the perplexity was taken on.
-``run_dense`` gives the dense model's record in the same form.
 """
 
 from __future__ import annotations
@@ -24,20 +24,15 @@ import torch
 import actsparse.validate as validate
 from actsparse.amber.allocation import allocate
 from actsparse.artifacts import versions
-from actsparse.baselines import get_pruner, prune_weights_, restore_weights_, snapshot_weights, verify_pattern
-from actsparse.calibration import layerwise  # layerwise.calibrate_ looked up at each call (tests replace it)
+from actsparse.baselines import snapshot_weights
 from actsparse.calibration.collect import collect_input_stats
-from actsparse.calibration.layerwise import CalibrationOptions
-from actsparse.calibration.mitigations import is_calibrated
-from actsparse.calibration.state import check_state, check_state_text, load_state_, save_state
 from actsparse.config import SparsityConfig
-from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL, check_disjoint, load_text, stored_sample
+from actsparse.data.sources import DEFAULT_CALIB, DEFAULT_EVAL, check_disjoint, load_text
 from actsparse.errors import ActsparseError
+from actsparse.eval.methods import Calibrated, Dense, FromState, Method, Weights, as_method
 from actsparse.eval.perplexity import Perplexity, encode, make_windows, perplexity
 from actsparse.models import loading  # loading.load_model is looked up at each call (tests replace it)
-from actsparse.models.discovery import find_linear_sites
 from actsparse.models.loading import DTYPES, model_info, tokenizer_adds_bos
-from actsparse.sparsify import SparsifyReport, sparsify_, unsparsify_
 
 DEFAULT_MODEL = "smollm2-135m"
 Extra = Callable[..., dict] | None  # (model, tokenizer) -> fields added to the record
@@ -185,33 +180,41 @@ class Evaluator:
         allocation, info = self._allocations[key]
         return replace(config, allocation=allocation), info
 
-    def run(self, config: SparsityConfig, with_dense: bool = True, extra: Extra = None) -> dict:
-        """Evaluate one config; returns the record written to JSON.
+    def calibration_source(self):
+        """The calibration text (checked disjoint from the evaluation text), loaded once."""
+        return self._calibration_tokens()[0]
 
-        A mitigation calibrated layer by layer (spts, scap, rotation, lpts, oshift, ...) is
-        calibrated first on the calibration text (``run_calibrated``). ``allocation="sensitivity"``
-        is resolved first on the calibration text (``allocate``); the record holds the resolved
-        per-layer map in its config and how it was chosen under ``allocation``.
+    def weight_snapshot(self):
+        """A CPU copy of the dense linear weights, taken once (before the first weight pruning)."""
+        if self._weights is None:
+            self._weights = snapshot_weights(self.model)
+        return self._weights
+
+    def run(self, method: Method | SparsityConfig, with_dense: bool = True, extra: Extra = None) -> dict:
+        """Evaluate one method object (``eval/methods.py``), or one config; returns the record written to JSON.
+
+        A ``SparsityConfig`` is ``Activations(config)``; a mitigation calibrated layer by layer
+        (spts, scap, rotation, lpts, oshift, ...) is calibrated first on the calibration text
+        (``Calibrated``). ``allocation="sensitivity"`` is resolved first on the calibration text
+        (``allocate``); the record holds the resolved per-layer map in its config and how it was
+        chosen under ``allocation``. Every method runs through the same steps: its checks and the
+        record's head (before the dense pass), the dense pass, the model made sparse (timed), the
+        perplexity and ``extra``, the model dense again.
         """
-        if is_calibrated(config.mitigation):
-            return self.run_calibrated(config, with_dense=with_dense, extra=extra)
-        config, allocation = self.allocate(config)
-        criterion, mitigation = config.criterion_obj, config.mitigation_obj
-        stats, calibration = None, {}
-        if criterion.needs_calibration or mitigation.needs_calibration:  # before the dense run: it may refuse the texts
-            stats, calib_spec, calib_windows, calib_seconds = self.calibration_stats()
-            calibration = {"calibration": {"data": calib_spec, "windows": calib_windows, "seconds": calib_seconds}}
-        if allocation is not None:
-            calibration["allocation"] = allocation
-        record = self._record("activations", with_dense, **calibration)
+        method = as_method(method)
+        record = self._record(method.target, with_dense or method.target == "dense", **method.check(self))
         start = time.perf_counter()
-        report = sparsify_(self.model, config, stats=stats)
+        prepared = method.apply(self, record)
         try:
-            sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation}")
+            if prepared.result is None:
+                result, seconds = self._perplexity(prepared.desc), None
+            else:
+                result, seconds = prepared.result
             measured = self._extra(extra)
         finally:
-            unsparsify_(self.model)
-        return self._complete(record, sparse, start, criterion.causal and mitigation.causal, config, report, measured)
+            method.undo(self)
+        record.update(method.fields(prepared))
+        return self._complete(record, result, start, prepared.causal, prepared.config, prepared.report, measured, seconds)
 
     def run_calibrated(
         self,
@@ -222,42 +225,14 @@ class Evaluator:
         extra: Extra = None,
         calib_windows: int | None = None,
     ) -> dict:
-        """Calibrate ``config`` layer by layer on ``calib_windows`` windows of calibration text, then evaluate.
+        """``run(Calibrated(config, options, calib_windows, save))``: calibrate ``config`` layer by layer
+        on ``calib_windows`` windows of calibration text, then evaluate.
 
         ``options``: ``CalibrationOptions`` (default: the error-mitigation paper's recipe); ``save``: also write the
         calibrated state to this directory; ``calib_windows``: how many windows (default: the
         settings'). The model is dense again afterwards.
         """
-        options = options or CalibrationOptions()
-        config, allocation = self.allocate(config)
-        windows, calib_spec = self.calibration_windows(calib_windows or self.settings.calib_windows, options.seed)
-        record = self._record("activations", with_dense, **({"allocation": allocation} if allocation else {}))
-
-        sites = find_linear_sites(self.model)  # before the swap: discovery sees the dense linear layers
-        start = time.perf_counter()
-        calibration = layerwise.calibrate_(
-            self.model, config, windows, options=options, bos_id=self.bos_id, progress=self.progress
-        )
-        try:
-            record["calibration"] = {
-                "data": calib_spec,
-                "data_parts": sorted(self._calibration_tokens()[0].parts),
-                **calibration.to_dict(),
-            }
-            if save:
-                described = {
-                    "data": calib_spec,
-                    "data_parts": record["calibration"]["data_parts"],
-                    "fingerprints": stored_sample(self._calibration_tokens()[0]),
-                }
-                record["state"] = str(save_state(self.model, save, calibration=described))
-            report = SparsifyReport.of(self.model, sites)
-            sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation}")
-            measured = self._extra(extra)
-        finally:
-            unsparsify_(self.model)
-        causal = config.criterion_obj.causal and config.mitigation_obj.causal
-        return self._complete(record, sparse, start, causal, config, report, measured)
+        return self.run(Calibrated(config, options, calib_windows, save), with_dense=with_dense, extra=extra)
 
     def run_state(
         self,
@@ -267,69 +242,29 @@ class Evaluator:
         extra: Extra = None,
         backend: str | None = None,
     ) -> dict:
-        """Evaluate a calibrated state saved by ``actsparse calibrate`` / ``save_state`` (its own config;
-        ``backend`` overrides its backend).
+        """``run(FromState(directory, expect, backend))``: evaluate a calibrated state saved by
+        ``actsparse calibrate`` / ``save_state`` (its own config; ``backend`` overrides its backend).
 
         Refused, before the dense pass, when the state is damaged, altered or made for another
         model, and when its calibration text overlaps the evaluation text (by name, and by
         content where the state keeps its calibration text's fingerprints).
         """
-        meta = check_state(self.model, directory)
-        check_state_text(meta, self.source)
-        calib = meta.get("calibration", {})
-        record = self._record("activations", with_dense)
-        record["calibration"] = {k: calib.get(k) for k in ("data", "windows", "seqlen", "seconds", "options")}
-        record["state"] = str(directory)
-        sites = find_linear_sites(self.model)  # before the swap
-        start = time.perf_counter()
-        config = load_state_(self.model, directory, expect=expect, backend=backend)
-        try:
-            report = SparsifyReport.of(self.model, sites)
-            sparse = self._perplexity(f"sparse {config.pattern} {config.criterion} {config.mitigation} (state)")
-            measured = self._extra(extra)
-        finally:
-            unsparsify_(self.model)
-        causal = config.criterion_obj.causal and config.mitigation_obj.causal
-        return self._complete(record, sparse, start, causal, config, report, measured)
+        return self.run(FromState(directory, expect, backend), with_dense=with_dense, extra=extra)
 
     def run_weights(self, config, with_dense: bool = True, extra: Extra = None) -> dict:
-        """Evaluate one ``WeightPruneConfig`` against the same dense baseline; the model is restored afterwards.
+        """``run(Weights(config))``: evaluate one ``WeightPruneConfig`` against the same dense baseline;
+        the model is restored afterwards.
 
         The record has the keys of ``run`` plus ``target: "weights"``, ``method`` and the
         pruning details; calibration windows come from the calibration text
         (``config.calib_windows`` windows of ``seqlen`` tokens, chosen with ``config.seed``).
         """
-        pruner = get_pruner(config.method)
-        windows, calibration = None, {}
-        if pruner.needs_calibration:  # before the dense run: it may refuse the texts
-            start = time.perf_counter()
-            windows, calib_spec = self.calibration_windows(config.calib_windows, config.seed)
-            calibration = {"calibration": {"data": calib_spec, "windows": len(windows), "seconds": time.perf_counter() - start}}
-        record = self._record("weights", with_dense, method=config.method, **calibration)
-        if self._weights is None:
-            self._weights = snapshot_weights(self.model)
-        start = time.perf_counter()
-        try:
-            report = prune_weights_(self.model, config, windows, bos_id=self.bos_id, progress=self.progress)
-            if report.pruned:
-                verify_pattern(self.model, config.pattern, [s.name for s in report.pruned])
-            pruned = self._perplexity(f"weights {config.pattern} {config.method}")
-            measured = self._extra(extra)
-        finally:
-            restore_weights_(self.model, self._weights)
-        return self._complete(record, pruned, start, True, config, report, measured)
+        return self.run(Weights(config), with_dense=with_dense, extra=extra)
 
     def run_dense(self, extra: Extra = None) -> dict:
-        """The dense model's record, in the form of the others: ``sparse_ppl`` is the dense perplexity, config ``dense``."""
-        dense, dense_seconds = self.dense()
-        record = self._record("dense", with_dense=True)
-        measured = self._extra(extra)
-        record.update(
-            sparse_ppl=dense.ppl, sparse_seconds=dense_seconds, tokens=dense.predicted_tokens, windows=dense.windows,
-            causal=True, config=SparsityConfig(pattern="dense").to_dict(), settings=asdict(self.settings), bos=self.bos_id is not None,
-            load_seconds=self.load_seconds, versions=versions(), **measured,
-        )  # fmt: skip
-        return record
+        """``run(Dense())``: the dense model's record, in the form of the others: ``sparse_ppl`` is the
+        dense perplexity, config ``dense``."""
+        return self.run(Dense(), extra=extra)
 
     def _record(self, target: str, with_dense: bool, **fields) -> dict:
         """A record's common head: model, data, target (and ``fields``), plus the dense perplexity when asked."""
@@ -356,11 +291,16 @@ class Evaluator:
         fields = dict(extra(self.model, self.tokenizer))
         return {**fields, "extra_seconds": time.perf_counter() - start}
 
-    def _complete(self, record: dict, result: Perplexity, start: float, causal: bool, config, report, measured=None) -> dict:
-        """Add the measured perplexity, the config, the settings, the versions and ``extra``'s fields to a record."""
+    def _complete(
+        self, record: dict, result: Perplexity, start: float, causal: bool, config, report, measured=None, seconds=None
+    ) -> dict:
+        """Add the measured perplexity, the config, the settings, the versions and ``extra``'s fields to a record
+        (``seconds``: the measurement's time when it was not measured now, the dense record's)."""
+        if seconds is None:
+            seconds = time.perf_counter() - start - (measured or {}).get("extra_seconds", 0.0)
         record.update(
             sparse_ppl=result.ppl,
-            sparse_seconds=time.perf_counter() - start - (measured or {}).get("extra_seconds", 0.0),
+            sparse_seconds=seconds,
             tokens=result.predicted_tokens,
             windows=result.windows,
             causal=causal,
@@ -369,7 +309,7 @@ class Evaluator:
             bos=self.bos_id is not None,
             load_seconds=self.load_seconds,
             versions=versions(),
-            **report.to_dict(),
+            **(report.to_dict() if report is not None else {}),
         )
         record.update(measured or {})
         return record

@@ -2,7 +2,9 @@
 
 Works on any Evaluator record — sweep stores, the table scripts' stores, ``eval --out`` files —
 because it reads only the fields every record has (model, data, settings, target, config,
-perplexities) plus ``tasks`` and ``generation`` where present. Records of the same point
+perplexities) plus ``tasks`` and ``generation`` where present. A point's method is the
+record's ``label`` (written by the method object that made it, ``eval/methods.py``); records
+written before labels were get the same label from their config (``method_label``). Records of the same point
 (same model, protocol, target and config) are merged: the last perplexity written wins, task
 scores and generations are gathered from all of them.
 """
@@ -15,30 +17,16 @@ from dataclasses import dataclass, field
 import actsparse.calibration.mitigations  # noqa: F401  (registers the calibrated mitigations, listed in order)
 from actsparse.core.mitigation import MITIGATIONS
 from actsparse.core.patterns import parse_pattern
+from actsparse.eval.methods import method_label, record_label
+
+__all__ = ["PROTOCOL", "Point", "Study", "method_label", "pattern_order", "record_label", "studies"]
 
 PROTOCOL = ("data", "calib_data", "seqlen", "max_tokens", "dtype")  # what must match to compare numbers
-_DEFAULTS = {"roles": None, "layers": None, "skip": [], "prefill_only": False}
 
 
 def pattern_order(name: str) -> tuple:
     """Dense first, then by sparsity; N:M before unstructured at equal sparsity, smaller M first."""
     return parse_pattern(name).sort_key
-
-
-def method_label(target: str, config: dict) -> str:
-    """``amber + var``; ``weights sparsegpt``; options that differ from the defaults in brackets."""
-    if target == "dense":
-        return "dense"
-    base = f"weights {config.get('method')}" if target == "weights" else f"{config.get('criterion')} + {config.get('mitigation')}"
-    extras = []
-    for key, default in _DEFAULTS.items():
-        value = config.get(key, default)
-        if value not in (default, None, [], ()) and value != default:
-            shown = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
-            extras.append("prefill only" if key == "prefill_only" else f"{key} {shown}")
-    if target == "activations" and config.get("criterion") == "random" and config.get("seed"):
-        extras.append(f"seed {config['seed']}")
-    return base + (f" [{'; '.join(extras)}]" if extras else "")
 
 
 @dataclass
@@ -54,6 +42,8 @@ class Point:
     tasks: dict = field(default_factory=dict)  # task name -> {"acc": ..., "acc_norm": ..., ...}
     generation: list = field(default_factory=list)  # [{"prompt", "continuation"}]
     records: int = 0
+    criterion: str | None = None  # activations: from the record's config (the order of the tables)
+    mitigation: str | None = None
 
 
 @dataclass
@@ -88,15 +78,16 @@ class Study:
         """Methods of a target: activation methods grouped by criterion (in the order first seen),
         each criterion's mitigations in registry order (none, var, dpts, ..., the calibrated and
         learned ones); anything else in the order first seen."""
-        seen = list(dict.fromkeys(p.method for p in self.points.values() if p.target == target))
+        points = [p for p in self.points.values() if p.target == target]
+        seen = list(dict.fromkeys(p.method for p in points))
         if target != "activations":
             return seen
         registry = {name: index for index, name in enumerate(MITIGATIONS)}
-        criteria = list(dict.fromkeys(method.split(" + ")[0] for method in seen))
+        named = {p.method: (p.criterion, p.mitigation) for p in points}
+        criteria = list(dict.fromkeys(criterion for criterion, _ in named.values()))
 
         def order(method: str) -> tuple:
-            criterion, _, rest = method.partition(" + ")
-            mitigation = rest.split(" [")[0]
+            criterion, mitigation = named[method]
             return (criteria.index(criterion), registry.get(mitigation, len(registry)), seen.index(method))
 
         return sorted(seen, key=order)
@@ -126,12 +117,13 @@ def studies(records: list[dict]) -> list[Study]:
         target = record.get("target", "activations")
         config = record["config"]
         pattern = "dense" if target == "dense" else str(parse_pattern(config["pattern"]))
-        method = method_label(target, config)
+        method = record_label(record)
         point = study.points.get((target, pattern, method))
         if point is None:
             point = study.points[(target, pattern, method)] = Point(
-                target, pattern, method, record["sparse_ppl"], record["dense_ppl"]
-            )
+                target, pattern, method, record["sparse_ppl"], record["dense_ppl"],
+                criterion=config.get("criterion"), mitigation=config.get("mitigation"),
+            )  # fmt: skip
         point.ppl, point.dense_ppl = record["sparse_ppl"], record["dense_ppl"]
         point.causal = bool(record.get("causal", True))
         point.records += 1

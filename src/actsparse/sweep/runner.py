@@ -16,9 +16,6 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from actsparse.baselines import get_pruner
-from actsparse.calibration.layerwise import CalibrationOptions
-from actsparse.calibration.mitigations import is_calibrated
 from actsparse.data.sources import check_disjoint, load_text
 from actsparse.errors import ActsparseError
 from actsparse.eval.lmeval import prepare_tasks, require_lm_eval
@@ -46,17 +43,7 @@ class SweepSummary:
 
 def execute(evaluator, run: Run, prepared=None) -> dict:
     """Evaluate one run with an ``Evaluator`` of its model; returns the record (with the run's key and identity)."""
-    extra = measure(prepared, run.generate)
-    if run.target == "dense":
-        record = evaluator.run_dense(extra=extra)
-    elif run.target == "weights":
-        record = evaluator.run_weights(run.config, extra=extra)
-    elif is_calibrated(run.config.mitigation):
-        options = {k: v for k, v in (run.calibration or {}).items() if k != "windows"}
-        windows = (run.calibration or {}).get("windows")
-        record = evaluator.run_calibrated(run.config, CalibrationOptions(**options), extra=extra, calib_windows=windows)
-    else:
-        record = evaluator.run(run.config, extra=extra)
+    record = evaluator.run(run.method(), extra=measure(prepared, run.generate))
     record.update(key=run.key, run=run.identity())
     return record
 
@@ -74,14 +61,7 @@ def check_sweep(spec: SweepSpec, models: bool = True) -> None:
         return texts[spec_]
 
     for run in spec.runs:
-        settings, config = run.settings, run.config
-        if run.target == "weights":
-            calibrates = get_pruner(config.method).needs_calibration
-        elif run.target == "activations":
-            calibrates = (config.criterion_obj.needs_calibration or config.mitigation_obj.needs_calibration
-                          or is_calibrated(config.mitigation))  # fmt: skip
-        else:
-            calibrates = False
+        settings, calibrates = run.settings, run.method().calibrates()
         evaluation = text(settings.data)
         if calibrates and (settings.data, settings.calib_data) not in checked:
             check_disjoint(evaluation, text(settings.calib_data))

@@ -41,6 +41,7 @@ from actsparse.core.patterns import parse_pattern
 from actsparse.errors import ActsparseError
 from actsparse.eval.generate import PROMPTS, GenerateSettings
 from actsparse.eval.lmeval import TaskSettings
+from actsparse.eval.methods import Activations, Calibrated, Dense, Weights
 from actsparse.eval.run import EvalSettings
 
 TARGETS = ("activations", "weights")
@@ -73,6 +74,7 @@ class Run:
     tasks: TaskSettings = field(default_factory=TaskSettings)
     generate: GenerateSettings | None = None
     calibration: dict | None = None  # calibrated mitigations: {"windows": ..., "lr": ..., "steps": ..., "seed": ...}
+    save: str | None = None  # calibrated mitigations: also write the state here (not part of the key)
 
     @property
     def model(self) -> str:
@@ -95,17 +97,20 @@ class Run:
         text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
-    def label(self) -> str:
-        c = self.config
+    def method(self):
+        """The method object the evaluator runs (``eval/methods.py``)."""
         if self.target == "dense":
-            what = "dense"
-        elif self.target == "weights":
-            what = f"{c.pattern} weights {c.method}"
-        else:
-            what = f"{c.pattern} {c.criterion} + {c.mitigation}"
-            if getattr(c, "allocation", "uniform") != "uniform":
-                what += f" ({c.allocation if isinstance(c.allocation, str) else 'per-layer'} N)"
-        return f"{self.model}: {what}"
+            return Dense()
+        if self.target == "weights":
+            return Weights(self.config)
+        if is_calibrated(self.config.mitigation):
+            calibration = self.calibration or {}
+            options = CalibrationOptions(**{k: v for k, v in calibration.items() if k != "windows"})
+            return Calibrated(self.config, options, calibration.get("windows"), self.save)
+        return Activations(self.config)
+
+    def label(self) -> str:
+        return f"{self.model}: {self.method().title()}"
 
 
 @dataclass(frozen=True)
