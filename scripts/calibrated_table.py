@@ -5,10 +5,12 @@
 Patterns 2:4 and 8:16 x criteria magnitude and amber x mitigations none, var, dpts, spts, scap,
 rotation, rotation-spread, lowrank, lpts, oshift, oscale, oscale-shift, var-oscale. Mitigations calibrated layer by
 layer (``actsparse.calibrate_``) use ``--calib-windows`` windows of calibration text (the error-mitigation paper: 256) and
-``--steps`` training steps per decoder layer (default: one pass). Every finished run is appended to
-the JSONL store at once (atomically); running the same command again skips the runs already there,
-so an interrupted run resumes. The Markdown table is printed at the end (and written beside the
-store as .md). ``--save-states DIR`` also keeps each calibrated state (for ``eval --state``).
+``--steps`` training steps per decoder layer (default: one pass). The runs go through the sweep
+runner into the JSONL store (``runs``: the sweep spec); running the same command again skips the
+runs already there, so an interrupted run resumes (records written before the script used the
+sweep runner, without a run key, count too). The Markdown table is printed at the end (and
+written beside the store as .md). ``--save-states DIR`` also keeps each calibrated state (for
+``eval --state``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.calibration.layerwise import CalibrationOptions
 from actsparse.calibration.mitigations import ensure_mitigation, is_calibrated
 from actsparse.cli.main import add_eval_options, settings_from
 from actsparse.config import SparsityConfig
-from actsparse.eval.results import append_jsonl_atomic, read_jsonl
-from actsparse.eval.run import Evaluator
+from actsparse.eval.results import read_jsonl
+from actsparse.sweep import Run, SweepSpec, run_sweep
 
 PATTERNS = ["2:4", "8:16"]
 CRITERIA = ["magnitude", "amber"]
@@ -91,6 +92,22 @@ def table(records: list[dict], mitigations=MITIGATIONS, patterns=PATTERNS, crite
     return "\n".join(lines)
 
 
+def runs(settings, patterns=PATTERNS, criteria=CRITERIA, mitigations=MITIGATIONS, lr=1e-4, steps=None, save_states=None):
+    """The table's runs, as sweep runs: calibrated mitigations on the settings' ``calib_windows`` windows."""
+    out = []
+    for p in patterns:
+        for c in criteria:
+            for m in mitigations:
+                config = SparsityConfig(pattern=p, criterion=c, mitigation=m)
+                if not is_calibrated(m):
+                    out.append(Run(settings, "activations", config))
+                    continue
+                save = str(Path(save_states) / f"{p.replace(':', '-')}_{c}_{m}") if save_states else None
+                options = {"windows": settings.calib_windows, "lr": lr, "steps": steps, "seed": 0}
+                out.append(Run(settings, "activations", config, calibration=options, save=save))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_options(parser)  # --model --data --calib-data --calib-windows --seqlen --max-tokens ...
@@ -110,31 +127,8 @@ def main() -> None:
         ensure_mitigation(name)
 
     store = Path(args.out)
-    done = {key(r) for r in read_jsonl(store)}
-    settings = settings_from(args)
-    options = CalibrationOptions(lr=args.lr, steps=args.steps)
-    configs = [SparsityConfig(pattern=p, criterion=c, mitigation=m) for p in patterns for c in criteria for m in mitigations]
-    todo = [c for c in configs if key(c.to_dict()) not in done]
-    print(f"{len(configs) - len(todo)} of {len(configs)} runs already in {store}; {len(todo)} to go")
-    if todo:
-        evaluator = Evaluator(settings, progress=not args.no_progress)
-        for config in todo:
-            if is_calibrated(config.mitigation):
-                save = None
-                if args.save_states:
-                    save = str(
-                        Path(args.save_states) / f"{config.pattern.replace(':', '-')}_{config.criterion}_{config.mitigation}"
-                    )
-                record = evaluator.run_calibrated(config, options, save=save)
-            else:
-                record = evaluator.run(config)
-            append_jsonl_atomic(store, record)
-            seconds = record.get("calibration", {}).get("seconds")
-            print(
-                f"{config.pattern:>6} {config.criterion:>10} {config.mitigation:>13}  dense {record['dense_ppl']:.3f}  sparse {record['sparse_ppl']:.3f}"
-                + (f"  calibration {seconds:.1f} s" if seconds is not None else ""),
-                flush=True,
-            )
+    planned = runs(settings_from(args), patterns, criteria, mitigations, args.lr, args.steps, args.save_states)
+    run_sweep(SweepSpec(name="calibrated-table", runs=tuple(planned)), store, progress=not args.no_progress, keyless=True)
     markdown = table(read_jsonl(store), mitigations, patterns, criteria)
     store.with_suffix(".md").write_text(markdown + "\n")
     print(markdown)

@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/core_table.py --model smollm2-135m --max-tokens 32768 --out results/core-smollm2-135m.jsonl
 
-Every finished run is appended to the JSONL store at once (atomically); running the same
-command again skips the runs already there, so an interrupted run resumes. The Markdown
+The runs go through the sweep runner into the JSONL store (``runs``: the sweep spec); running
+the same command again skips the runs already there, so an interrupted run resumes (records
+written before the script used the sweep runner, without a run key, count too). The Markdown
 table is printed at the end (and written beside the store as .md).
 """
 
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from actsparse.cli.main import add_eval_options, settings_from
 from actsparse.config import SparsityConfig
-from actsparse.eval.results import append_jsonl_atomic, read_jsonl
-from actsparse.eval.run import Evaluator
+from actsparse.eval.results import read_jsonl
+from actsparse.sweep import Run, SweepSpec, run_sweep
 
 PATTERNS = ["2:4", "4:8", "8:16", "16:32", "unstructured:0.5", "unstructured:0.7"]
 CRITERIA = ["magnitude", "amber"]
@@ -52,6 +53,16 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def runs(settings) -> list[Run]:
+    """The table's runs: every pattern x criterion x mitigation."""
+    return [
+        Run(settings, "activations", SparsityConfig(pattern=p, criterion=c, mitigation=m))
+        for p in PATTERNS
+        for c in CRITERIA
+        for m in MITIGATIONS
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_options(parser)  # --model --data --calib-data --calib-windows --seqlen --max-tokens ...
@@ -60,20 +71,8 @@ def main() -> None:
     args = parser.parse_args()
 
     store = Path(args.out)
-    done = {key(r) for r in read_jsonl(store)}
-    settings = settings_from(args)
-    configs = [SparsityConfig(pattern=p, criterion=c, mitigation=m) for p in PATTERNS for c in CRITERIA for m in MITIGATIONS]
-    todo = [c for c in configs if key(c.to_dict()) not in done]
-    print(f"{len(configs) - len(todo)} of {len(configs)} runs already in {store}; {len(todo)} to go")
-    if todo:
-        evaluator = Evaluator(settings)
-        for config in todo:
-            record = evaluator.run(config)
-            append_jsonl_atomic(store, record)
-            print(
-                f"{config.pattern:>18} {config.criterion:>10} {config.mitigation:>5}  dense {record['dense_ppl']:.3f}  sparse {record['sparse_ppl']:.3f}",
-                flush=True,
-            )
+    spec = SweepSpec(name="core-table", runs=tuple(runs(settings_from(args))))
+    run_sweep(spec, store, progress=not args.no_progress, keyless=True)
     markdown = table(read_jsonl(store))
     store.with_suffix(".md").write_text(markdown + "\n")
     print(markdown)

@@ -10,8 +10,9 @@ the table shows the better one and names it). Every run uses the same protocol a
 dense baseline: one model load, Brown news, seqlen 512, the first --max-tokens tokens.
 Weight-pruned runs restore the dense weights from a CPU copy afterwards (checked equal).
 
-Every finished run is appended to the JSONL store at once (atomically); running the same
-command again skips the runs already there, so an interrupted run resumes. The Markdown
+The runs go through the sweep runner into the JSONL store (``runs``: the sweep spec); running
+the same command again skips the runs already there, so an interrupted run resumes (records
+written before the script used the sweep runner, without a run key, count too). The Markdown
 table is printed at the end (and written beside the store as .md).
 """
 
@@ -25,8 +26,8 @@ from actsparse.baselines import WeightPruneConfig
 from actsparse.cli.main import add_eval_options, settings_from
 from actsparse.config import SparsityConfig
 from actsparse.core.patterns import parse_pattern
-from actsparse.eval.results import append_jsonl_atomic, read_jsonl
-from actsparse.eval.run import Evaluator
+from actsparse.eval.results import read_jsonl
+from actsparse.sweep import Run, SweepSpec, run_sweep
 
 PATTERNS = ["2:4", "4:8", "8:16", "unstructured:0.5"]
 WEIGHT_METHODS = ["magnitude", "wanda", "sparsegpt"]
@@ -53,6 +54,11 @@ def planned(patterns: list[str], calib_windows: int, seed: int) -> list[tuple[st
             for m in WEIGHT_METHODS
         ]
     return runs
+
+
+def runs(settings, patterns: list[str], calib_windows: int, seed: int) -> list[Run]:
+    """The table's runs, as sweep runs."""
+    return [Run(settings, target, config) for target, config in planned(patterns, calib_windows, seed)]
 
 
 def table(records: list[dict], patterns: list[str]) -> str:
@@ -119,24 +125,8 @@ def main() -> None:
             wrong.append("calib_windows")
         if wrong:
             sys.exit(f"{store} holds runs with other settings ({', '.join(wrong)}); use another --out or the same settings")
-    done = {key(r) for r in existing}
-    runs = planned(patterns, args.calib_windows, args.seed)
-    todo = [(target, config) for target, config in runs if key(config.to_dict(), target) not in done]
-    print(f"{len(runs) - len(todo)} of {len(runs)} runs already in {store}; {len(todo)} to go", flush=True)
-    if todo:
-        evaluator = Evaluator(settings, progress=not args.no_progress)
-        for target, config in todo:
-            if target == "weights":
-                record = evaluator.run_weights(config)
-                label = f"weights {config.method}"
-            else:
-                record = evaluator.run(config)
-                label = f"activations {config.criterion} + {config.mitigation}"
-            append_jsonl_atomic(store, record)
-            print(
-                f"{config.pattern:>18} {label:>32}  dense {record['dense_ppl']:.3f}  pruned {record['sparse_ppl']:.3f}",
-                flush=True,
-            )
+    spec = SweepSpec(name="weights-table", runs=tuple(runs(settings, patterns, args.calib_windows, args.seed)))
+    run_sweep(spec, store, progress=not args.no_progress, keyless=True)
     markdown = table(read_jsonl(store), patterns)
     store.with_suffix(".md").write_text(markdown + "\n")
     print(markdown)

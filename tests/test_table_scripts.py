@@ -45,3 +45,51 @@ def test_cells_missing_cells_and_seconds_per_device():
     assert "Device:" in table(records[:3], mitigations=["none"]) and "(calibration seconds by device" not in table(
         records[:3], mitigations=["none"]
     )
+
+
+def test_table_scripts_resume_their_old_keyless_stores_through_the_sweep_runner(tiny_dir, tmp_path):
+    """The table scripts run through the sweep store; records they wrote before (no run key) count as done."""
+    import core_table
+    import weights_table
+    from calibrated_table import runs as calibrated_runs
+
+    from actsparse.artifacts import append_jsonl_atomic, read_jsonl
+    from actsparse.eval.run import EvalSettings, Evaluator
+    from actsparse.sweep import SweepSpec, run_sweep
+    from actsparse.sweep.runner import matches_keyless
+
+    settings = EvalSettings(model=str(tiny_dir), data=str(tiny_dir / "text.txt"), seqlen=16, max_tokens=64, device="cpu")
+    planned = core_table.runs(settings)
+    assert len(planned) == len(core_table.PATTERNS) * len(core_table.CRITERIA) * len(core_table.MITIGATIONS)
+    first, second, third = planned[:3]
+    old = Evaluator(settings, progress=False).run(first.config)  # as the script wrote it before: no key
+    old = {k: v for k, v in old.items() if k not in ("label", "method_kind")}
+    old["config"] = {k: v for k, v in old["config"].items() if k not in ("backend", "prefill_only", "allocation")}
+    store = tmp_path / "core.jsonl"
+    append_jsonl_atomic(store, old)
+    assert matches_keyless(first, old) and not matches_keyless(second, old)
+    assert not matches_keyless(first, {**old, "settings": {**old["settings"], "seqlen": 32}})
+    summary = run_sweep(
+        SweepSpec("core-table", (first, second, third)), store, progress=False, log=lambda text: None, keyless=True
+    )
+    assert summary.skipped == 1 and summary.done == [second.key, third.key]
+    records = read_jsonl(store)
+    assert [r.get("key") for r in records] == [None, second.key, third.key]
+    assert records[1]["sweep"] == "core-table" and records[1]["label"] == "magnitude + var"
+    assert (
+        run_sweep(
+            SweepSpec("core-table", (first, second, third)), store, progress=False, log=lambda text: None, keyless=True
+        ).skipped
+        == 3
+    )
+
+    weights = weights_table.runs(settings, ["2:4"], 4, 0)
+    assert [r.target for r in weights] == ["activations"] * 4 + ["weights"] * 3 and weights[-1].config.calib_windows == 4
+    calibrated = calibrated_runs(settings, ["2:4"], ["amber"], ["var", "spts"], lr=1e-3, steps=2, save_states="states")
+    assert calibrated[0].calibration is None and calibrated[1].calibration == {"windows": 32, "lr": 1e-3, "steps": 2, "seed": 0}
+    assert calibrated[1].save == "states/2-4_amber_spts" and calibrated[1].method().save == calibrated[1].save
+    # an old calibrated record matches only with the same calibration options
+    record = {**old, "config": {"pattern": "2:4", "criterion": "amber", "mitigation": "spts"},
+              "calibration": {"windows": 32, "options": {"lr": 1e-3, "steps": 2, "seed": 0, "clip": 1.0}}}  # fmt: skip
+    assert matches_keyless(calibrated[1], record)
+    assert not matches_keyless(calibrated[1], {**record, "calibration": {"windows": 32, "options": {"lr": 1e-4, "steps": 2}}})

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
 
+from actsparse.baselines import WeightPruneConfig
+from actsparse.calibration.state import state_config
 from actsparse.data.sources import check_disjoint, load_text
 from actsparse.errors import ActsparseError
 from actsparse.eval.lmeval import prepare_tasks, require_lm_eval
@@ -81,6 +83,35 @@ def check_sweep(spec: SweepSpec, models: bool = True) -> None:
                     raise ActsparseError(f"{run.label()}: {error}") from error
 
 
+def _same_config(run: Run, config: dict) -> bool:
+    try:
+        if run.target == "weights":
+            return WeightPruneConfig.from_dict(config).to_dict() == run.config.to_dict()
+        return state_config({"config": config}).to_dict() == run.config.to_dict()
+    except (ActsparseError, TypeError, KeyError, ValueError):
+        return False
+
+
+def matches_keyless(run: Run, record: dict) -> bool:
+    """Whether ``record``, written without a run key (by a table script before the table scripts ran
+    through the sweep runner), is the result of ``run``: same model, target, settings (not the
+    device), config, and for a calibrated run the same calibration windows and options. Runs
+    with tasks or a generation check never match (those records have neither)."""
+    if "key" in record or run.tasks.tasks or run.generate is not None or "config" not in record:
+        return False
+    if record.get("model") != run.model or record.get("target", "activations") != run.target:
+        return False
+    wanted = {k: v for k, v in asdict(run.settings).items() if k != "device"}
+    settings = record.get("settings") or {}
+    if {k: settings.get(k, v) for k, v in wanted.items()} != wanted or not _same_config(run, record["config"]):
+        return False
+    if run.calibration:
+        calibration = record.get("calibration") or {}
+        given = {"windows": calibration.get("windows"), **(calibration.get("options") or {})}
+        return all(given.get(k) == v for k, v in run.calibration.items())
+    return True
+
+
 def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -88,16 +119,27 @@ def _release_memory() -> None:
 
 
 def run_sweep(
-    spec: SweepSpec, store_path, progress: bool = True, keep_going: bool = False, log=None, worker: str | None = None
+    spec: SweepSpec,
+    store_path,
+    progress: bool = True,
+    keep_going: bool = False,
+    log=None,
+    worker: str | None = None,
+    keyless: bool = False,
 ) -> SweepSummary:
     """Run every run of ``spec`` not yet in the store at ``store_path``; see the module docstring.
 
     Each run is claimed in the store (``Store.claim``, as ``worker``) before it starts, so
     several processes can work through one sweep on one store: each run is done and stored
     once; ``summary.elsewhere`` lists the runs another process took (or stored) meanwhile.
+    With ``keyless`` (the table scripts' stores), a run whose result the store holds in a
+    record without a key (``matches_keyless``) counts as done too.
     """
     store = Store(store_path)
     done = store.keys()
+    if keyless:
+        old = [r for r in store.records() if "key" not in r]
+        done |= {run.key for run in spec.runs if any(matches_keyless(run, record) for record in old)}
     todo = [run for run in spec.runs if run.key not in done]
     summary = SweepSummary(total=len(spec.runs), skipped=len(spec.runs) - len(todo))
     if any(run.tasks.tasks for run in todo):
