@@ -26,6 +26,7 @@ from actsparse.errors import ActsparseError
 from actsparse.eval.generate import GenerateSettings
 from actsparse.eval.lmeval import prepare_tasks, require_lm_eval
 from actsparse.eval.measure import measure
+from actsparse.eval.methods import Dense, FromState, Weights
 from actsparse.eval.run import Evaluator
 
 
@@ -87,7 +88,7 @@ def cmd_eval(args) -> None:
 def cmd_eval_weights(args) -> None:
     config = weight_config_from(args)  # validate before the slow model load
     preflight(args, config)
-    record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run_weights(c, extra=extra))
+    record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run(Weights(c), extra=extra))
     if record is None:
         return
     _print_table(args, record, f"{config.pattern} weights {config.method}")
@@ -111,7 +112,9 @@ def cmd_eval_state(args) -> None:
     if skeleton is not None:
         STATE_DIRECTORY.check_architecture(meta["model"], model_kind(skeleton), args.state, here_is=f"for {args.model}")
     backend = args.backend if "backend" in given(args) else None
-    record = _evaluate(args, config, lambda evaluator, c, extra: evaluator.run_state(args.state, extra=extra, backend=backend))
+    record = _evaluate(
+        args, config, lambda evaluator, c, extra: evaluator.run(FromState(args.state, backend=backend), extra=extra)
+    )
     if record is None:
         return
     _print_table(args, record, f"{config.pattern} {config.criterion} + {config.mitigation}")
@@ -142,7 +145,7 @@ def _evaluate(args, config, run) -> dict | None:
         require_lm_eval()
     evaluator = Evaluator(settings_from(args), progress=not args.no_progress, placement=placement_from(args))
     extra = _extra_from(args, evaluator)
-    dense = evaluator.run_dense(extra) if extra is not None else None  # tasks and generation on the dense model first
+    dense = evaluator.run(Dense(), extra=extra) if extra is not None else None  # tasks and generation on the dense model first
     record = run(evaluator, config, extra)
     if dense is not None:
         record["dense"] = {key: dense[key] for key in ("tasks", "generation", "lm_eval") if key in dense}

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from actsparse.artifacts import write_json_atomic
-from actsparse.baselines.config import WeightPruneConfig
 from actsparse.errors import ActsparseError
+from actsparse.eval.methods import FromState
 from actsparse.eval.run import Evaluator
 from actsparse.models.loading import ALIASES
 
@@ -52,12 +52,7 @@ def export(
             tokenizer.save_pretrained(tmp)
             return {}
 
-        if state is not None:
-            record = evaluator.run_state(state, extra=save)
-        elif isinstance(config, WeightPruneConfig):
-            record = evaluator.run_weights(config, extra=save)
-        else:
-            record = evaluator.run(config, extra=save)
+        record = evaluator.run(FromState(state) if state is not None else config, extra=save)  # a config: as_method
         record["checkpoint"] = str(out)
         (tmp / CARD_FILE).write_text(model_card(record), encoding="utf-8")
         write_json_atomic(tmp / RECORD_FILE, record)
