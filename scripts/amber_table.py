@@ -16,25 +16,27 @@ Rows, for each pattern (default 2:4 and 8:16):
   sensitivity skip; every other decoder linear layer runs the same W8A8 mitigation dense
   (``quantize_rest_``), so the whole decoder is W8A8 and the chosen layers are also sparse;
 
-plus W8A8 dense (pattern dense, mitigation w8a8) once. Every finished run, and every
-sensitivity measurement, is appended to the JSONL store at once (atomically); running the
-same command again skips what is already there, so an interrupted run resumes. The Markdown
-table is printed at the end (and written beside the store as .md).
+plus W8A8 dense (pattern dense, mitigation w8a8) once. Each pattern's sensitivity
+measurement is appended to the JSONL store at once (atomically) and measured only when the
+store has none; the rows (``runs``: sweep runs, each tagged with its row) then go through the
+sweep runner into the same store, so running the same command again skips what is already
+there (records written before the script used the sweep runner, without a run key, count
+too). The Markdown table is printed at the end (and written beside the store as .md).
 """
 
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
 from pathlib import Path
 
-import actsparse.eval.methods as eval_methods
-from actsparse.amber import QUANT_MITIGATIONS, amber_preset, budget_skip, measure_sensitivity, quantize_rest_, random_skip
+from actsparse.amber import QUANT_MITIGATIONS, amber_preset, budget_skip, measure_sensitivity, random_skip
 from actsparse.cli.main import add_eval_options, settings_from
 from actsparse.config import SparsityConfig
 from actsparse.eval.results import append_jsonl_atomic, read_jsonl, versions
 from actsparse.eval.run import Evaluator
 from actsparse.models.discovery import find_linear_sites
+from actsparse.models.loading import model_skeleton
+from actsparse.sweep import Run, SweepSpec, run_sweep
 
 PATTERNS = ["2:4", "8:16"]
 ROWS = [
@@ -66,22 +68,17 @@ def plan(
     }
 
 
-@contextmanager
-def whole_decoder_w8a8():
-    """Make ``Evaluator.run`` (``Activations.apply``) follow ``sparsify_`` with ``quantize_rest_`` for W8A8 mitigations."""
-    original = eval_methods.sparsify_
-
-    def sparsify_and_quantize_(model, config, *, stats=None):
-        report = original(model, config, stats=stats)
-        if config.mitigation in QUANT_MITIGATIONS:
-            quantize_rest_(model, config, report, stats)
-        return report
-
-    eval_methods.sparsify_ = sparsify_and_quantize_
-    try:
-        yield
-    finally:
-        eval_methods.sparsify_ = original
+def runs(settings, rows: dict[str, dict[str, SparsityConfig]]) -> list[Run]:
+    """The table's runs, as sweep runs: ``rows`` is pattern -> row -> config (``plan``), W8A8 dense first.
+    A W8A8 mitigation runs the whole decoder W8A8 (``quantize_rest``); each record is tagged with its row."""
+    planned = {"dense": {W8A8_DENSE: SparsityConfig(pattern="dense", criterion="magnitude", mitigation="w8a8")}, **rows}
+    out = []
+    for pattern, configs in planned.items():
+        for row, config in configs.items():
+            whole = config.mitigation in QUANT_MITIGATIONS
+            tags = {"kind": "run", "row": row, "row_pattern": pattern, "w8a8_whole_decoder": whole}
+            out.append(Run(settings, "activations", config, quantize_rest=whole, tags=tags))
+    return out
 
 
 def table(records: list[dict], patterns: list[str]) -> str:
@@ -139,52 +136,38 @@ def main() -> None:
             evaluator = Evaluator(settings, progress=not args.no_progress)
         return evaluator
 
-    def done() -> set:
-        return {(r["row"], r["row_pattern"]) for r in read_jsonl(store) if r.get("kind") == "run"}
+    def sites():
+        skeleton = model_skeleton(args.model) if evaluator is None else None  # no weights needed for the layers
+        return find_linear_sites(skeleton if skeleton is not None else get_evaluator().model)
 
-    def run(row: str, pattern: str, config: SparsityConfig) -> None:
-        if (row, pattern) in done():
-            return
-        with whole_decoder_w8a8():
-            record = get_evaluator().run(config)
-        record.update(kind="run", row=row, row_pattern=pattern, w8a8_whole_decoder=config.mitigation in QUANT_MITIGATIONS)
-        append_jsonl_atomic(store, record)
-        print(
-            f"{pattern:>6}  {row:<46} sparse FLOPs {record['sparse_flop_fraction']:6.1%}  ppl {record['sparse_ppl']:.3f}  (dense {record['dense_ppl']:.3f})",
-            flush=True,
-        )
-
-    print(f"{len(done())} runs already in {store}")
-    run(W8A8_DENSE, "dense", SparsityConfig(pattern="dense", criterion="magnitude", mitigation="w8a8"))
+    rows = {}
     for pattern in patterns:
         sens = next((r for r in read_jsonl(store) if r.get("kind") == "sensitivity" and r["pattern"] == pattern), None)
-        if sens is None or any((row, pattern) not in done() for row in ROWS):
+        if sens is None:
             ev = get_evaluator()
-            sites = find_linear_sites(ev.model)
-            if sens is None:
-                windows, calib_spec = ev.calibration_windows(args.sens_windows, args.seed)
-                result = measure_sensitivity(ev.model, windows, pattern, "amber", bos_id=ev.bos_id, progress=not args.no_progress)
-                choice = budget_skip(sites, result.scores, args.target_fraction, order=args.order)
-                control = random_skip(sites, choice.fraction, seed=args.seed)
-                sens = {
-                    "kind": "sensitivity", "pattern": pattern, "model": args.model, "scores": result.scores,
-                    "calibration": {"data": calib_spec, "windows": len(windows), "seqlen": args.seqlen},
-                    "budget": choice.to_dict(), "random": control.to_dict(), "versions": versions(),
-                }  # fmt: skip
-                append_jsonl_atomic(store, sens)
-                print(
-                    f"{pattern:>6}  sensitivity: target {args.target_fraction:.1%}, reached {choice.fraction:.2%}; skip {','.join(choice.skip) or '-'}"
-                )
-                print(
-                    f"{pattern:>6}  random control (seed {args.seed}): {control.fraction:.2%}; skip {','.join(control.skip) or '-'}"
-                )
-                print(result.heatmap_text(), flush=True)
-            num_layers = 1 + max(s.layer for s in sites)
-            configs = plan(
-                pattern, tuple(sens["budget"]["skip"]), tuple(sens["random"]["skip"]), amber_preset("llama3.1-8b", num_layers)
+            windows, calib_spec = ev.calibration_windows(args.sens_windows, args.seed)
+            result = measure_sensitivity(ev.model, windows, pattern, "amber", bos_id=ev.bos_id, progress=not args.no_progress)
+            choice = budget_skip(sites(), result.scores, args.target_fraction, order=args.order)
+            control = random_skip(sites(), choice.fraction, seed=args.seed)
+            sens = {
+                "kind": "sensitivity", "pattern": pattern, "model": args.model, "scores": result.scores,
+                "calibration": {"data": calib_spec, "windows": len(windows), "seqlen": args.seqlen},
+                "budget": choice.to_dict(), "random": control.to_dict(), "versions": versions(),
+            }  # fmt: skip
+            append_jsonl_atomic(store, sens)
+            print(
+                f"{pattern:>6}  sensitivity: target {args.target_fraction:.1%}, reached {choice.fraction:.2%}; skip {','.join(choice.skip) or '-'}"
             )
-            for row, config in configs.items():
-                run(row, pattern, config)
+            print(
+                f"{pattern:>6}  random control (seed {args.seed}): {control.fraction:.2%}; skip {','.join(control.skip) or '-'}"
+            )
+            print(result.heatmap_text(), flush=True)
+        num_layers = 1 + max(s.layer for s in sites())
+        preset = amber_preset("llama3.1-8b", num_layers)
+        rows[pattern] = plan(pattern, tuple(sens["budget"]["skip"]), tuple(sens["random"]["skip"]), preset)
+    spec = SweepSpec(name="amber-table", runs=tuple(runs(settings, rows)))
+    loaded = {settings.model: evaluator} if evaluator is not None else None
+    run_sweep(spec, store, progress=not args.no_progress, keyless=True, evaluators=loaded)
     markdown = table(read_jsonl(store), patterns)
     store.with_suffix(".md").write_text(markdown + "\n")
     print(markdown)

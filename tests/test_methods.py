@@ -143,3 +143,39 @@ def test_the_report_reads_labels_from_the_records_and_rebuilds_them_for_old_ones
     }
     # grouped by the criterion and ordered by the mitigation of each record's config, not of its label's text
     assert study.methods("activations") == ["amber + var", "amber + var [skip k]", "my method", "magnitude + none"]
+
+
+def test_whole_decoder_w8a8_and_tagged_sweep_runs(evaluator, tmp_path):
+    from actsparse.amber import quantize_rest_
+    from actsparse.eval.perplexity import perplexity
+    from actsparse.sparsify import sparsify_, unsparsify_
+    from actsparse.sweep import Run, SweepSpec, read_records, run_sweep
+
+    config = SparsityConfig(pattern="2:4", criterion="amber", mitigation="w8a8", skip=("k", "v"))
+    alone = evaluator.run(Activations(config))
+    whole = evaluator.run(Activations(config, quantize_rest=True))
+    assert whole["quantize_rest"] is True and "quantize_rest" not in alone and whole["label"] == alone["label"]
+    assert not sparse_layers(evaluator.model)
+    report = sparsify_(evaluator.model, config)  # the same by hand
+    assert quantize_rest_(evaluator.model, config, report) > 0
+    by_hand = perplexity(evaluator.model, evaluator.windows, bos_id=evaluator.bos_id, progress=False)
+    unsparsify_(evaluator.model)
+    assert whole["sparse_ppl"] == pytest.approx(by_hand.ppl) and whole["sparse_ppl"] != alone["sparse_ppl"]
+
+    plain = Run(evaluator.settings, "activations", config)
+    tagged = Run(evaluator.settings, "activations", config, tags={"row": "r1"})
+    quantized = Run(evaluator.settings, "activations", config, quantize_rest=True, tags={"row": "r2"})
+    assert plain.key == tagged.key != quantized.key and "quantize_rest" not in plain.identity()
+    assert quantized.method() == Activations(config, quantize_rest=True)
+    store = tmp_path / "store.jsonl"
+    summary = run_sweep(
+        SweepSpec("t", (tagged, quantized)),
+        store,
+        progress=False,
+        log=lambda text: None,
+        evaluators={evaluator.settings.model: evaluator},
+    )
+    assert len(summary.done) == 2
+    records = read_records(store)
+    assert [r["row"] for r in records] == ["r1", "r2"]
+    assert records[1]["sparse_ppl"] == pytest.approx(whole["sparse_ppl"])

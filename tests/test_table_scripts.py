@@ -93,3 +93,21 @@ def test_table_scripts_resume_their_old_keyless_stores_through_the_sweep_runner(
               "calibration": {"windows": 32, "options": {"lr": 1e-3, "steps": 2, "seed": 0, "clip": 1.0}}}  # fmt: skip
     assert matches_keyless(calibrated[1], record)
     assert not matches_keyless(calibrated[1], {**record, "calibration": {"windows": 32, "options": {"lr": 1e-4, "steps": 2}}})
+
+
+def test_amber_table_rows_are_tagged_sweep_runs_and_old_rows_count_as_done():
+    from amber_table import ROWS, W8A8_DENSE, plan, runs
+
+    from actsparse.eval.run import EvalSettings
+    from actsparse.sweep.runner import matches_keyless
+
+    settings = EvalSettings(model="m", data="brown:news", seqlen=16)
+    planned = runs(settings, {"2:4": plan("2:4", ("k",), ("v",), ("q@0",))})
+    assert [r.tags["row"] for r in planned] == [W8A8_DENSE, *ROWS]
+    assert [r.quantize_rest for r in planned] == [True] + [False] * 5 + [True] * 3
+    assert all(r.tags["w8a8_whole_decoder"] == r.quantize_rest for r in planned)
+    dense_w8a8, naive = planned[0], planned[1]
+    old = {"model": "m", "target": "activations", "settings": {"data": "brown:news", "seqlen": 16},
+           "config": dense_w8a8.config.to_dict(), "kind": "run", "row": W8A8_DENSE, "w8a8_whole_decoder": True}  # fmt: skip
+    assert matches_keyless(dense_w8a8, old) and not matches_keyless(dense_w8a8, {**old, "w8a8_whole_decoder": False})
+    assert matches_keyless(naive, {**old, "config": naive.config.to_dict(), "w8a8_whole_decoder": False})

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
+from actsparse.amber.quant import QUANT_MITIGATIONS, quantize_rest_
 from actsparse.baselines import WeightPruneConfig, get_pruner, prune_weights_, restore_weights_, verify_pattern
 from actsparse.calibration import layerwise  # layerwise.calibrate_ looked up at each call (tests replace it)
 from actsparse.calibration.layerwise import CalibrationOptions
@@ -134,9 +135,15 @@ class Dense(Method):
 
 @dataclass(frozen=True)
 class Activations(Method):
-    """``sparsify_(model, config)``; a config whose mitigation is calibrated layer by layer is run as ``Calibrated(config)``."""
+    """``sparsify_(model, config)``; a config whose mitigation is calibrated layer by layer is run as ``Calibrated(config)``.
+
+    ``quantize_rest``: with a W8A8 mitigation, the decoder linear layers the config leaves dense
+    run through the same mitigation without sparsity (``amber.quantize_rest_``: the whole decoder
+    W8A8, the chosen layers also sparse); the record says ``quantize_rest: true``.
+    """
 
     config: SparsityConfig
+    quantize_rest: bool = False
     target: ClassVar[str] = "activations"
     kind: ClassVar[str] = "activations"
 
@@ -160,12 +167,21 @@ class Activations(Method):
             fields["calibration"] = {"data": calib_spec, "windows": calib_windows, "seconds": calib_seconds}
         if allocation is not None:
             fields["allocation"] = allocation
+        if self.quantize_rest:
+            fields["quantize_rest"] = True
         return fields
 
     def apply(self, evaluator, record: dict) -> Prepared:
         config, _ = evaluator.allocate(self.config)  # measured once, in check
         stats = self._stats(evaluator, config)
-        report = sparsify_(evaluator.model, config, stats=None if stats is None else stats[0])
+        stats = None if stats is None else stats[0]
+        report = sparsify_(evaluator.model, config, stats=stats)
+        if self.quantize_rest and config.mitigation in QUANT_MITIGATIONS:
+            try:
+                quantize_rest_(evaluator.model, config, report, stats)
+            except BaseException:
+                unsparsify_(evaluator.model)
+                raise
         return Prepared(config, report, _causal(config), f"sparse {config.pattern} {config.criterion} {config.mitigation}")
 
 

@@ -46,6 +46,7 @@ class SweepSummary:
 def execute(evaluator, run: Run, prepared=None) -> dict:
     """Evaluate one run with an ``Evaluator`` of its model; returns the record (with the run's key and identity)."""
     record = evaluator.run(run.method(), extra=measure(prepared, run.generate))
+    record.update(run.tags or {})
     record.update(key=run.key, run=run.identity())
     return record
 
@@ -95,11 +96,14 @@ def _same_config(run: Run, config: dict) -> bool:
 def matches_keyless(run: Run, record: dict) -> bool:
     """Whether ``record``, written without a run key (by a table script before the table scripts ran
     through the sweep runner), is the result of ``run``: same model, target, settings (not the
-    device), config, and for a calibrated run the same calibration windows and options. Runs
-    with tasks or a generation check never match (those records have neither)."""
+    device), config, whole-decoder W8A8 or not (``w8a8_whole_decoder`` in the Amber table's
+    records), and for a calibrated run the same calibration windows and options. Runs with tasks
+    or a generation check never match (those records have neither)."""
     if "key" in record or run.tasks.tasks or run.generate is not None or "config" not in record:
         return False
     if record.get("model") != run.model or record.get("target", "activations") != run.target:
+        return False
+    if bool(run.quantize_rest) != bool(record.get("quantize_rest", record.get("w8a8_whole_decoder"))):
         return False
     wanted = {k: v for k, v in asdict(run.settings).items() if k != "device"}
     settings = record.get("settings") or {}
@@ -126,6 +130,7 @@ def run_sweep(
     log=None,
     worker: str | None = None,
     keyless: bool = False,
+    evaluators: dict | None = None,
 ) -> SweepSummary:
     """Run every run of ``spec`` not yet in the store at ``store_path``; see the module docstring.
 
@@ -133,7 +138,8 @@ def run_sweep(
     several processes can work through one sweep on one store: each run is done and stored
     once; ``summary.elsewhere`` lists the runs another process took (or stored) meanwhile.
     With ``keyless`` (the table scripts' stores), a run whose result the store holds in a
-    record without a key (``matches_keyless``) counts as done too.
+    record without a key (``matches_keyless``) counts as done too. ``evaluators``: ``Evaluator``s
+    already loaded, by model name, used instead of loading those models again.
     """
     store = Store(store_path)
     done = store.keys()
@@ -152,7 +158,7 @@ def run_sweep(
     try:
         for model in dict.fromkeys(run.model for run in todo):  # models in sweep order, each loaded once
             runs = [run for run in todo if run.model == model]
-            evaluator, prepared = None, {}
+            evaluator, prepared = (evaluators or {}).get(model), {}
             for run in runs:
                 if not store.claim(run.key, worker):  # stored or being run by another process meanwhile
                     summary.elsewhere.append(run.key)

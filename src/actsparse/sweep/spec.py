@@ -75,6 +75,8 @@ class Run:
     generate: GenerateSettings | None = None
     calibration: dict | None = None  # calibrated mitigations: {"windows": ..., "lr": ..., "steps": ..., "seed": ...}
     save: str | None = None  # calibrated mitigations: also write the state here (not part of the key)
+    quantize_rest: bool = False  # W8A8 mitigations: the layers left dense run W8A8 too (Activations.quantize_rest)
+    tags: dict | None = None  # fields added to the record as they are (a table's row names; not part of the key)
 
     @property
     def model(self) -> str:
@@ -87,10 +89,13 @@ class Run:
         if self.tasks.tasks:
             tasks = {k: v for k, v in self.tasks.to_dict().items() if k != "task_dir"}
             tasks["tasks"] = sorted(tasks["tasks"])
-        return {
+        identity = {
             "model": self.model, "settings": settings, "target": self.target, "config": self.config.to_dict(),
             "calibration": self.calibration, "tasks": tasks, "generate": self.generate.to_dict() if self.generate else None,
         }  # fmt: skip
+        if self.quantize_rest:  # only when set: the keys of every other run stay what they were
+            identity["quantize_rest"] = True
+        return identity
 
     @property
     def key(self) -> str:
@@ -107,7 +112,7 @@ class Run:
             calibration = self.calibration or {}
             options = CalibrationOptions(**{k: v for k, v in calibration.items() if k != "windows"})
             return Calibrated(self.config, options, calibration.get("windows"), self.save)
-        return Activations(self.config)
+        return Activations(self.config, quantize_rest=self.quantize_rest)
 
     def label(self) -> str:
         return f"{self.model}: {self.method().title()}"
