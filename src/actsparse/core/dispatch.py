@@ -172,11 +172,11 @@ def triton_forward(layer: SparseLinear, x: torch.Tensor, source: torch.Tensor | 
     (also while torch.compile traces: the shared computation is then part of the graph)."""
     x = x.contiguous()
     group = layer.shared_input
-    if group is not None and source is not None and group.active():
+    if group is not None and source is not None:
         out = group.take(layer, source)
         if out is not None:
             return out
-        outputs = shared_outputs(group, x)
+        outputs = shared_outputs(group, x) if group.active() else None
         if outputs is not None:
             return group.keep(source, layer, outputs)
     n, m = layer.pattern.n, layer.pattern.m

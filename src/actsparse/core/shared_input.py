@@ -69,6 +69,7 @@ class SharedInput:
         widths = [layer.out_features for layer in self.layers]
         self.out_features = sum(widths)
         self.bounds = [(sum(widths[:i]), sum(widths[: i + 1])) for i in range(len(widths))]
+        self._index = {id(layer): i for i, layer in enumerate(self.layers)}
         self._gemv: GemvWeight | None = None
         self._source: torch.Tensor | None = None
         self._version: int | None = None
@@ -80,7 +81,7 @@ class SharedInput:
         return self.layers[0]
 
     def index(self, layer: SparseLinear) -> int:
-        return next(i for i, member in enumerate(self.layers) if member is layer)
+        return self._index[id(layer)]
 
     def active(self) -> bool:
         """Whether the members still keep the same features (a score vector set later breaks it)."""

@@ -196,6 +196,7 @@ def workspace_for(k: int, o: int, plans, device) -> Workspace:
 
 _SHARED: dict[str, Workspace] = {}
 _RETIRED: list[Workspace] = []  # outgrown workspaces stay allocated: a captured CUDA graph may still use them
+_GROWN = [0]  # how many times a shared workspace was replaced (a weight's cached one is current while unchanged)
 
 
 def shared_workspace(k: int, o: int, plans, device) -> Workspace:
@@ -214,6 +215,7 @@ def _shared(need: tuple[int, ...], device) -> Workspace:
             _RETIRED.append(have)
             need = tuple(max(n, t.numel()) for t, n in zip(have, need))
         _SHARED[key] = _allocate(need, device)
+        _GROWN[0] += 1
     return _SHARED[key]
 
 
@@ -499,6 +501,7 @@ class GemvWeight:
         self.row_sum = None if row_sum is None else row_sum.detach().float()
         self.plans: dict[tuple[int, int], GemvPlan] = {}
         self._need: dict[int, tuple[int, ...]] = {}  # workspace sizes per M, for rows 1..MAX_ROWS
+        self._workspaces: dict[int, tuple[int, Workspace]] = {}  # per M: (_GROWN when fetched, the workspace)
 
     @property
     def device(self) -> torch.device:
@@ -512,11 +515,16 @@ class GemvWeight:
         return self.plans[key]
 
     def workspace(self, m: int) -> Workspace:
-        """The shared workspace, fetched per call (another layer may have grown it); sizes computed once."""
+        """The shared workspace (sizes computed once); fetched again only after some weight grew it."""
+        cached = self._workspaces.get(m)
+        if cached is not None and cached[0] == _GROWN[0]:
+            return cached[1]
         if m not in self._need:
             plans = [self.plan(rows, m) for rows in range(1, MAX_ROWS + 1)]
             self._need[m] = workspace_need(self.in_features, self.out_features, plans)
-        return _shared(self._need[m], self.device)
+        workspace = _shared(self._need[m], self.device)
+        self._workspaces[m] = (_GROWN[0], workspace)
+        return workspace
 
     def __call__(self, x: torch.Tensor, n: int, m: int, *, vector=None, shift=None, var: bool = False) -> torch.Tensor:
         ws, plan = self.workspace(m), self.plan(x.shape[0], m)
