@@ -9,7 +9,8 @@ pattern's N/M, default 8:16 = 50%), on every projection of every layer:
 - sensitivity: N per layer chosen from e_q curves on the calibration text (``allocation="sensitivity", sensitivity="eq"``);
 - Fisher: N per layer chosen from the Fisher estimates of the loss increase on the calibration
   text (``allocation="sensitivity", sensitivity="fisher"``; rows 6 and 7, after the others so
-  that the numbers of the earlier rows keep their meaning);
+  that the numbers of the earlier rows keep their meaning); row 8 the same with every N from
+  M/4 to M as a candidate (``allocate(..., choices=...)``), not only M/4 … M in steps of M/8;
 - Amber's layer skipping at the same density: the least sensitive layers at ``--low`` (default
   4:16), the others dense, the FLOP fraction chosen so that the density is the pattern's
   (``budget_skip`` on e_q measured at ``--low``; the exact density reached is reported);
@@ -28,7 +29,7 @@ import argparse
 import time
 from pathlib import Path
 
-from actsparse.amber import budget_skip, measure_sensitivity
+from actsparse.amber import allocate, budget_skip, measure_sensitivity
 from actsparse.artifacts import append_jsonl_atomic, read_jsonl
 from actsparse.baselines import WeightPruneConfig
 from actsparse.cli.options import add_eval_options, settings_from
@@ -46,6 +47,7 @@ ROWS = (
     "Amber layer skipping, amber + lowrank",
     "Fisher N, amber + none",
     "Fisher N, amber + lowrank",
+    "Fisher N in steps of 1, amber + lowrank",
 )
 SHOWN = (*ROWS[:4], *ROWS[5:], ROWS[4])  # the table's order: the per-layer rows together
 
@@ -144,6 +146,16 @@ def main() -> None:
             continue
         ev = get()
         windows, calib_spec = ev.calibration_windows(settings.calib_windows)
+        if row == ROWS[7]:
+            fine = range(max(1, pattern.m // 4), pattern.m + 1)
+            resolved, allocation = allocate(
+                ev.model, configs[ROWS[6]], windows, choices=fine, bos_id=ev.bos_id, progress=not args.no_progress
+            )
+            seconds = time.perf_counter() - start
+            record = ev.run(resolved)
+            record["allocation"] = {**allocation.to_dict(), "data": calib_spec, "seconds": seconds}
+            save(row, record, time.perf_counter() - start)
+            continue
         sens = measure_sensitivity(
             ev.model, windows, str(low), "amber", "lowrank", bos_id=ev.bos_id, progress=not args.no_progress
         )
