@@ -148,11 +148,7 @@ def measure_curves(
 ) -> dict[str, Sensitivity]:
     """``e_q`` of every layer at each of ``patterns``, in one dense pass over ``windows``:
     ``{str(pattern): Sensitivity}`` (the sensitivity curves a per-layer allocation reads)."""
-    if sparse_layers(model):
-        raise ActsparseError("model is sparsified; measure sensitivity on the dense model (actsparse.unsparsify_ first)")
-    pattern_objs = _sparse_patterns(patterns)
-    sites = find_linear_sites(model)
-    chosen, wrappers = _wrappers(model, sites, pattern_objs, criterion, mitigation, stats, names)
+    sites, pattern_objs, chosen, wrappers = _wrappers(model, patterns, criterion, mitigation, stats, names)
     sums = {name: [[0.0, 0.0] for _ in pattern_objs] for name in wrappers}  # per pattern: sum (Y - Y')^2, sum Y^2
 
     def hook(module, args, output, name):
@@ -196,9 +192,14 @@ def _sparse_patterns(patterns: list[str]):
 
 
 @torch.no_grad()
-def _wrappers(model, sites, pattern_objs, criterion, mitigation, stats, names):
-    """The recognised (or named) layers and one ``SparseLinear`` per layer sharing its weight,
-    at the first pattern (switched per candidate by the caller)."""
+def _wrappers(model, patterns, criterion, mitigation, stats, names):
+    """The model's linear sites, the parsed ``patterns``, the recognised (or named) layers and one
+    ``SparseLinear`` per layer sharing its weight, at the first pattern (switched per candidate by
+    the caller); refuses a sparsified model."""
+    if sparse_layers(model):
+        raise ActsparseError("model is sparsified; measure sensitivity on the dense model (actsparse.unsparsify_ first)")
+    pattern_objs = _sparse_patterns(patterns)
+    sites = find_linear_sites(model)
     criterion_obj, mitigation_obj = get_criterion(criterion), get_mitigation(mitigation)
     chosen = [s for s in sites if s.role is not None and (names is None or s.name in names)]
     wrappers: dict[str, SparseLinear] = {}
@@ -218,7 +219,7 @@ def _wrappers(model, sites, pattern_objs, criterion, mitigation, stats, names):
                 backend="torch",
             )
         bridge_offload_(wrappers[site.name], module)
-    return chosen, wrappers
+    return sites, pattern_objs, chosen, wrappers
 
 
 @dataclass
@@ -264,10 +265,7 @@ def measure_loss_terms(
     sparsifies the kept input at every candidate pattern (the layer alone, as ``e_q`` does) and
     pairs the error with that gradient token by token. The parameters get no gradient.
     """
-    if sparse_layers(model):
-        raise ActsparseError("model is sparsified; measure sensitivity on the dense model (actsparse.unsparsify_ first)")
-    pattern_objs = _sparse_patterns(patterns)
-    chosen, wrappers = _wrappers(model, find_linear_sites(model), pattern_objs, criterion, mitigation, stats, names)
+    _, pattern_objs, chosen, wrappers = _wrappers(model, patterns, criterion, mitigation, stats, names)
     terms = {str(p): {name: LossTerms() for name in wrappers} for p in pattern_objs}
 
     def backward(grad: torch.Tensor, name: str, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -233,6 +233,13 @@ def write_table(path: str | Path, section: str, rows: list[Tuned]) -> None:
     )
 
 
+def _decode_times(clock: _Clock, gemv, fallback) -> tuple[float, float]:
+    """Per-call ms of the decode GEMV and of its fallback (sparsify + dense product), in graphs;
+    one call first makes the GEMV's weight copy and workspace outside the capture."""
+    gemv()
+    return clock(gemv, 20, GRAPH), clock(fallback, 20, GRAPH)
+
+
 def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _Clock, generator, known) -> list[Tuned]:
     """One layer's measurements (not yet in the dispatch tables: the candidates are called directly)."""
     k, o, dtype = layer.in_features, layer.out_features, layer.weight.dtype
@@ -252,10 +259,9 @@ def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _C
         x = torch.randn(rows, k, generator=generator).to(device=layer.weight.device, dtype=dtype)
         if not runs_here(x, layer.forced_backend):
             continue
-        gemv_forward(layer, x)  # the transposed weight copy and the workspace, made outside the capture
-        sparse = clock(partial(gemv_forward, layer, x), 20, GRAPH)
-        dense = clock(partial(sparsify_forward, layer, x), 20, GRAPH)
-        measured("decode", GRAPH, rows, sparse, dense)
+        measured(
+            "decode", GRAPH, rows, *_decode_times(clock, partial(gemv_forward, layer, x), partial(sparsify_forward, layer, x))
+        )
     for rows in prefill_rows:
         x = torch.randn(rows, k, generator=generator).to(device=layer.weight.device, dtype=dtype)
         if not cslt_applies(layer, x):
@@ -284,8 +290,6 @@ def _tune_group(group: SharedInput, decode_rows, clock: _Clock, generator, known
         x = torch.randn(rows, k, generator=generator).to(device=lead.weight.device, dtype=dtype)
         if not runs_here(x, lead.forced_backend):
             continue
-        shared_gemv(group, x)  # the side-by-side weight copy and the workspace, made outside the capture
-        sparse = clock(partial(shared_gemv, group, x), 20, GRAPH)
-        dense = clock(partial(shared_sparsify, group, x), 20, GRAPH)
-        results.append(Tuned("decode", GRAPH, rows, k, o, str(lead.pattern), dtype_name, sparse, dense, parts))
+        times = _decode_times(clock, partial(shared_gemv, group, x), partial(shared_sparsify, group, x))
+        results.append(Tuned("decode", GRAPH, rows, k, o, str(lead.pattern), dtype_name, *times, parts))
     return results

@@ -18,10 +18,8 @@ from __future__ import annotations
 import torch
 
 try:
-    import triton
     from triton import knobs
 except ImportError:  # the module imports without Triton
-    triton = None
     knobs = None
 
 ALIGN = 16  # bytes: Triton marks pointers divisible by this
