@@ -8,7 +8,7 @@ import torch
 from actsparse.cli.main import main
 from actsparse.config import SparsityConfig
 from actsparse.eval.speed import BenchOptions, check_fast_path, preset_model, run_bench
-from actsparse.sparsify import sparsify_
+from actsparse.sparsify import sparsify_, unsparsify_
 
 
 def test_bench_command_writes_every_measurement(tmp_path, capsys):
@@ -127,3 +127,38 @@ def test_the_sparse_gemv_op_compiles_without_graph_breaks():
     x = torch.randn(1, 32)
     expected = sparse_gemv_reference(x, weight, 2, 4, var=True, bias=gw.bias)
     assert torch.allclose(compiled(x), expected, atol=1e-5)
+
+
+def _greedy_tokens(model, forward, steps=4):
+    from actsparse.eval.speed import Decoder
+
+    decoder = Decoder(model, 2, 5, steps, torch.Generator().manual_seed(7), forward=forward)
+    decoder.start()
+    tokens = [decoder.token.clone()]
+    for _ in range(steps):
+        decoder.step()
+        tokens.append(decoder.token.clone())
+    return torch.cat(tokens, dim=1)
+
+
+def test_compile_mode_decodes_the_same_tokens_as_eager_and_is_benched():
+    from actsparse.eval.speed import compiled
+
+    torch._dynamo.reset()
+    model = preset_model("tiny-llama", torch.float32, torch.device("cpu"), layers=1, seed=5)
+    sparsify_(model, SparsityConfig(pattern="2:4"))
+    options = BenchOptions(compile_backend="aot_eager")
+    eager = _greedy_tokens(model, model)
+    with torch.no_grad():
+        assert torch.equal(_greedy_tokens(model, compiled(model, options)), eager)
+    unsparsify_(model)
+    result = run_bench(
+        model,
+        "tiny-llama",
+        SparsityConfig(pattern="2:4"),
+        BenchOptions(prefill=(8,), batches=(1,), prompt=4, steps=2, repeats=1, modes=("compile",), compile_backend="aot_eager"),
+    )
+    torch._dynamo.reset()
+    got = {(m.phase, m.mode, m.size) for m in result.measurements}
+    assert got == {("prefill", "compile", 8), ("decode", "compile", 1)} and not result.skipped
+    assert not any(type(m).__name__ == "SparseLinear" for m in model.modules())

@@ -23,6 +23,11 @@ def _modes(text: str) -> tuple[str, ...]:
     return modes
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """Comma-separated positive integers, or ``none`` (that phase is not timed)."""
+    return () if text.strip().lower() == "none" else tuple(positive_ints(text))
+
+
 def _listed(values) -> str:
     return ",".join(str(v) for v in values)
 
@@ -31,7 +36,7 @@ def add_bench_command(commands) -> None:
     be = commands.add_parser(
         "bench", help="prefill latency and decode tokens/s, dense against sparse",
         description="Time the model dense and then sparsified with the given config, in one process: prefill latency at each "
-        "--prefill length and decode tokens/s at each --batch after a prompt, in eager mode and as CUDA graphs (static KV cache). "
+        "--prefill length and decode tokens/s at each --batch after a prompt, in eager mode and as CUDA graphs (static KV cache), and optionally through torch.compile. "
         "Every sparse layer's fast path is checked against the PyTorch reference first. Prints a table; --json writes the "
         "measurements with the config, GPU and versions.",
     )  # fmt: skip
@@ -45,18 +50,27 @@ def add_bench_command(commands) -> None:
     be.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     be.add_argument(
         "--prefill",
-        type=positive_ints,
+        type=_sizes,
         default=None,
-        help=f"prompt lengths to time (default: {_listed(DEFAULTS.prefill)} on CUDA, 32,128 on the CPU)",
+        help=f"prompt lengths to time, or none (default: {_listed(DEFAULTS.prefill)} on CUDA, 32,128 on the CPU)",
     )
     be.add_argument(
-        "--batch", type=positive_ints, default=DEFAULTS.batches, help=f"decode batch sizes (default: {_listed(DEFAULTS.batches)})"
+        "--batch",
+        type=_sizes,
+        default=DEFAULTS.batches,
+        help=f"decode batch sizes, or none (default: {_listed(DEFAULTS.batches)})",
     )
     be.add_argument(
         "--prompt", type=positive_int, default=DEFAULTS.prompt, help=f"prompt tokens before decoding (default: {DEFAULTS.prompt})"
     )
     be.add_argument("--steps", type=positive_int, default=DEFAULTS.steps, help=f"decode steps timed (default: {DEFAULTS.steps})")
-    be.add_argument("--modes", type=_modes, default=DEFAULTS.modes, help=f"{', '.join(MODES)} (default: all; graph needs CUDA)")
+    be.add_argument(
+        "--modes",
+        type=_modes,
+        default=DEFAULTS.modes,
+        help=f"comma-separated, of {', '.join(MODES)} (default: {_listed(DEFAULTS.modes)}; graph needs CUDA; compile = "
+        "torch.compile(fullgraph=True) then a CUDA graph, compiled once per case)",
+    )
     be.add_argument(
         "--repeats",
         type=positive_int,
@@ -94,7 +108,12 @@ def cmd_bench(args) -> None:
     )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ActsparseError(f"--device {args.device} but no CUDA device is available; fix: use --device cpu")
-    prefill = args.prefill or (DEFAULTS.prefill if device.type == "cuda" else (32, 128))
+    if args.prefill is None:
+        prefill = DEFAULTS.prefill if device.type == "cuda" else (32, 128)
+    else:
+        prefill = args.prefill
+    if not prefill and not args.batch:
+        raise ActsparseError("--prefill none and --batch none leave nothing to time; fix: give lengths or batch sizes")
     options = BenchOptions(
         prefill=prefill,
         batches=args.batch,

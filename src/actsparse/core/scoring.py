@@ -35,6 +35,7 @@ class Criterion:
     feature_vector: VectorFn | None = None
     needs_calibration: bool = False
     causal: bool = True  # False: a token's mask depends on other tokens of the batch
+    random: bool = False  # True: the score draws from the layer's seeded generator (made only for such criteria)
     description: str = ""
     # What the Triton kernels compute for it: "abs_times_vector" (the score is |x_tj| * v_j, with
     # v this criterion's feature_vector or 1), or None (no kernel: the PyTorch reference runs).
@@ -154,4 +155,4 @@ register_criterion(
         description="the error-mitigation paper's CLACT over the batch (non-causal)",
     )
 )
-register_criterion(Criterion("random", random_score, description="uniform random (control)"))
+register_criterion(Criterion("random", random_score, random=True, description="uniform random (control)"))

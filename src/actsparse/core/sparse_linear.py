@@ -150,7 +150,8 @@ class SparseLinear(nn.Module):
 
     def keep(self, x: torch.Tensor) -> torch.Tensor:
         """The boolean keep-mask of rows ``x`` ``[tokens, in]``."""
-        scores = self.criterion.score(x, self.feature_vector, self.generator(x.device))
+        generator = self.generator(x.device) if self.criterion.random else None  # none made under torch.compile
+        scores = self.criterion.score(x, self.feature_vector, generator)
         return keep_mask(scores, self.pattern)
 
     def prune(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,12 @@
 - **decode**: tokens per second of greedy decoding after a prompt, at each batch size, through a
   static KV cache.
 
-Each in the modes users run: ``eager`` (an ordinary HF forward per call) and ``graph`` (the
+Each in the modes users run: ``eager`` (an ordinary HF forward per call), ``graph`` (the
 same forward captured once as a CUDA graph and replayed; decode uses HF's ``StaticCache``, and
-the step's position and next token live on the GPU, so a replay is one whole step). The dense
+the step's position and next token live on the GPU, so a replay is one whole step) and
+``compile`` (the forward through ``torch.compile(fullgraph=True)``, then captured as a CUDA graph
+like ``graph``: the way gpt-fast runs a model; on the CPU, compiled without a graph). Each
+compile-mode case compiles afresh, for the dense and the sparse model alike. The dense
 model is timed first, then the same weights sparsified, with the same inputs. Before timing,
 every distinct sparse layer's fast path is checked against the PyTorch reference of the same
 config (rows 1, 2 and 16), and the first logits of both are compared.
@@ -29,6 +32,7 @@ import torch
 
 from actsparse._version import __version__
 from actsparse.config import SparsityConfig
+from actsparse.core.dispatch import GRAPH
 from actsparse.core.shared_input import unlink_shared_input
 from actsparse.core.tuning import tune_
 from actsparse.errors import ActsparseError
@@ -67,7 +71,8 @@ PRESETS = {
         vocab_size=512,
     ),
 }
-MODES = ("eager", "graph")
+MODES = ("eager", "graph", "compile")
+DEFAULT_MODES = ("eager", "graph")  # compile: opt in (it compiles the model once per case)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -77,7 +82,7 @@ class BenchOptions:
     batches: tuple[int, ...] = (1, 2, 4)
     prompt: int = 128
     steps: int = 64
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = DEFAULT_MODES
     repeats: int = 5
     warmup: int = 2
     layers: int | None = None  # presets: fewer decoder layers (quick runs)
@@ -85,6 +90,7 @@ class BenchOptions:
     tune: bool = True  # on CUDA: time the fast paths per layer shape first (actsparse.tune_), then bench
     tune_table: str | None = None  # a tune_ table file: measurements kept across runs (per GPU and versions)
     share_selection: bool = True  # linked q/k/v and gate/up select once (core.shared_input); False: each layer alone
+    compile_backend: str = "inductor"  # compile mode's torch.compile backend
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in MODES]
@@ -134,12 +140,12 @@ class BenchResult:
         lines = [
             f"{self.model} on {self.device}; {self.config.get('pattern')} {self.config.get('criterion')} "
             f"{self.config.get('mitigation')}",
-            f"{'phase':<8} {'mode':<6} {'size':>6} {'dense':>12} {'sparse':>12} {'speedup':>8}",
+            f"{'phase':<8} {'mode':<7} {'size':>6} {'dense':>12} {'sparse':>12} {'speedup':>8}",
         ]
         for m in self.measurements:
             unit = "ms" if m.phase == "prefill" else "tok/s"
             lines.append(
-                f"{m.phase:<8} {m.mode:<6} {m.size:>6} {m.dense:>9.2f} {unit:<2} {m.sparse:>9.2f} {unit:<2} {m.speedup:>7.2f}x"
+                f"{m.phase:<8} {m.mode:<7} {m.size:>6} {m.dense:>9.2f} {unit:<2} {m.sparse:>9.2f} {unit:<2} {m.speedup:>7.2f}x"
             )
         lines += [f"skipped: {s}" for s in self.skipped]
         if self.tuning:
@@ -168,10 +174,11 @@ def preset_model(name: str, dtype: torch.dtype, device: torch.device, layers: in
 class Decoder:
     """Greedy decoding of ``batch`` sequences after a prompt, one step per call, through a static cache."""
 
-    def __init__(self, model, batch: int, prompt: int, steps: int, generator: torch.Generator):
+    def __init__(self, model, batch: int, prompt: int, steps: int, generator: torch.Generator, forward=None):
         from transformers import StaticCache
 
         self.model, self.batch, self.prompt, self.steps = model, batch, prompt, steps
+        self.forward = model if forward is None else forward  # what a step calls (the compiled model in compile mode)
         device = next(model.parameters()).device
         vocab = model.config.vocab_size
         self.prompt_ids = torch.randint(0, vocab, (batch, prompt), generator=generator).to(device)
@@ -192,7 +199,7 @@ class Decoder:
 
     @torch.no_grad()
     def step(self):
-        out = self.model(
+        out = self.forward(
             input_ids=self.token,
             past_key_values=self.cache,
             cache_position=self.position,
@@ -203,9 +210,20 @@ class Decoder:
         self.position.add_(1)
 
 
+def compiled(model, options: BenchOptions):
+    """``model`` through ``torch.compile(fullgraph=True)``, compiled afresh (earlier compilations dropped)."""
+    torch._dynamo.reset()
+    return torch.compile(model, fullgraph=True, dynamic=False, backend=options.compile_backend)
+
+
+def _graphed(mode: str, device: torch.device) -> bool:
+    return mode == "graph" or (mode == "compile" and device.type == "cuda")
+
+
 def decode_tokens_per_s(model, batch, options: BenchOptions, mode: str, timer: Timer, generator) -> float:
-    decoder = Decoder(model, batch, options.prompt, options.steps, generator)
-    if mode == "graph":
+    forward = compiled(model, options) if mode == "compile" else model
+    decoder = Decoder(model, batch, options.prompt, options.steps, generator, forward=forward)
+    if _graphed(mode, decoder.token.device):
         decoder.start()
         graph = capture_graph(decoder.step)
 
@@ -222,16 +240,17 @@ def decode_tokens_per_s(model, batch, options: BenchOptions, mode: str, timer: T
     return batch * options.steps / (ms / 1e3)
 
 
-def prefill_ms(model, length, mode: str, timer: Timer, generator) -> float:
+def prefill_ms(model, length, mode: str, timer: Timer, generator, options: BenchOptions | None = None) -> float:
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(device)
     fresh = lambda: ids.copy_(torch.randint(0, model.config.vocab_size, ids.shape, generator=generator))  # noqa: E731
+    run = compiled(model, options or BenchOptions()) if mode == "compile" else model
 
     @torch.no_grad()
     def forward():
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        run(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    if mode == "graph":
+    if _graphed(mode, device):
         graph = capture_graph(forward)
         return timer(graph.replay, before=fresh)
     return timer(forward, before=fresh)
@@ -291,6 +310,7 @@ def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -
     if device.type != "cuda" and "graph" in modes:
         modes.remove("graph")
         result.skipped.append("graph mode: needs CUDA")
+    tune_modes = tuple(dict.fromkeys(GRAPH if m == "compile" else m for m in modes))  # compiled runs take graph choices
     timer = Timer(device, options.warmup, options.repeats)
     timings: dict[str, dict] = {}
     for label in ("dense", "sparse"):
@@ -306,7 +326,7 @@ def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -
             if options.tune and device.type == "cuda":
                 decode_rows = tuple(b for b in options.batches if b <= MAX_ROWS)
                 tuned = tune_(
-                    model, decode_rows=decode_rows, prefill_rows=options.prefill, modes=modes, seed=options.seed,
+                    model, decode_rows=decode_rows, prefill_rows=options.prefill, modes=tune_modes, seed=options.seed,
                     table=options.tune_table,
                 )  # fmt: skip
                 result.tuning = [t.to_dict() for t in tuned]
@@ -318,7 +338,7 @@ def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -
                     with warnings.catch_warnings():
                         warnings.filterwarnings("ignore", message=".*past_key_values.*")
                         if phase == "prefill":
-                            value = prefill_ms(model, size, mode, timer, generator)
+                            value = prefill_ms(model, size, mode, timer, generator, options)
                         else:
                             value = decode_tokens_per_s(model, size, options, mode, timer, generator)
                 except (RuntimeError, torch.OutOfMemoryError) as error:  # reported, not hidden: the row is left out
@@ -327,6 +347,8 @@ def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -
                     )
                     continue
                 timings.setdefault((phase, mode, size), {})[label] = value
+        if "compile" in modes:
+            torch._dynamo.reset()  # the compiled model holds on to its layers and graphs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     unsparsify_(model)
