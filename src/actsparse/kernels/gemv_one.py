@@ -1,0 +1,251 @@
+"""One decode token: the sparse GEMV with the N:M selection inside each step of the weight stream.
+
+The same function as :func:`actsparse.kernels.sparse_gemv.sparse_gemv` (see its module for the
+definition, the tiled weight layout, the workspace and the split finish), for one token row.
+With one token every group of ``M`` inputs keeps exactly ``N``, so where the kept rows land is
+known without a prefix sum over the chunk: the ``n``-th kept input of group ``g`` goes to slot
+``g * N + n``. Each step of the stream therefore loads ``SUB`` inputs, ranks their groups,
+places the kept inputs' indices and values in ``SUB * N / M`` slots, all in registers, and reads
+those weight rows: no scratch, no barrier, and a trip count fixed at compile time, so the
+software pipeline can run the loads of later steps while earlier ones compute. The split over
+the input rows finishes as in the batched kernel (partials in chunk order, the last program of
+a column tile to arrive adds them: bit-identical results from call to call).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from actsparse.kernels.launch import Launcher
+from actsparse.kernels.sparse_gemv import Workspace, _pow2, check_args
+
+try:
+    import triton
+    import triton.language as tl
+
+    from actsparse.kernels.sparse_gemv import _epilogue, _select
+except ImportError:  # the module imports without Triton; the kernel then cannot run
+    triton = None
+    tl = None
+
+SLOTS = 32  # kept rows per step (the product's inner size; at least 16 for a tensor-core step)
+
+
+class OnePlan(NamedTuple):
+    """Launch choices: input rows per step, input rows per program, warps, pipeline stages."""
+
+    sub: int
+    chunk: int
+    num_warps: int
+    stages: int
+
+
+def one_plan(
+    k: int,
+    o: int,
+    n: int,
+    m: int,
+    block_o: int,
+    sm_count: int,
+    *,
+    sub: int | None = None,
+    chunk: int | None = None,
+    num_warps: int | None = None,
+    stages: int | None = None,
+) -> OnePlan:
+    """The default plan (any argument given overrides it): ``SLOTS`` kept rows a step, chunks for
+    about two programs per multiprocessor."""
+    slots_per_group = _pow2(n)
+    if sub is None:  # groups per step: a power of two with about SLOTS slots, at least 16
+        groups = max(1, _pow2(-(-SLOTS // slots_per_group)))
+        while groups * slots_per_group < 16:
+            groups *= 2
+        sub = groups * m
+    groups = sub // m
+    if sub % m or groups & (groups - 1) or groups * slots_per_group < 16:
+        raise ValueError(f"sub {sub} must be M={m} times a power of two with at least 16 slots")
+    tiles = -(-o // block_o)
+    if chunk is None:
+        steps = max(1, k * tiles // (2 * sm_count * sub))
+        chunk = sub * (1 << (steps.bit_length() - 1))
+    if chunk % sub:
+        raise ValueError(f"chunk {chunk} must be a multiple of sub {sub}")
+    return OnePlan(sub, chunk, 4 if num_warps is None else num_warps, 3 if stages is None else stages)
+
+
+def sparse_gemv_one(
+    x, wt, o, n, m, ws: Workspace, plan: OnePlan, *, vector=None, shift=None, var=False, bias=None, row_sum=None, out=None
+) -> torch.Tensor:
+    """The kernel on one token row ``x`` ``[1, K]`` and ``wt = tile_weight(W, block_o)``; ``ws`` holds
+    ``ceil(K / chunk) * O`` partials (and 4 statistics per program with VAR) and one counter per tile."""
+    check_args(x, wt, n, m)
+    rows, k = x.shape
+    tiles, _, block_o = wt.shape
+    if rows != 1:
+        raise ValueError(f"sparse_gemv_one takes one token row, got {rows}")
+    if shift is not None and row_sum is None:
+        raise ValueError("a shift needs the weight's row sums (W 1) for its rank-1 term")
+    split = -(-k // plan.chunk)
+    if ws.partials.numel() < split * o * 4 or ws.counters.numel() < tiles or ws.stats.numel() < split * tiles * 16:
+        raise ValueError("the workspace is too small for this plan")
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty(1, o, dtype=x.dtype, device=x.device)
+    dummy = ws.partials
+    _ONE_LAUNCH(
+        (tiles, split), x, dummy if vector is None else vector, dummy if shift is None else shift, wt,
+        dummy if bias is None else bias, dummy if row_sum is None else row_sum, out, ws.partials, ws.stats,
+        ws.counters, k, o,
+        N=n, M=m, M_P2=_pow2(m), N_P2=_pow2(n), SUB=plan.sub, STEPS=plan.chunk // plan.sub, SPLIT=split,
+        BLOCK_O=block_o, STAGES=plan.stages, HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None,
+        HAS_BIAS=bias is not None, VAR=bool(var),
+        PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native", num_warps=plan.num_warps,
+    )  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_one_kernel(
+        x_ptr, v_ptr, shift_ptr, wt_ptr, bias_ptr, rowsum_ptr, y_ptr, part_ptr, stats_ptr, count_ptr, K, O,
+        N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, N_P2: tl.constexpr, SUB: tl.constexpr,
+        STEPS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr,
+        HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, VAR: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        G: tl.constexpr = SUB // M  # groups per step
+        S: tl.constexpr = G * N_P2  # slots per step
+        MAXB: tl.constexpr = 4  # the workspace's token rows (the batched kernel's layout)
+        TOKP: tl.constexpr = 16
+        pid_o = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        tiles = tl.num_programs(0)
+        lo = pid_s * (STEPS * SUB)
+        gs = tl.arange(0, G)
+        lanes = tl.arange(0, M_P2)
+        ns = tl.arange(0, N_P2)
+        local = tl.arange(0, BLOCK_O)
+        cols = pid_o * BLOCK_O + local
+        col_ok = cols < O
+        tile_ptr = wt_ptr + pid_o.to(tl.int64) * K * BLOCK_O
+        rows16 = tl.arange(0, TOKP)
+        toks = tl.arange(0, 1)
+        acc = tl.zeros((TOKP, BLOCK_O), dtype=tl.float32)
+        sums_x = tl.zeros((1,), dtype=tl.float32)
+        sums_xx = tl.zeros((1,), dtype=tl.float32)
+        sums_p = tl.zeros((1,), dtype=tl.float32)
+        sums_pp = tl.zeros((1,), dtype=tl.float32)
+        for step in tl.range(0, STEPS, num_stages=STAGES):
+            first = lo + step * SUB
+            cols_k = first + gs[:, None] * M + lanes[None, :]  # [G, M_P2]
+            group_ok = first + gs * M < K
+            ok = (lanes < M)[None, :] & group_ok[:, None]
+            v = 0.0
+            if HAS_VECTOR:
+                v = tl.load(v_ptr + cols_k, mask=ok, other=0.0)
+            dense, pruned, keep = _select(x_ptr, v, shift_ptr, 0, cols_k, ok, 1, K, N, M_P2, HAS_VECTOR, HAS_SHIFT)
+            flags = keep.to(tl.int32)
+            before = tl.cumsum(flags, axis=1) - flags  # kept inputs before this one in its group
+            hit = keep[:, None, :] & (before[:, None, :] == ns[None, :, None])  # [G, N_P2, M_P2]: slot n <- lane
+            index = tl.sum(tl.where(hit, cols_k[:, None, :], 0), axis=2)  # [G, N_P2]
+            value = tl.sum(tl.where(hit, pruned[:, None, :], 0.0), axis=2)
+            slot_ok = (ns < N)[None, :] & group_ok[:, None]
+            index = tl.reshape(index, (S,))
+            value = tl.reshape(value, (S,))
+            slot_ok = tl.reshape(slot_ok, (S,))
+            w = tl.load(tile_ptr + index.to(tl.int64)[:, None] * BLOCK_O + local[None, :], mask=slot_ok[:, None], other=0.0)
+            xv = tl.where(rows16[:, None] == 0, value[None, :], 0.0)
+            if PRECISION == "ieee":
+                acc = tl.dot(xv, w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xv.to(w.dtype), w, acc)
+            if VAR:
+                sums_x += tl.sum(tl.sum(dense, axis=1), axis=0)
+                sums_xx += tl.sum(tl.sum(dense * dense, axis=1), axis=0)
+                sums_p += tl.sum(tl.sum(pruned, axis=1), axis=0)
+                sums_pp += tl.sum(tl.sum(pruned * pruned, axis=1), axis=0)
+
+        if SPLIT == 1:
+            _epilogue(
+                acc,
+                rows16,
+                toks,
+                cols,
+                col_ok,
+                sums_x,
+                sums_xx,
+                sums_p,
+                sums_pp,
+                shift_ptr,
+                rowsum_ptr,
+                bias_ptr,
+                y_ptr,
+                1,
+                K,
+                O,
+                HAS_SHIFT,
+                HAS_BIAS,
+                VAR,
+            )
+        else:
+            tl.store(
+                part_ptr + pid_s * MAXB * O + rows16[:, None] * O + cols[None, :],
+                acc,
+                mask=(rows16 < 1)[:, None] & col_ok[None, :],
+            )
+            prog = pid_s * tiles + pid_o
+            if VAR:
+                base = stats_ptr + prog * 4 * MAXB + toks
+                tl.store(base, sums_x)
+                tl.store(base + MAXB, sums_xx)
+                tl.store(base + 2 * MAXB, sums_p)
+                tl.store(base + 3 * MAXB, sums_pp)
+            tl.debug_barrier()  # every thread's partials are stored before the release below
+            arrived = tl.atomic_add(count_ptr + pid_o, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:  # the last to arrive adds the partials in chunk order
+                live = col_ok[None, :] & (rows16 < 1)[:, None]
+                at = rows16[:, None] * O + cols[None, :]
+                acc = tl.zeros((TOKP, BLOCK_O), dtype=tl.float32)
+                sums_x = tl.zeros((1,), dtype=tl.float32)
+                sums_xx = tl.zeros((1,), dtype=tl.float32)
+                sums_p = tl.zeros((1,), dtype=tl.float32)
+                sums_pp = tl.zeros((1,), dtype=tl.float32)
+                for s0 in range(0, SPLIT, 8):
+                    for j in tl.static_range(8):
+                        s = s0 + j
+                        acc += tl.load(part_ptr + s * MAXB * O + at, mask=live & (s < SPLIT), other=0.0, cache_modifier=".cg")
+                        if VAR:
+                            base = stats_ptr + (s * tiles + pid_o) * 4 * MAXB + toks
+                            there = s < SPLIT
+                            sums_x += tl.load(base, mask=there, other=0.0, cache_modifier=".cg")
+                            sums_xx += tl.load(base + MAXB, mask=there, other=0.0, cache_modifier=".cg")
+                            sums_p += tl.load(base + 2 * MAXB, mask=there, other=0.0, cache_modifier=".cg")
+                            sums_pp += tl.load(base + 3 * MAXB, mask=there, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(count_ptr + pid_o, 0)  # ready for the next call
+                _epilogue(
+                    acc,
+                    rows16,
+                    toks,
+                    cols,
+                    col_ok,
+                    sums_x,
+                    sums_xx,
+                    sums_p,
+                    sums_pp,
+                    shift_ptr,
+                    rowsum_ptr,
+                    bias_ptr,
+                    y_ptr,
+                    1,
+                    K,
+                    O,
+                    HAS_SHIFT,
+                    HAS_BIAS,
+                    VAR,
+                )
+
+
+_ONE_LAUNCH = Launcher(_gemv_one_kernel) if triton is not None else None
