@@ -7,13 +7,17 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
+from actsparse.config import SparsityConfig
 from actsparse.errors import ActsparseError
-from actsparse.sweep import Store, load_sweep, parse_sweep, read_records, run_sweep
+from actsparse.eval.methods import Activations
+from actsparse.eval.run import EvalSettings
+from actsparse.sweep import Run, Store, load_sweep, parse_sweep, read_records, run_sweep
 from conftest import save_tiny_model_dir, vocab_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +65,18 @@ def test_keys_are_stable_unique_and_follow_what_changes_numbers():
     twice = _spec()
     twice["grids"].append({"target": "activations", "patterns": ["2:4"], "criteria": ["amber"], "mitigations": ["var"]})
     assert len(parse_sweep(twice).runs) == len(a.runs)
+
+
+def test_allocation_choices_are_part_of_a_runs_key_only_when_given():
+    settings = EvalSettings(model="m", data="brown:news", seqlen=16)
+    config = SparsityConfig(pattern="8:16", criterion="amber", allocation="sensitivity")
+    plain, fine = Run(settings, "activations", config), Run(settings, "activations", config, choices=(8, 4, 6, 5, 7, 16))
+    assert "choices" not in plain.identity() and fine.identity()["choices"] == [4, 5, 6, 7, 8, 16]
+    assert plain.key != fine.key == Run(settings, "activations", config, choices=(4, 5, 6, 7, 8, 16)).key
+    assert plain.method() == Activations(config) and fine.method().choices == fine.choices
+    calibrated = Run(settings, "activations", replace(config, mitigation="spts"), choices=(4, 8, 16))
+    with pytest.raises(ActsparseError, match="no allocation choices"):
+        calibrated.method()
 
 
 @pytest.mark.parametrize(

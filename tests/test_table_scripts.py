@@ -1,10 +1,18 @@
-"""The Markdown tables of the scripts behind RESULTS.md (scripts/calibrated_table.py)."""
+"""The table scripts behind RESULTS.md: their tables (scripts/calibrated_table.py) and their runs through the sweep store."""
 
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
+
+from actsparse.artifacts import append_jsonl_atomic, read_jsonl
+from actsparse.eval import run as run_module
+from actsparse.eval.run import EvalSettings
+from actsparse.sweep.runner import matches_keyless
+from conftest import save_tiny_model_dir, vocab_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+import allocation_table as at  # noqa: E402
 from calibrated_table import table  # noqa: E402
 
 
@@ -111,3 +119,166 @@ def test_amber_table_rows_are_tagged_sweep_runs_and_old_rows_count_as_done():
            "config": dense_w8a8.config.to_dict(), "kind": "run", "row": W8A8_DENSE, "w8a8_whole_decoder": True}  # fmt: skip
     assert matches_keyless(dense_w8a8, old) and not matches_keyless(dense_w8a8, {**old, "w8a8_whole_decoder": False})
     assert matches_keyless(naive, {**old, "config": naive.config.to_dict(), "w8a8_whole_decoder": False})
+
+
+# ---- the allocation table ---------------------------------------------------------------------
+
+UNIFORM = {"pattern": "8:16", "criterion": "amber", "mitigation": "none", "backend": "auto", "layers": None,
+           "prefill_only": False, "roles": None, "seed": 0, "skip": []}  # fmt: skip
+
+
+def _allocation_record(settings, row, config, allocation=None, **fields):
+    """A run record as the allocation table wrote it before it ran through the sweep runner (no key)."""
+    record = {"kind": "run", "row": row, "model": settings.model, "target": fields.pop("target", "activations"),
+              "data": settings.data, "settings": asdict(settings), "config": config, "sparse_ppl": 80.0,
+              "dense_ppl": 40.0, "sparse_flop_fraction": 1.0, "row_seconds": 5.0, **fields}  # fmt: skip
+    if allocation is not None:
+        record["allocation"] = allocation
+    return record
+
+
+def _per_layer(settings, row, mitigation, sensitivity, choices=(4, 6, 8, 10, 12, 14, 16), in_config=True, in_settings=True):
+    """A per-layer row: its config holds the resolved map, its ``allocation`` how the map was chosen."""
+    config = {**UNIFORM, "mitigation": mitigation, "allocation": {"q@0": "6:16", "v@0": "dense"}}
+    objective = "sum of e_q^2" if sensitivity == "eq" else "sum of Fisher loss-increase estimates"
+    how = {"choices": list(choices), "criterion": "amber", "mitigation": mitigation, "seqlen": 512, "source": "sensitivity",
+           "windows": settings.calib_windows, "objective": objective}  # fmt: skip
+    if in_config:
+        config["sensitivity"] = sensitivity
+    if in_settings:
+        how["sensitivity"] = sensitivity
+    allocation = {"m": 16, "density": 0.5, "met": True, "data": settings.calib_data, "settings": how}
+    return _allocation_record(settings, row, config, allocation)
+
+
+def test_allocation_table_rows_match_the_records_they_were_computed_for():
+    """Old records of the allocation table (no key) count as done for exactly their own row: a per-layer
+    row by how its map was chosen, ``eq`` where the config has no ``sensitivity`` (records written before
+    ``fisher`` existed or became the default), so an old e_q row is never taken for a Fisher row."""
+    settings = EvalSettings(model="smollm2-135m", data="brown:news", calib_windows=8, max_tokens=32768)
+    fraction = at.skip_fraction("8:16", "4:16")
+    budget = {"skip": ["v@2,3", "up"], "fraction": fraction, "target_fraction": fraction, "met": True,
+              "calibration": {"data": "brown:belles_lettres+learned", "windows": 8}}  # fmt: skip
+    skipping = {**UNIFORM, "pattern": "4:16", "mitigation": "lowrank", "skip": budget["skip"]}
+    sparsegpt = {"calib_windows": 128, "layers": None, "method": "sparsegpt", "pattern": "8:16", "roles": None, "seed": 0}
+    copied = {"target": "weights", "from_store": "results/weights-smollm2-135m.jsonl"}
+    records = {
+        at.ROWS[0]: _allocation_record(settings, at.ROWS[0], UNIFORM),
+        at.ROWS[1]: _allocation_record(settings, at.ROWS[1], {**UNIFORM, "mitigation": "lowrank"}),
+        # e_q rows written before the Fisher estimate existed: neither the config nor the allocation names it
+        at.ROWS[2]: _per_layer(settings, at.ROWS[2], "none", "eq", in_config=False, in_settings=False),
+        # ... and while eq was the default: the config left it out, the allocation's settings name it
+        at.ROWS[3]: _per_layer(settings, at.ROWS[3], "lowrank", "eq", in_config=False),
+        at.SKIP_ROW: _allocation_record(settings, at.SKIP_ROW, skipping, budget=budget),
+        at.ROWS[5]: _per_layer(settings, at.ROWS[5], "none", "fisher"),
+        at.ROWS[6]: _per_layer(settings, at.ROWS[6], "lowrank", "fisher"),
+        at.FINE_ROW: _per_layer(settings, at.FINE_ROW, "lowrank", "fisher", choices=range(4, 17)),
+        at.SPARSEGPT_ROW: _allocation_record(replace(settings, calib_windows=128), at.SPARSEGPT_ROW, sparsegpt, **copied),
+    }
+    assert at.skip_choice(list(records.values()), settings, "4:16", fraction) == budget
+    planned = at.runs(settings, "8:16", "4:16", at.ROWS, budget)
+    here, from_weights = at.sparsegpt_runs(settings, "8:16")
+    assert [r.tags["row"] for r in planned] == list(at.ROWS) and planned[7].choices == tuple(range(4, 17))
+    assert planned[4].config.skip == ("v@2,3", "up") and planned[4].tags["budget"] == budget
+    by_row = {r.tags["row"]: r for r in planned}
+    by_row[at.SPARSEGPT_ROW] = from_weights
+    for row, record in records.items():
+        assert [name for name, run in by_row.items() if matches_keyless(run, record)] == [row], row
+        assert not matches_keyless(here, record)  # the weights table's run (its settings), not one made here
+    eq_none, eq_lowrank, fisher_none = records[at.ROWS[2]], records[at.ROWS[3]], records[at.ROWS[5]]
+    unnamed = {k: v for k, v in fisher_none["config"].items() if k != "sensitivity"}
+    assert not matches_keyless(by_row[at.ROWS[2]], {**fisher_none, "config": unnamed})  # the allocation says fisher
+    contradicting = {**eq_lowrank, "config": {**eq_lowrank["config"], "sensitivity": "fisher"}}  # the allocation says eq
+    assert not any(matches_keyless(run, contradicting) for run in by_row.values())
+    assert not matches_keyless(by_row[at.ROWS[2]], {**eq_none, "settings": {**eq_none["settings"], "calib_windows": 4}})
+    by_map = {**eq_none["allocation"], "settings": {**eq_none["allocation"]["settings"], "source": "map"}}
+    assert not matches_keyless(by_row[at.ROWS[2]], {**eq_none, "allocation": by_map})
+    assert not matches_keyless(by_row[at.ROWS[2]], {**eq_none, "allocation": None})
+    # the layer choice of the skipping row: only for the same settings, pattern and fraction
+    assert at.skip_choice([records[at.SKIP_ROW]], replace(settings, calib_windows=4), "4:16", fraction) is None
+    assert at.skip_choice([records[at.SKIP_ROW]], settings, "2:16", fraction) is None
+    assert at.skip_choice([records[at.SKIP_ROW]], settings, "4:16", 0.5) is None
+    own = {"kind": "sensitivity", "row": at.SKIP_ROW, "pattern": "4:16", "settings": asdict(settings),
+           "budget": {**budget, "skip": ["k"]}}  # fmt: skip
+    assert at.skip_choice([records[at.SKIP_ROW], own], settings, "4:16", fraction)["skip"] == ["k"]  # its own record first
+    assert at.row_seconds(records[at.ROWS[0]]) == 5.0
+    assert at.row_seconds({"run_seconds": 2.0, "budget": {"calibration": {"seconds": 3.0}}}) == 5.0
+
+
+def test_allocation_table_records_in_results_match_their_rows():
+    """Every row of the allocation table's stores in results/ is the result of exactly the run of its row,
+    as the script plans it for the settings it was made with, so their commands skip it."""
+    stores = sorted((Path(__file__).resolve().parents[1] / "results").glob("allocation-*.jsonl"))
+    assert stores
+    names = set(EvalSettings.__dataclass_fields__)
+    for store in stores:
+        records = read_jsonl(store)
+        rows_made = [r for r in records if r.get("kind") == "run" and r["row"] != at.SPARSEGPT_ROW]
+        settings = EvalSettings(**{k: v for k, v in rows_made[0]["settings"].items() if k in names})
+        budget = at.skip_choice(records, settings, "4:16", at.skip_fraction("8:16", "4:16"))
+        wanted = [row for row in at.ROWS if row != at.SKIP_ROW or budget is not None]
+        by_row = {run.tags["row"]: run for run in at.runs(settings, "8:16", "4:16", wanted, budget)}
+        by_row[at.SPARSEGPT_ROW] = at.sparsegpt_runs(settings, "8:16")[1]
+        for record in (r for r in records if r.get("kind") == "run"):
+            matched = [row for row, run in by_row.items() if matches_keyless(run, record)]
+            assert matched == [record["row"]], (store.name, record["row"])
+
+
+def test_allocation_table_resumes_through_the_sweep_runner(tmp_path, monkeypatch, capsys):
+    """The script's rows go through the sweep runner; run again on its store, or on the same records as
+    written before (no keys, no sensitivity in an e_q row's config), nothing is evaluated again; a Fisher
+    row is not taken from an e_q row, and the stored dense perplexity is reused."""
+    model_dir = save_tiny_model_dir(tmp_path / "tiny")
+    for name, seed in (("eval", 1), ("calib", 2)):
+        (tmp_path / f"{name}.txt").write_text(vocab_text(documents=8, seed=seed))
+    store = tmp_path / "alloc.jsonl"
+    common = ["allocation_table.py", "--model", str(model_dir), "--data", str(tmp_path / "eval.txt"), "--calib-data",
+              str(tmp_path / "calib.txt"), "--seqlen", "32", "--max-tokens", "96", "--calib-windows", "3", "--no-recipe",
+              "--no-progress", "--out", str(store)]  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # no results/weights-*.jsonl here: no SparseGPT row
+    monkeypatch.setattr(sys, "argv", [*common, "--rows", "4,5,8"])
+    at.main()
+    records = read_jsonl(store)
+    assert [r["kind"] for r in records] == ["sensitivity", "run", "run", "run"]  # the layer choice first, at once
+    made = {r["row"]: r for r in records[1:]}
+    assert list(made) == [at.ROWS[3], at.SKIP_ROW, at.FINE_ROW] and all("key" in r for r in made.values())
+    assert made[at.ROWS[3]]["config"]["sensitivity"] == "eq" and isinstance(made[at.ROWS[3]]["config"]["allocation"], dict)
+    assert made[at.FINE_ROW]["allocation"]["settings"]["choices"] == list(range(4, 17))
+    assert made[at.SKIP_ROW]["budget"] == records[0]["budget"]
+    assert made[at.SKIP_ROW]["config"]["skip"] == records[0]["budget"]["skip"]
+    shown = rows((tmp_path / "alloc.md").read_text())
+    assert [name for name, cells in shown.items() if cells[0] != "–"] == [
+        "method (8:16 average)", "dense", at.ROWS[3], at.FINE_ROW, at.SKIP_ROW,
+    ]  # fmt: skip
+    assert shown[at.ROWS[3]][0] == f"{made[at.ROWS[3]]['sparse_ppl']:.2f}"
+    capsys.readouterr()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(run_module.Evaluator, "__init__", refuse)
+    at.main()  # all there: nothing loads
+    assert "3 of 3 runs already in" in capsys.readouterr().out and read_jsonl(store) == records
+    # the same rows as the script wrote them before the sweep runner: no keys, no layer-choice record, e_q unnamed
+    sweep_fields = ("key", "run", "sweep", "worker", "run_seconds", "label", "method_kind")
+    old = [{**{k: v for k, v in r.items() if k not in sweep_fields}, "row_seconds": 1.0} for r in records[1:]]
+    old[0]["config"] = {k: v for k, v in old[0]["config"].items() if k != "sensitivity"}
+    store.unlink()
+    for record in old:
+        append_jsonl_atomic(store, record)
+    at.main()
+    assert "3 of 3 runs already in" in capsys.readouterr().out and read_jsonl(store) == old
+    again = rows((tmp_path / "alloc.md").read_text())
+    assert {k: v[:-1] for k, v in again.items()} == {k: v[:-1] for k, v in shown.items()}  # the same table, seconds aside
+    assert again[at.ROWS[3]][-1] == "1"
+    store.unlink()
+    for record in old:
+        append_jsonl_atomic(store, {**record, "dense_ppl": 1234.5})
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [*common, "--rows", "7"])
+    at.main()  # Fisher + lowrank: the e_q row is not it, so it runs
+    fisher = read_jsonl(store)[-1]
+    assert len(read_jsonl(store)) == len(old) + 1
+    assert fisher["row"] == at.ROWS[6] and fisher["config"]["sensitivity"] == "fisher" and "key" in fisher
+    assert fisher["dense_ppl"] == 1234.5  # the dense perplexity stored with the earlier rows, not measured again

@@ -140,10 +140,13 @@ class Activations(Method):
     ``quantize_rest``: with a W8A8 mitigation, the decoder linear layers the config leaves dense
     run through the same mitigation without sparsity (``amber.quantize_rest_``: the whole decoder
     W8A8, the chosen layers also sparse); the record says ``quantize_rest: true``.
+    ``choices``: with ``allocation="sensitivity"``, the candidate N per layer (``allocate(...,
+    choices=...)``; default M/4 ... M in steps of M/8); the record's ``allocation`` lists them.
     """
 
     config: SparsityConfig
     quantize_rest: bool = False
+    choices: tuple[int, ...] | None = None
     target: ClassVar[str] = "activations"
     kind: ClassVar[str] = "activations"
 
@@ -159,7 +162,7 @@ class Activations(Method):
         return None
 
     def check(self, evaluator) -> dict:
-        config, allocation = evaluator.allocate(self.config)
+        config, allocation = evaluator.allocate(self.config, self.choices)
         fields = {}
         stats = self._stats(evaluator, config)  # before the dense run: it may refuse the texts
         if stats is not None:
@@ -172,7 +175,7 @@ class Activations(Method):
         return fields
 
     def apply(self, evaluator, record: dict) -> Prepared:
-        config, _ = evaluator.allocate(self.config)  # measured once, in check
+        config, _ = evaluator.allocate(self.config, self.choices)  # measured once, in check
         stats = self._stats(evaluator, config)
         stats = None if stats is None else stats[0]
         report = sparsify_(evaluator.model, config, stats=stats)

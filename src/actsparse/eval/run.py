@@ -159,14 +159,16 @@ class Evaluator:
             windows = windows[chosen.sort().values]
         return windows, calib.spec
 
-    def allocate(self, config: SparsityConfig) -> tuple[SparsityConfig, dict | None]:
+    def allocate(self, config: SparsityConfig, choices=None) -> tuple[SparsityConfig, dict | None]:
         """``config`` with ``allocation="sensitivity"`` resolved on the calibration text (the settings'
         ``calib_windows`` windows, never the evaluation text), and the allocation's record; any other
-        config as it is, with None. Measured once per criterion, mitigation, pattern, selection and sensitivity."""
+        config as it is, with None. ``choices``: the candidate N (``allocate``'s; default M/4 ... M in
+        steps of M/8). Measured once per criterion, mitigation, pattern, selection, sensitivity and choices."""
         if config.resolved:
             return config, None
+        choices = None if choices is None else tuple(sorted(set(choices)))
         key = (config.pattern, config.criterion, config.mitigation, config.roles, config.layers, config.skip, config.seed,
-               config.sensitivity)  # fmt: skip
+               config.sensitivity, choices)  # fmt: skip
         if key not in self._allocations:
             windows, calib_spec = self.calibration_windows(self.settings.calib_windows)
             criterion, mitigation = config.criterion_obj, config.mitigation_obj
@@ -174,7 +176,9 @@ class Evaluator:
             if (criterion.needs_calibration or mitigation.needs_calibration) and not mitigation.fitted:
                 stats = self.calibration_stats()[0]
             start = time.perf_counter()
-            resolved, allocation = allocate(self.model, config, windows, stats=stats, bos_id=self.bos_id, progress=self.progress)
+            resolved, allocation = allocate(
+                self.model, config, windows, choices=choices, stats=stats, bos_id=self.bos_id, progress=self.progress
+            )
             info = {**allocation.to_dict(), "data": calib_spec, "seconds": time.perf_counter() - start}
             self._allocations[key] = (resolved.allocation, info)
         allocation, info = self._allocations[key]

@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
+from actsparse.amber.allocation import default_choices
 from actsparse.baselines import WeightPruneConfig
 from actsparse.calibration.state import state_config
+from actsparse.config import SENSITIVITY, UNIFORM
 from actsparse.data.sources import check_disjoint, load_text
 from actsparse.errors import ActsparseError
 from actsparse.eval.lmeval import prepare_tasks, require_lm_eval
@@ -84,21 +86,50 @@ def check_sweep(spec: SweepSpec, models: bool = True) -> None:
                     raise ActsparseError(f"{run.label()}: {error}") from error
 
 
+def _recorded_sensitivity(config: dict) -> str:
+    """What chose a record's per-layer N: its config's ``sensitivity``; ``eq`` when the config has none
+    (records written while ``eq`` was the only estimate, or the default, which configs left out)."""
+    return config.get("sensitivity", "eq")
+
+
 def _same_config(run: Run, config: dict) -> bool:
     try:
         if run.target == "weights":
             return WeightPruneConfig.from_dict(config).to_dict() == run.config.to_dict()
+        if config.get("allocation", UNIFORM) != UNIFORM:
+            config = {**config, "sensitivity": _recorded_sensitivity(config)}
         return state_config({"config": config}).to_dict() == run.config.to_dict()
     except (ActsparseError, TypeError, KeyError, ValueError):
         return False
+
+
+def _same_allocation(run: Run, record: dict) -> bool:
+    """For a run with ``allocation="sensitivity"``: whether the record holds a per-layer map chosen the
+    way the run chooses it. Its config holds the resolved map, so the choice is read from the record's
+    ``allocation`` (``settings``: measured on the calibration text, the candidate N) and from the
+    config's ``sensitivity`` (``eq`` when absent); the rest of the config must be the run's."""
+    config, allocation = record["config"], record.get("allocation")
+    if not isinstance(config.get("allocation"), dict) or not isinstance(allocation, dict):
+        return False
+    chosen = allocation.get("settings") or {}
+    sensitivity = _recorded_sensitivity(config)
+    if chosen.get("source") != SENSITIVITY or chosen.get("sensitivity", sensitivity) != sensitivity:
+        return False
+    choices = sorted(set(run.choices)) if run.choices is not None else list(default_choices(run.config.pattern_obj.m))
+    if chosen.get("choices") != choices:
+        return False
+    return _same_config(run, {**config, "allocation": SENSITIVITY, "sensitivity": sensitivity})
 
 
 def matches_keyless(run: Run, record: dict) -> bool:
     """Whether ``record``, written without a run key (by a table script before the table scripts ran
     through the sweep runner), is the result of ``run``: same model, target, settings (not the
     device), config, whole-decoder W8A8 or not (``w8a8_whole_decoder`` in the Amber table's
-    records), and for a calibrated run the same calibration windows and options. Runs with tasks
-    or a generation check never match (those records have neither)."""
+    records), and for a calibrated run the same calibration windows and options. A run with
+    ``allocation="sensitivity"`` matches a record of the map it resolved to when that map was
+    chosen the same way (``_same_allocation``: the same estimate, where a config without
+    ``sensitivity`` was chosen by ``eq``, and the same candidate N). Runs with tasks or a
+    generation check never match (those records have neither)."""
     if "key" in record or run.tasks.tasks or run.generate is not None or "config" not in record:
         return False
     if record.get("model") != run.model or record.get("target", "activations") != run.target:
@@ -107,13 +138,27 @@ def matches_keyless(run: Run, record: dict) -> bool:
         return False
     wanted = {k: v for k, v in asdict(run.settings).items() if k != "device"}
     settings = record.get("settings") or {}
-    if {k: settings.get(k, v) for k, v in wanted.items()} != wanted or not _same_config(run, record["config"]):
+    if {k: settings.get(k, v) for k, v in wanted.items()} != wanted:
+        return False
+    sensitivity = run.target == "activations" and run.config.allocation == SENSITIVITY
+    if not (_same_allocation(run, record) if sensitivity else _same_config(run, record["config"])):
         return False
     if run.calibration:
         calibration = record.get("calibration") or {}
         given = {"windows": calibration.get("windows"), **(calibration.get("options") or {})}
         return all(given.get(k) == v for k, v in run.calibration.items())
     return True
+
+
+def done_keys(spec: SweepSpec, records: list[dict], keyless: bool = False) -> set[str]:
+    """The keys of ``spec``'s runs whose results ``records`` hold: a record with the run's key, or with
+    ``keyless`` also a record without a key that is the run's result (``matches_keyless``)."""
+    keys = {r["key"] for r in records if "key" in r}
+    done = {run.key for run in spec.runs if run.key in keys}
+    if keyless:
+        old = [r for r in records if "key" not in r]
+        done |= {run.key for run in spec.runs if run.key not in done and any(matches_keyless(run, r) for r in old)}
+    return done
 
 
 def _release_memory() -> None:
@@ -142,10 +187,7 @@ def run_sweep(
     already loaded, by model name, used instead of loading those models again.
     """
     store = Store(store_path)
-    done = store.keys()
-    if keyless:
-        old = [r for r in store.records() if "key" not in r]
-        done |= {run.key for run in spec.runs if any(matches_keyless(run, record) for record in old)}
+    done = done_keys(spec, store.records(), keyless)
     todo = [run for run in spec.runs if run.key not in done]
     summary = SweepSummary(total=len(spec.runs), skipped=len(spec.runs) - len(todo))
     if any(run.tasks.tasks for run in todo):

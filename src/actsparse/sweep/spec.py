@@ -76,6 +76,7 @@ class Run:
     calibration: dict | None = None  # calibrated mitigations: {"windows": ..., "lr": ..., "steps": ..., "seed": ...}
     save: str | None = None  # calibrated mitigations: also write the state here (not part of the key)
     quantize_rest: bool = False  # W8A8 mitigations: the layers left dense run W8A8 too (Activations.quantize_rest)
+    choices: tuple[int, ...] | None = None  # allocation="sensitivity": the candidate N (Activations.choices; default M/4 ... M)
     tags: dict | None = None  # fields added to the record as they are (a table's row names; not part of the key)
 
     @property
@@ -95,6 +96,8 @@ class Run:
         }  # fmt: skip
         if self.quantize_rest:  # only when set: the keys of every other run stay what they were
             identity["quantize_rest"] = True
+        if self.choices is not None:  # the same
+            identity["choices"] = sorted(set(self.choices))
         return identity
 
     @property
@@ -109,10 +112,12 @@ class Run:
         if self.target == "weights":
             return Weights(self.config)
         if is_calibrated(self.config.mitigation):
+            if self.choices is not None:
+                raise ActsparseError(f"{self.config.mitigation} is calibrated layer by layer: no allocation choices")
             calibration = self.calibration or {}
             options = CalibrationOptions(**{k: v for k, v in calibration.items() if k != "windows"})
             return Calibrated(self.config, options, calibration.get("windows"), self.save)
-        return Activations(self.config, quantize_rest=self.quantize_rest)
+        return Activations(self.config, quantize_rest=self.quantize_rest, choices=self.choices)
 
     def label(self) -> str:
         return f"{self.model}: {self.method().title()}"
