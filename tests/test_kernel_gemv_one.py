@@ -1,0 +1,75 @@
+"""The one-token sparse GEMV (selection inside each step) against its PyTorch definition and the batched kernel."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from actsparse.kernels.gemv_one import one_plan, sparse_gemv_one  # noqa: E402
+from actsparse.kernels.sparse_gemv import (  # noqa: E402
+    Workspace,
+    gemv_plan,
+    sparse_gemv,
+    sparse_gemv_reference,
+    tile_weight,
+    workspace_for,
+)
+from actsparse.kernels.sparsify import triton_available  # noqa: E402
+
+if not triton_available():
+    pytest.skip("triton cannot run here: no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+def _workspace(k, o, block_o, plan):
+    split, tiles = -(-k // plan.chunk), -(-o // block_o)
+    return Workspace(torch.empty(split * 4 * o, device=DEVICE), torch.empty(split * tiles * 16, device=DEVICE),
+                     torch.zeros(tiles, dtype=torch.int32, device=DEVICE), torch.empty(1, dtype=torch.int32, device=DEVICE),
+                     torch.empty(1, device=DEVICE))  # fmt: skip
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (8, 16), (16, 32), (3, 8), (5, 6)])
+@pytest.mark.parametrize("options", ["plain", "vector_bias", "var", "shift_var"])
+@pytest.mark.parametrize("whole", [False, True])
+def test_one_token_gemv_equals_the_reference_and_the_batched_kernel(n, m, options, whole):
+    k, o, block_o = 384, 200, 64
+    g = torch.Generator().manual_seed(n * 100 + m)
+    x = torch.randn(1, k, generator=g).to(DEVICE)
+    weight = (torch.randn(o, k, generator=g) / k**0.5).to(DEVICE)
+    kw = {}
+    if options == "vector_bias":
+        kw = dict(vector=(torch.rand(k, generator=g) + 0.5).to(DEVICE), bias=torch.randn(o, generator=g).to(DEVICE))
+    if "var" in options:
+        kw["var"] = True
+    if options == "shift_var":
+        kw.update(shift=torch.randn(1, generator=g).to(DEVICE), row_sum=weight.sum(1))
+    wt = tile_weight(weight, block_o)
+    plan = one_plan(k, o, n, m, block_o, 4)
+    if whole:  # one program over all rows: no split finish
+        plan = plan._replace(chunk=-(-k // plan.sub) * plan.sub)
+    ws = _workspace(k, o, block_o, plan)
+    y = sparse_gemv_one(x, wt, o, n, m, ws, plan, **kw)
+    assert int(ws.counters.abs().sum()) == 0, "arrival counters must be back at zero"
+    ref = sparse_gemv_reference(x, weight, n, m, **kw)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    batched_plan = gemv_plan(k, o, m, 1, 4, block_o=block_o)
+    batched = sparse_gemv(x, wt, o, n, m, workspace_for(k, o, [batched_plan], DEVICE), batched_plan, **kw)
+    torch.testing.assert_close(y, batched, atol=1e-5, rtol=1e-5)
+    assert torch.equal(sparse_gemv_one(x, wt, o, n, m, ws, plan, **kw), y)  # the same inputs, the same bits
+
+
+def test_one_token_gemv_refuses_more_rows_and_bad_plans():
+    k, o = 128, 64
+    wt = tile_weight(torch.randn(o, k, device=DEVICE), 64)
+    plan = one_plan(k, o, 2, 4, 64, 4)
+    with pytest.raises(ValueError, match="one token row"):
+        sparse_gemv_one(torch.randn(2, k, device=DEVICE), wt, o, 2, 4, _workspace(k, o, 64, plan), plan)
+    with pytest.raises(ValueError, match="power of two"):
+        one_plan(k, o, 2, 4, 64, 4, sub=12)
+    with pytest.raises(ValueError, match="multiple of sub"):
+        one_plan(k, o, 2, 4, 64, 4, chunk=100)
