@@ -25,7 +25,7 @@ try:
     import triton
     import triton.language as tl
 
-    from actsparse.kernels.sparse_gemv import _epilogue, _select
+    from actsparse.kernels.sparse_gemv import _finish, _select
 except ImportError:  # the module imports without Triton; the kernel then cannot run
     triton = None
     tl = None
@@ -168,84 +168,9 @@ if triton is not None:
                 sums_p += tl.sum(tl.sum(pruned, axis=1), axis=0)
                 sums_pp += tl.sum(tl.sum(pruned * pruned, axis=1), axis=0)
 
-        if SPLIT == 1:
-            _epilogue(
-                acc,
-                rows16,
-                toks,
-                cols,
-                col_ok,
-                sums_x,
-                sums_xx,
-                sums_p,
-                sums_pp,
-                shift_ptr,
-                rowsum_ptr,
-                bias_ptr,
-                y_ptr,
-                1,
-                K,
-                O,
-                HAS_SHIFT,
-                HAS_BIAS,
-                VAR,
-            )
-        else:
-            tl.store(
-                part_ptr + pid_s * MAXB * O + rows16[:, None] * O + cols[None, :],
-                acc,
-                mask=(rows16 < 1)[:, None] & col_ok[None, :],
-            )
-            prog = pid_s * tiles + pid_o
-            if VAR:
-                base = stats_ptr + prog * 4 * MAXB + toks
-                tl.store(base, sums_x)
-                tl.store(base + MAXB, sums_xx)
-                tl.store(base + 2 * MAXB, sums_p)
-                tl.store(base + 3 * MAXB, sums_pp)
-            tl.debug_barrier()  # every thread's partials are stored before the release below
-            arrived = tl.atomic_add(count_ptr + pid_o, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT - 1:  # the last to arrive adds the partials in chunk order
-                live = col_ok[None, :] & (rows16 < 1)[:, None]
-                at = rows16[:, None] * O + cols[None, :]
-                acc = tl.zeros((TOKP, BLOCK_O), dtype=tl.float32)
-                sums_x = tl.zeros((1,), dtype=tl.float32)
-                sums_xx = tl.zeros((1,), dtype=tl.float32)
-                sums_p = tl.zeros((1,), dtype=tl.float32)
-                sums_pp = tl.zeros((1,), dtype=tl.float32)
-                for s0 in range(0, SPLIT, 8):
-                    for j in tl.static_range(8):
-                        s = s0 + j
-                        acc += tl.load(part_ptr + s * MAXB * O + at, mask=live & (s < SPLIT), other=0.0, cache_modifier=".cg")
-                        if VAR:
-                            base = stats_ptr + (s * tiles + pid_o) * 4 * MAXB + toks
-                            there = s < SPLIT
-                            sums_x += tl.load(base, mask=there, other=0.0, cache_modifier=".cg")
-                            sums_xx += tl.load(base + MAXB, mask=there, other=0.0, cache_modifier=".cg")
-                            sums_p += tl.load(base + 2 * MAXB, mask=there, other=0.0, cache_modifier=".cg")
-                            sums_pp += tl.load(base + 3 * MAXB, mask=there, other=0.0, cache_modifier=".cg")
-                tl.atomic_xchg(count_ptr + pid_o, 0)  # ready for the next call
-                _epilogue(
-                    acc,
-                    rows16,
-                    toks,
-                    cols,
-                    col_ok,
-                    sums_x,
-                    sums_xx,
-                    sums_p,
-                    sums_pp,
-                    shift_ptr,
-                    rowsum_ptr,
-                    bias_ptr,
-                    y_ptr,
-                    1,
-                    K,
-                    O,
-                    HAS_SHIFT,
-                    HAS_BIAS,
-                    VAR,
-                )
+        _finish(acc, sums_x, sums_xx, sums_p, sums_pp, toks, cols, col_ok, pid_o, pid_s, tiles, part_ptr, stats_ptr,
+                count_ptr, shift_ptr, rowsum_ptr, bias_ptr, y_ptr, 1, K, O, SPLIT, 1, BLOCK_O, MAXB, TOKP, HAS_SHIFT,
+                HAS_BIAS, VAR)  # fmt: skip
 
 
 _ONE_LAUNCH = Launcher(_gemv_one_kernel) if triton is not None else None

@@ -415,6 +415,18 @@ if triton is not None:
                           MAXB, TOKP, BLOCK_K, BLOCK_O, STAGES, PRECISION)
 
         # 3. Finish: this program alone, or the last of its tile to arrive.
+        _finish(acc, sums_x, sums_xx, sums_p, sums_pp, toks, cols, col_ok, pid_o, pid_s, tiles, part_ptr, stats_ptr,
+                count_ptr, shift_ptr, rowsum_ptr, bias_ptr, y_ptr, B, K, O, SPLIT, BLOCK_B, BLOCK_O, MAXB, TOKP,
+                HAS_SHIFT, HAS_BIAS, VAR)
+
+    @triton.jit
+    def _finish(acc, sums_x, sums_xx, sums_p, sums_pp, toks, cols, col_ok, pid_o, pid_s, tiles, part_ptr, stats_ptr,
+                count_ptr, shift_ptr, rowsum_ptr, bias_ptr, y_ptr, B, K, O, SPLIT: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_O: tl.constexpr, MAXB: tl.constexpr, TOKP: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, VAR: tl.constexpr):
+        """The split finish (both GEMV kernels): with one split, the epilogue; else store this program's
+        partials and VAR statistics, and the last program of the column tile to arrive adds every
+        split's in chunk order, resets the tile's counter and applies the epilogue."""
         rows16 = tl.arange(0, TOKP)
         if SPLIT == 1:
             _epilogue(acc, rows16, toks, cols, col_ok, sums_x, sums_xx, sums_p, sums_pp, shift_ptr, rowsum_ptr,
@@ -423,7 +435,7 @@ if triton is not None:
             tl.store(part_ptr + pid_s * MAXB * O + rows16[:, None] * O + cols[None, :], acc,
                      mask=(rows16 < B)[:, None] & col_ok[None, :])
             if VAR:
-                base = stats_ptr + prog * 4 * MAXB + toks
+                base = stats_ptr + (pid_s * tiles + pid_o) * 4 * MAXB + toks
                 tl.store(base, sums_x)
                 tl.store(base + MAXB, sums_xx)
                 tl.store(base + 2 * MAXB, sums_p)
