@@ -74,7 +74,8 @@ def _compile(job):
 
 def bench_case(k, o, n, m, plans, inputs=4):
     from actsparse.kernels.gemv_one import sparse_gemv_one
-    from actsparse.kernels.sparse_gemv import GemvWeight, sparse_gemv_reference, tile_weight
+    from actsparse.kernels.gemv_weight import GemvWeight
+    from actsparse.kernels.sparse_gemv import sparse_gemv_reference, tile_weight
 
     weight, xs = make_case(k, o, 1, inputs, seed=k * 7 + o)
     dense = time_us([lambda x=x: F.linear(x, weight) for x in xs])

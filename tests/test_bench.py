@@ -119,7 +119,8 @@ def test_run_bench_leaves_the_model_dense():
 
 
 def test_the_sparse_gemv_op_compiles_without_graph_breaks():
-    from actsparse.kernels.sparse_gemv import GemvWeight, sparse_gemv_reference
+    from actsparse.kernels.gemv_weight import GemvWeight
+    from actsparse.kernels.sparse_gemv import sparse_gemv_reference
 
     weight = torch.randn(24, 32)
     gw = GemvWeight(weight, torch.randn(24))

@@ -45,16 +45,19 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton paths
 
 
 @pytest.mark.parametrize(
-    "pattern, mitigation, rows",
-    [("8:16", "none", 1), ("8:16", "var", 1), ("4:8", "dpts", 1), ("8:16", "var", 70), ("2:4", "none", 70)],
-)
-def test_fullgraph_compile_through_the_fast_paths(pattern, mitigation, rows, monkeypatch):
-    """The Triton paths themselves (the decode GEMV for one row, sparsify + product, VAR's scale at the
-    output from 64 rows, cuSPARSELt on CUDA when measured to win) trace without a graph break."""
+    "pattern, mitigation, rows, kernel",
+    [("8:16", "none", 1, "gemv"), ("8:16", "var", 1, "gemv"), ("4:8", "dpts", 1, "gemv"), ("8:16", "var", 1, "gemv_one"),
+     ("4:8", "dpts", 1, "gemv_one"), ("8:16", "var", 70, None), ("2:4", "none", 70, None)],
+)  # fmt: skip
+def test_fullgraph_compile_through_the_fast_paths(pattern, mitigation, rows, kernel, monkeypatch):
+    """The Triton paths themselves (either decode GEMV for one row, sparsify + product, VAR's scale at
+    the output from 64 rows, cuSPARSELt on CUDA when measured to win) trace without a graph break."""
     pytest.importorskip("triton")
     from actsparse.core import dispatch
 
-    monkeypatch.setattr(dispatch.DecodeChoice, "default", staticmethod(lambda k, o, r, n, m: r == 1))  # tiny layers too
+    monkeypatch.setattr(
+        dispatch.DecodeChoice, "default", staticmethod(lambda k, o, r, n, m: kernel if r == 1 else None)
+    )  # tiny layers too
     monkeypatch.setattr(dispatch.PREFILL_CHOICE, "measured", {})
     monkeypatch.setattr(dispatch, "VAR_AT_OUTPUT_ROWS", 64)  # that path traced too
     model = tiny_model("llama").to(DEVICE)
@@ -67,10 +70,14 @@ def test_fullgraph_compile_through_the_fast_paths(pattern, mitigation, rows, mon
             for mode in ("eager", "graph"):
                 dispatch.PREFILL_CHOICE.measured[(mode, rows, layer.in_features, layer.out_features)] = True
     ids = torch.randint(0, VOCAB, (1, rows), generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    with torch.no_grad():
-        eager = model(ids).logits.float()  # also makes the layers' weight copies and workspaces
-        backend = "inductor" if DEVICE == "cuda" and not half else "aot_eager"  # bf16: no fusions, same rounding
-        compiled = torch.compile(model, fullgraph=True, backend=backend)(ids).logits.float()
+    torch._dynamo.reset()  # each case compiles the same code objects afresh: the whole recompile budget
+    try:
+        with torch.no_grad():
+            eager = model(ids).logits.float()  # also makes the layers' weight copies and workspaces
+            backend = "inductor" if DEVICE == "cuda" and not half else "aot_eager"  # bf16: no fusions, same rounding
+            compiled = torch.compile(model, fullgraph=True, backend=backend)(ids).logits.float()
+    finally:
+        torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 

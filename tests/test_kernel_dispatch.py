@@ -25,10 +25,10 @@ def logits(model, length):
 @pytest.mark.parametrize("length", [2, 24])  # 2 rows: decode GEMV path; 24 rows: sparsify + dense product
 def test_triton_backend_matches_the_reference_in_a_model(pattern, criterion, mitigation, length, monkeypatch):
     from actsparse.core.dispatch import DecodeChoice
-    from actsparse.kernels.sparse_gemv import GemvWeight
+    from actsparse.kernels.gemv_weight import GemvWeight
 
     # the tiny model's layers are narrower than the default rule's 2048 outputs: take the GEMV anyway
-    monkeypatch.setattr(DecodeChoice, "default", staticmethod(lambda k, o, rows, n, m: rows <= 2))
+    monkeypatch.setattr(DecodeChoice, "default", staticmethod(lambda k, o, rows, n, m: "gemv" if rows <= 2 else None))
     gemv_calls = []
     real_gemv = GemvWeight.__call__
     monkeypatch.setattr(GemvWeight, "__call__", lambda *a, **k: gemv_calls.append(1) or real_gemv(*a, **k))
@@ -89,11 +89,33 @@ def test_decode_choice_default_rule_and_measured_entries():
     assert not choice.sparse_wins(4096, 1024, 1, 8, 16, torch.bfloat16)  # narrow k/v projections
     assert not choice.sparse_wins(4096, 14336, 1, 12, 16, torch.bfloat16)  # density above 1/2
     assert not choice.sparse_wins(4096, 14336, 5, 8, 16, torch.bfloat16)  # beyond the kernel's rows
-    choice.measured[(4096, 1024, 1, 8, 16, torch.bfloat16, 1)] = True
+    choice.measured[(4096, 1024, 1, 8, 16, torch.bfloat16, 1)] = "gemv"
     assert choice.sparse_wins(4096, 1024, 1, 8, 16, torch.bfloat16)
-    choice.measured[(4096, 6144, 1, 8, 16, torch.bfloat16, 3)] = False  # q/k/v side by side: its own entry
+    choice.measured[(4096, 6144, 1, 8, 16, torch.bfloat16, 3)] = None  # q/k/v side by side: its own entry
     assert not choice.sparse_wins(4096, 6144, 1, 8, 16, torch.bfloat16, layers=3)
     assert choice.sparse_wins(4096, 6144, 1, 8, 16, torch.bfloat16)  # a single layer of that shape: the rule
+
+
+@pytest.mark.parametrize(
+    "k, o, n, m, kernel",
+    [
+        (4096, 28672, 2, 4, "gemv_one"),  # 2:4 gate+up side by side: the long stream
+        (14336, 4096, 2, 4, "gemv_one"),
+        (14336, 4096, 8, 16, "gemv_one"),  # 8:16 down projection: inputs the wider side
+        (4096, 28672, 8, 16, "gemv"),  # 8:16 gate+up: the batched kernel measured faster
+        (4096, 6144, 2, 4, "gemv"),  # q/k/v: too short a stream
+        (14336, 4096, 16, 32, "gemv"),
+        (14336, 4096, 1, 4, "gemv"),  # density below 1/2: unmeasured for the one-token kernel
+    ],
+)
+def test_the_default_rule_names_the_kernel_the_h200_measured_faster(k, o, n, m, kernel):
+    from actsparse.core.dispatch import DECODE_KERNELS, DecodeChoice
+
+    choice = DecodeChoice()
+    assert choice.kernel(k, o, 1, n, m, torch.bfloat16) is DECODE_KERNELS[kernel]
+    assert choice.kernel(k, o, 2, n, m, torch.bfloat16) is None  # one-token kernels never take two rows
+    choice.measured[(k, o, 2, n, m, torch.bfloat16, 1)] = "gemv_one"  # an entry cannot send two rows there either
+    assert choice.kernel(k, o, 2, n, m, torch.bfloat16) is None
 
 
 def test_prefill_choice_reads_the_measured_table_and_defaults_to_dense():

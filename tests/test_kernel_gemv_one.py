@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from actsparse.kernels.gemv_one import one_plan, sparse_gemv_one  # noqa: E402
+from actsparse.kernels.gemv_one import one_plan, one_workspace_sizes, sparse_gemv_one, sparse_gemv_one_auto  # noqa: E402
+from actsparse.kernels.gemv_weight import GemvWeight  # noqa: E402
 from actsparse.kernels.sparse_gemv import (  # noqa: E402
     Workspace,
     gemv_plan,
@@ -27,10 +28,10 @@ DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def _workspace(k, o, block_o, plan):
-    split, tiles = -(-k // plan.chunk), -(-o // block_o)
-    return Workspace(torch.empty(split * 4 * o, device=DEVICE), torch.empty(split * tiles * 16, device=DEVICE),
-                     torch.zeros(tiles, dtype=torch.int32, device=DEVICE), torch.empty(1, dtype=torch.int32, device=DEVICE),
-                     torch.empty(1, device=DEVICE))  # fmt: skip
+    partials, stats, tiles, _, _ = one_workspace_sizes(k, o, block_o, plan)
+    return Workspace(torch.empty(partials, device=DEVICE), torch.empty(stats, device=DEVICE),
+                     torch.zeros(tiles, dtype=torch.int32, device=DEVICE), torch.empty(0, dtype=torch.int32, device=DEVICE),
+                     torch.empty(0, device=DEVICE))  # fmt: skip
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (8, 16), (16, 32), (3, 8), (5, 6)])
@@ -73,3 +74,45 @@ def test_one_token_gemv_refuses_more_rows_and_bad_plans():
         one_plan(k, o, 2, 4, 64, 4, sub=12)
     with pytest.raises(ValueError, match="multiple of sub"):
         one_plan(k, o, 2, 4, 64, 4, chunk=100)
+    partials, stats, tiles, _, _ = one_workspace_sizes(k, o, 64, plan)
+    short = Workspace(torch.empty(partials - 1, device=DEVICE), torch.empty(stats, device=DEVICE),
+                      torch.zeros(tiles, dtype=torch.int32, device=DEVICE), torch.empty(0, dtype=torch.int32, device=DEVICE),
+                      torch.empty(0, device=DEVICE))  # fmt: skip
+    with pytest.raises(ValueError, match="workspace is too small"):
+        sparse_gemv_one(torch.randn(1, k, device=DEVICE), wt, o, 2, 4, short, plan)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (8, 16)])
+def test_the_weight_holder_runs_both_kernels_on_one_workspace(n, m):
+    """GemvWeight.one: the one-token kernel through its op, on the workspace the batched kernel shares."""
+    k, o = 512, 96
+    g = torch.Generator().manual_seed(m)
+    weight, bias = (torch.randn(o, k, generator=g) / k**0.5).to(DEVICE), torch.randn(o, generator=g).to(DEVICE)
+    x = torch.randn(1, k, generator=g).to(DEVICE)
+    vector = (torch.rand(k, generator=g) + 0.5).to(DEVICE)
+    gw = GemvWeight(weight, bias)
+    one = gw.one(x, n, m, vector=vector, var=True)
+    batched = gw(x, n, m, vector=vector, var=True)
+    ref = sparse_gemv_reference(x, weight, n, m, vector=vector, var=True, bias=bias)
+    torch.testing.assert_close(one, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one, batched, atol=1e-5, rtol=1e-5)
+    ws = gw.workspace(n, m)
+    assert all(t.numel() >= need for t, need in zip(ws, one_workspace_sizes(k, o, gw.block_o, gw.one_plan(n, m))))
+    assert int(ws.counters.abs().sum()) == 0
+    assert torch.equal(gw.one(x, n, m, vector=vector, var=True), one)
+
+
+def test_the_op_takes_the_reference_where_triton_cannot_run(monkeypatch):
+    """Without the interpreter on a CPU tensor the op computes the PyTorch definition."""
+    from actsparse.kernels import gemv_one
+
+    monkeypatch.setattr(gemv_one, "_interpreting", lambda: False)
+    monkeypatch.setattr(gemv_one, "sparse_gemv_one", lambda *a, **k: pytest.fail("the kernel ran"))
+    k, o = 128, 40
+    weight = torch.randn(o, k)
+    x = torch.randn(1, k)
+    gw = GemvWeight(weight)
+    ws, plan = gw.workspace(2, 4), gw.one_plan(2, 4)
+    y = sparse_gemv_one_auto(x, gw.tiled, None, None, None, None, ws.partials, ws.stats, ws.counters, o, 2, 4, False,
+                             *plan)  # fmt: skip
+    torch.testing.assert_close(y, sparse_gemv_reference(x, weight, 2, 4), atol=1e-5, rtol=1e-5)

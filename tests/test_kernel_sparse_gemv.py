@@ -15,9 +15,9 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from actsparse.core.masks import keep_mask  # noqa: E402
 from actsparse.core.patterns import NM  # noqa: E402
+from actsparse.kernels.gemv_weight import GemvWeight  # noqa: E402
 from actsparse.kernels.sparse_gemv import (  # noqa: E402
     GemvPlan,
-    GemvWeight,
     gemv_plan,
     sm_count,
     sparse_gemv,

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-import actsparse.kernels.sparse_gemv as sparse_gemv_kernels  # noqa: E402
+import actsparse.kernels.gemv_weight as gemv_weight_kernels  # noqa: E402
 import actsparse.kernels.sparsify as sparsify_kernels  # noqa: E402
 from actsparse import SparsityConfig, sparsify_, unsparsify_  # noqa: E402
 from actsparse.core import dispatch  # noqa: E402
@@ -75,7 +75,7 @@ def test_per_layer_patterns_link_only_the_layers_that_share_one():
 )  # fmt: skip
 @pytest.mark.parametrize("length", [2, 24])  # 2 rows: the GEMV over the side-by-side weights; 24: one sparsify pass
 def test_linked_layers_give_each_layers_own_result(pattern, mitigation, length, monkeypatch):
-    monkeypatch.setattr(DecodeChoice, "default", staticmethod(lambda k, o, rows, n, m: rows <= 2))
+    monkeypatch.setattr(DecodeChoice, "default", staticmethod(lambda k, o, rows, n, m: "gemv" if rows <= 2 else None))
     model = tiny_model("llama").to(DEVICE)
     results = {}
     for backend in ("torch", "triton"):
@@ -97,13 +97,13 @@ def test_linked_layers_give_each_layers_own_result(pattern, mitigation, length, 
 @pytest.mark.parametrize("length", [1, 24])  # 1 row: the decode GEMV; 24 rows: the sparsify pass
 def test_one_selection_per_shared_input(length, monkeypatch):
     """Per block: q/k/v one launch, o one, gate/up one, down one (instead of seven)."""
-    monkeypatch.setattr(DecodeChoice, "default", staticmethod(lambda k, o, rows, n, m: rows <= 2))
+    monkeypatch.setattr(DecodeChoice, "default", staticmethod(lambda k, o, rows, n, m: "gemv" if rows <= 2 else None))
     model = tiny_model("llama").to(DEVICE)
     sparsify_(model, SparsityConfig(pattern="8:16", backend="triton"))
     calls = []
     if length == 1:
-        real = sparse_gemv_kernels.sparse_gemv_auto
-        monkeypatch.setattr(sparse_gemv_kernels, "sparse_gemv_auto", lambda *a: calls.append(1) or real(*a))
+        real = gemv_weight_kernels.sparse_gemv_auto
+        monkeypatch.setattr(gemv_weight_kernels, "sparse_gemv_auto", lambda *a: calls.append(1) or real(*a))
     else:
         real = sparsify_kernels.nm_sparsify_auto
         monkeypatch.setattr(dispatch._DirectOps, "nm_sparsify", staticmethod(lambda *a: calls.append(1) or real(*a)))
@@ -180,13 +180,15 @@ def test_a_score_vector_set_after_linking_turns_sharing_off():
     assert not group.active()
 
 
-@pytest.mark.parametrize("rows, op", [(1, "sparse_gemv"), (5, "nm_sparsify")])
-def test_linked_layers_trace_into_one_graph_with_one_selection_per_group(rows, op, monkeypatch):
+@pytest.mark.parametrize(
+    "rows, op, kernel", [(1, "sparse_gemv", "gemv"), (1, "sparse_gemv_one", "gemv_one"), (5, "nm_sparsify", None)]
+)
+def test_linked_layers_trace_into_one_graph_with_one_selection_per_group(rows, op, kernel, monkeypatch):
     """torch.compile(fullgraph=True) traces the shared path: 4 kernel calls per block, no graph
     break, no recompilation for new inputs of the same shape, the eager result."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(DecodeChoice, "default", staticmethod(lambda k, o, r, n, m: r == 1))
+    monkeypatch.setattr(DecodeChoice, "default", staticmethod(lambda k, o, r, n, m: kernel if r == 1 else None))
     model = tiny_model("llama").to(DEVICE)
     sparsify_(model, SparsityConfig(pattern="8:16", backend="triton"))
     graphs = []

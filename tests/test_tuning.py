@@ -63,19 +63,24 @@ def test_tune_fills_both_tables_on_cuda(monkeypatch, tmp_path):
     rows = tune_(model, decode_rows=(1, 2), prefill_rows=(128,), repeats=3)
     layers, groups = distinct_layers(model), distinct_groups(model)
     assert len(groups) == 2  # q/k/v and gate/up, side by side
-    # per layer: decode rows 1, 2 (graph) and prefill 128 in eager and graph; per group: decode rows 1, 2
-    assert len(rows) == len(layers) * (2 + 2) + len(groups) * 2
+    # per layer: decode rows 1 (both kernels), 2 (graph) and prefill 128 in eager and graph; per group: decode 1, 2
+    assert len(rows) == len(layers) * (3 + 2) + len(groups) * 3
     assert {(r.in_features, r.out_features) for r in rows} >= {(g.in_features, g.out_features) for g in groups}
     assert all(r.sparse_ms >= 0 and r.dense_ms > 0 for r in rows)
     table = tmp_path / "fast-paths.json"
     first = tune_(model, decode_rows=(1,), prefill_rows=(128,), repeats=3, table=table)
     again = tune_(model, decode_rows=(1,), prefill_rows=(128,), repeats=3, table=table)
     assert again == first  # read back, nothing timed twice
+    assert {r.kernel for r in rows if r.phase == "decode" and r.rows == 1} == {"gemv", "gemv_one"}
+    assert {r.kernel for r in rows if r.phase == "decode" and r.rows == 2} == {"gemv"}  # one token only
     latest = {r.key: r for r in rows} | {r.key: r for r in again}  # the table's rows were measured again, and kept
     for r in latest.values():
         if r.phase == "decode":
             key = (r.in_features, r.out_features, r.rows, 2, 4, torch.bfloat16, r.layers)
-            assert dispatch.DECODE_CHOICE.measured[key] == r.sparse_wins
+            timed = [t for t in latest.values() if t.phase == "decode" and t.rows == r.rows
+                     and (t.in_features, t.out_features, t.layers) == (r.in_features, r.out_features, r.layers)]  # fmt: skip
+            fastest = min(timed, key=lambda t: t.sparse_ms)
+            assert dispatch.DECODE_CHOICE.measured[key] == (fastest.kernel if fastest.sparse_wins else None)
         else:
             assert dispatch.PREFILL_CHOICE.measured[(r.mode, r.rows, r.in_features, r.out_features)] == r.sparse_wins
 
@@ -97,8 +102,38 @@ def test_a_table_file_keeps_measurements_per_gpu_and_versions(tmp_path, monkeypa
     sections = read_table(path)
     assert sections["H200 | v1"] == h200 and sections["H100 | v1"] == other
     record(sections["H200 | v1"])
-    assert dispatch.DECODE_CHOICE.measured == {(4096, 4096, 1, 8, 16, torch.bfloat16, 1): True}
+    assert dispatch.DECODE_CHOICE.measured == {(4096, 4096, 1, 8, 16, torch.bfloat16, 1): "gemv"}
     assert dispatch.PREFILL_CHOICE.measured == {("eager", 8192, 4096, 14336): False}
+
+
+def test_the_fastest_decode_kernel_is_recorded_and_only_when_it_beats_the_fallback(monkeypatch):
+    from actsparse.core.tuning import record
+
+    monkeypatch.setattr(dispatch.DECODE_CHOICE, "measured", {})
+    shape = ("decode", "graph", 1, 14336, 4096, "2:4", "bfloat16")
+    record([Tuned(*shape, 0.0375, 0.045), Tuned(*shape, 0.0342, 0.045, kernel="gemv_one")])
+    assert dispatch.DECODE_CHOICE.measured == {(14336, 4096, 1, 2, 4, torch.bfloat16, 1): "gemv_one"}
+    record([Tuned(*shape, 0.030, 0.045), Tuned(*shape, 0.0342, 0.045, kernel="gemv_one")])  # order does not matter
+    assert dispatch.DECODE_CHOICE.measured[(14336, 4096, 1, 2, 4, torch.bfloat16, 1)] == "gemv"
+    record([Tuned(*shape, 0.050, 0.045), Tuned(*shape, 0.046, 0.045, kernel="gemv_one")])  # both lose: the fallback
+    assert dispatch.DECODE_CHOICE.measured[(14336, 4096, 1, 2, 4, torch.bfloat16, 1)] is None
+
+
+def test_rows_stored_before_kernels_were_recorded_read_as_the_batched_gemv_and_cusparselt(tmp_path):
+    import json
+
+    from actsparse.core.tuning import TABLE_FORMAT, read_table
+
+    old = [
+        {"phase": "decode", "mode": "graph", "rows": 1, "in_features": 64, "out_features": 32, "pattern": "2:4",
+         "dtype": "bfloat16", "sparse_ms": 0.01, "dense_ms": 0.02, "layers": 1, "sparse_wins": True},
+        {"phase": "prefill", "mode": "eager", "rows": 512, "in_features": 64, "out_features": 32, "pattern": "2:4",
+         "dtype": "bfloat16", "sparse_ms": 0.3, "dense_ms": 0.2, "layers": 1, "sparse_wins": False},
+    ]  # fmt: skip
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"format": TABLE_FORMAT, "sections": {"H200 | v0": old}}))
+    decode, prefill = read_table(path)["H200 | v0"]
+    assert (decode.kernel, prefill.kernel) == ("gemv", "cslt24")
 
 
 def test_an_unreadable_table_is_refused_with_the_fix(tmp_path):

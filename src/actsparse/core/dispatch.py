@@ -9,11 +9,13 @@ Backends (``SparsityConfig.backend``):
 
 The Triton path, per call with rows ``x [T, K]``:
 
-- ``T <= MAX_ROWS`` (decode) where :data:`DECODE_CHOICE` says the sparse GEMV wins for this
-  shape and row count: one launch that selects N of every M inputs and reads only their weight
-  rows, with VAR's scale and D-PTS's rank-1 term in its epilogue (``kernels.sparse_gemv``; keeps
-  a transposed weight copy). Where the union of kept rows over the tokens makes it lose, the
-  rows take the fused sparsify + dense product instead.
+- ``T <= MAX_ROWS`` (decode) where :data:`DECODE_CHOICE` names a sparse GEMV for this shape and
+  row count: one launch that selects N of every M inputs and reads only their weight rows, with
+  VAR's scale and D-PTS's rank-1 term in its epilogue (keeps a tiled weight copy,
+  ``kernels.gemv_weight``). Two kernels (:data:`DECODE_KERNELS`): the batched one
+  (``kernels.sparse_gemv``, 1 to ``MAX_ROWS`` rows) and the one-token one (``kernels.gemv_one``).
+  Where the union of kept rows over the tokens makes both lose, the rows take the fused
+  sparsify + dense product instead.
 - 2:4 without mitigation, on CUDA, where :data:`PREFILL_CHOICE` says it wins for this mode
   (eager, or graph: captured or compiled), row count and shape: one pass emits the cuSPARSELt
   compressed input, then ``torch._cslt_sparse_mm`` (``kernels.cslt24``).
@@ -29,6 +31,8 @@ their ``torch.ops.actsparse`` ops, so that torch.compile and CUDA graphs see sin
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,6 +47,7 @@ from actsparse.kernels.sparse_gemv import MAX_ROWS
 if TYPE_CHECKING:
     from actsparse.core.shared_input import SharedInput
     from actsparse.core.sparse_linear import SparseLinear
+    from actsparse.kernels.gemv_weight import GemvWeight
 
 BACKENDS = ("auto", "torch", "triton")
 KERNEL_SCORES = (ABS_TIMES_VECTOR,)  # the criterion kernel_score values the kernels compute
@@ -130,29 +135,69 @@ class PrefillChoice:
 PREFILL_CHOICE = PrefillChoice()
 
 
+@dataclass(frozen=True)
+class DecodeKernel:
+    """One sparse GEMV that can serve decode rows: its name (in the tables), the most token rows it
+    takes, and how it runs on a :class:`~actsparse.kernels.gemv_weight.GemvWeight`
+    (``launch(gemv_weight, x, n, m, vector=, shift=, var=)``)."""
+
+    name: str
+    max_rows: int
+    launch: Callable[..., torch.Tensor]
+
+
+def _batched(gemv_weight: GemvWeight, x: torch.Tensor, n: int, m: int, **options) -> torch.Tensor:
+    return gemv_weight(x, n, m, **options)
+
+
+def _one_token(gemv_weight: GemvWeight, x: torch.Tensor, n: int, m: int, **options) -> torch.Tensor:
+    return gemv_weight.one(x, n, m, **options)
+
+
+BATCHED = DecodeKernel("gemv", MAX_ROWS, _batched)  # kernels.sparse_gemv: 1 to MAX_ROWS rows
+ONE_TOKEN = DecodeKernel("gemv_one", 1, _one_token)  # kernels.gemv_one: selection in each step, one row
+DECODE_KERNELS = {kernel.name: kernel for kernel in (BATCHED, ONE_TOKEN)}
+
+
 class DecodeChoice:
-    """Whether the sparse GEMV beats sparsify + dense product, per (K, O, rows, N, M, dtype, layers).
+    """Which sparse GEMV (or none: sparsify + dense product) serves decode rows, per
+    (K, O, rows, N, M, dtype, layers).
 
     ``layers``: how many linked layers the product covers side by side (``core.shared_input``;
     1 for a layer alone), so that a group and a single layer of the same total shape are told
-    apart. Entries of ``measured`` (filled by :func:`actsparse.tune_`, timed inside CUDA graphs,
-    the mode decoding runs in) override the rule; other shapes follow :meth:`default`, the rule
-    the H200 measurements support (BENCHMARKS.md §5).
+    apart. Entries of ``measured`` (a :data:`DECODE_KERNELS` name, or None for the fallback;
+    filled by :func:`actsparse.tune_`, timed inside CUDA graphs, the mode decoding runs in)
+    override the rule; other shapes follow :meth:`default`, the rule the H200 measurements
+    support (BENCHMARKS.md §5).
     """
 
     def __init__(self):
-        self.measured: dict[tuple, bool] = {}
+        self.measured: dict[tuple, str | None] = {}
 
     @staticmethod
-    def default(k: int, o: int, rows: int, n: int, m: int) -> bool:
+    def default(k: int, o: int, rows: int, n: int, m: int) -> str | None:
         """One token, at density <= 1/2, on layers of at least 2048 outputs (H200: 1.1-1.4x there;
-        two or more tokens and the narrow k/v projections lose)."""
-        return rows == 1 and 2 * n <= m and o >= 2048
+        two or more tokens and the narrow k/v projections lose); of those, the one-token kernel at
+        density 1/2 where its long weight stream measured faster than the batched one: 2:4 from
+        4096 x 14336 on, 8:16 where the inputs are the wider side (the MLP's down projection)."""
+        if not (rows == 1 and 2 * n <= m and o >= 2048):
+            return None
+        if 2 * n == m and k * o >= 4096 * 14336 and (m == 4 or (m <= 16 and k > o)):
+            return ONE_TOKEN.name
+        return BATCHED.name
+
+    def kernel(self, k: int, o: int, rows: int, n: int, m: int, dtype: torch.dtype, layers: int = 1) -> DecodeKernel | None:
+        """The GEMV to run, or None for sparsify + dense product."""
+        if rows > MAX_ROWS:
+            return None
+        key = (k, o, rows, n, m, dtype, layers)
+        name = self.measured[key] if key in self.measured else self.default(k, o, rows, n, m)
+        kernel = DECODE_KERNELS.get(name)
+        return kernel if kernel is not None and rows <= kernel.max_rows else None
 
     def sparse_wins(self, k: int, o: int, rows: int, n: int, m: int, dtype: torch.dtype, layers: int = 1) -> bool:
-        if rows > MAX_ROWS:
-            return False
-        return self.measured.get((k, o, rows, n, m, dtype, layers), self.default(k, o, rows, n, m))
+        """Whether some sparse GEMV beats sparsify + dense product here."""
+        return self.kernel(k, o, rows, n, m, dtype, layers) is not None
 
 
 DECODE_CHOICE = DecodeChoice()
@@ -180,8 +225,9 @@ def triton_forward(layer: SparseLinear, x: torch.Tensor, source: torch.Tensor | 
         if outputs is not None:
             return group.keep(source, layer, outputs)
     n, m = layer.pattern.n, layer.pattern.m
-    if DECODE_CHOICE.sparse_wins(layer.in_features, layer.out_features, x.shape[0], n, m, x.dtype):
-        return gemv_forward(layer, x)
+    kernel = DECODE_CHOICE.kernel(layer.in_features, layer.out_features, x.shape[0], n, m, x.dtype)
+    if kernel is not None:
+        return gemv_forward(layer, x, kernel)
     return sparsify_forward(layer, x, cslt=uses_cslt(layer, x))
 
 
@@ -191,18 +237,20 @@ def shared_outputs(group: SharedInput, x: torch.Tensor) -> list[torch.Tensor] | 
     each member's product; None where the members must compute alone (VAR's scale at the output)."""
     lead, rows = group.lead, x.shape[0]
     n, m = lead.pattern.n, lead.pattern.m
-    if DECODE_CHOICE.sparse_wins(group.in_features, group.out_features, rows, n, m, x.dtype, len(group.layers)):
-        return shared_gemv(group, x)
+    kernel = DECODE_CHOICE.kernel(group.in_features, group.out_features, rows, n, m, x.dtype, len(group.layers))
+    if kernel is not None:
+        return shared_gemv(group, x, kernel)
     if _var_at_output(lead, rows):
         return None
     return _products(group.layers, x, [uses_cslt(member, x) for member in group.layers])
 
 
-def shared_gemv(group: SharedInput, x: torch.Tensor) -> list[torch.Tensor]:
+def shared_gemv(group: SharedInput, x: torch.Tensor, kernel: DecodeKernel = BATCHED) -> list[torch.Tensor]:
     """One launch for all members: select once, read the kept rows of every member's weight."""
     lead = group.lead
     var = lead.mitigation.kernel == VARIANCE_SCALE
-    return group.split(group.gemv_weight()(x, lead.pattern.n, lead.pattern.m, shift=_shift(lead, x), var=var))
+    y = kernel.launch(group.gemv_weight(), x, lead.pattern.n, lead.pattern.m, shift=_shift(lead, x), var=var)
+    return group.split(y)
 
 
 def shared_sparsify(group: SharedInput, x: torch.Tensor) -> list[torch.Tensor]:
@@ -230,10 +278,11 @@ def _shift(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor | None:
     return x.median(dim=-1).values.float() if layer.mitigation.kernel == MEDIAN_SHIFT else None
 
 
-def gemv_forward(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+def gemv_forward(layer: SparseLinear, x: torch.Tensor, kernel: DecodeKernel = BATCHED) -> torch.Tensor:
     """One launch: select, read the kept weight rows, VAR scale / D-PTS rank-1 term in the epilogue."""
     var = layer.mitigation.kernel == VARIANCE_SCALE
-    return layer.gemv_weight()(x, layer.pattern.n, layer.pattern.m, vector=layer.feature_vector, shift=_shift(layer, x), var=var)
+    n, m = layer.pattern.n, layer.pattern.m
+    return kernel.launch(layer.gemv_weight(), x, n, m, vector=layer.feature_vector, shift=_shift(layer, x), var=var)
 
 
 def sparsify_forward(layer: SparseLinear, x: torch.Tensor, cslt: bool = False) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from actsparse.kernels.sparse_gemv import GemvWeight
+from actsparse.kernels.gemv_weight import GemvWeight
 
 if TYPE_CHECKING:
     from actsparse.core.sparse_linear import SparseLinear

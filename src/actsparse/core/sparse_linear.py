@@ -20,7 +20,7 @@ from actsparse.core.patterns import Pattern
 from actsparse.core.scoring import Criterion
 from actsparse.core.stats import InputStats
 from actsparse.kernels.cslt24 import Cslt24Linear
-from actsparse.kernels.sparse_gemv import GemvWeight
+from actsparse.kernels.gemv_weight import GemvWeight
 from actsparse.modules import io_features, is_conv1d  # noqa: F401  (is_conv1d: also imported from here)
 
 

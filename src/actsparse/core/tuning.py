@@ -3,8 +3,9 @@
 ``tune_(model)`` times, on the model's own sparse layers (one per distinct shape and config),
 and on each distinct group of linked layers that read one input (``core.shared_input``):
 
-- **decode** (rows 1 .. ``MAX_ROWS``): the one-launch sparse GEMV against sparsify + dense product,
-  inside CUDA graphs (the mode decoding runs in), into ``DECODE_CHOICE``;
+- **decode** (rows 1 .. ``MAX_ROWS``): each sparse GEMV of ``DECODE_KERNELS`` that takes the rows
+  against sparsify + dense product, inside CUDA graphs (the mode decoding runs in); the fastest
+  goes into ``DECODE_CHOICE``;
 - **prefill** (the given row counts, 2:4 layers without mitigation): the cuSPARSELt product
   against sparsify + dense product, in eager mode and inside CUDA graphs, into ``PREFILL_CHOICE``.
 
@@ -28,6 +29,7 @@ from actsparse._version import __version__
 from actsparse.artifacts import write_json_atomic
 from actsparse.core.dispatch import (
     DECODE_CHOICE,
+    DECODE_KERNELS,
     EAGER,
     GRAPH,
     PREFILL_CHOICE,
@@ -46,6 +48,7 @@ from actsparse.timing import Timer, capture_graph
 
 FLUSH_BYTES = 64 << 20  # more than the H100/H200 L2 (50 / 60 MiB)
 TABLE_FORMAT = 1
+PREFILL_KERNEL = "cslt24"  # the prefill fast path tune_ times
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Tuned:
     sparse_ms: float
     dense_ms: float
     layers: int = 1  # linked layers timed side by side (core.shared_input); 1: a layer alone
+    kernel: str = "gemv"  # the fast path timed: a DECODE_KERNELS name (decode), "cslt24" (prefill)
 
     @property
     def sparse_wins(self) -> bool:
@@ -71,7 +75,7 @@ class Tuned:
     def key(self) -> tuple:
         """What was measured (everything but the times)."""
         return (self.phase, self.mode, self.rows, self.in_features, self.out_features, self.pattern, self.dtype,
-                self.layers)  # fmt: skip
+                self.layers, self.kernel)  # fmt: skip
 
     def to_dict(self) -> dict:
         return {**asdict(self), "sparse_wins": self.sparse_wins}
@@ -173,21 +177,26 @@ def tune_(
     for group in groups:
         clock = _Clock(group.lead.weight.device, repeats)
         results += _tune_group(group, decode_rows, clock, generator, known)
-    record(results)
+    record(stored + results)
     if table is not None and results:
         write_table(table, section, stored + results)
     return stored + results
 
 
 def record(rows: list[Tuned]) -> None:
-    """Put measurements into the dispatch tables."""
+    """Put measurements into the dispatch tables: per decode shape the fastest kernel timed there
+    when it beats the fallback (else None), per prefill shape and mode whether cuSPARSELt wins."""
+    best: dict[tuple, Tuned] = {}
     for row in rows:
         if row.phase == "decode":
             n, m = (int(part) for part in row.pattern.split(":"))
             key = (row.in_features, row.out_features, row.rows, n, m, getattr(torch, row.dtype), row.layers)
-            DECODE_CHOICE.measured[key] = row.sparse_wins
+            if row.kernel in DECODE_KERNELS and (key not in best or row.sparse_ms < best[key].sparse_ms):
+                best[key] = row
         else:
             PREFILL_CHOICE.measured[(row.mode, row.rows, row.in_features, row.out_features)] = row.sparse_wins
+    for key, row in best.items():
+        DECODE_CHOICE.measured[key] = row.kernel if row.sparse_wins else None
 
 
 def table_section(device: torch.device) -> str:
@@ -213,15 +222,19 @@ def read_table(path: str | Path) -> dict[str, list[Tuned]]:
         data = json.loads(path.read_text())
         if data.get("format") != TABLE_FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {TABLE_FORMAT}")
-        fields = {f.name for f in dataclass_fields(Tuned)}
-        return {
-            section: [Tuned(**{k: v for k, v in row.items() if k in fields}) for row in rows]
-            for section, rows in data["sections"].items()
-        }
+        return {section: [_row(row) for row in rows] for section, rows in data["sections"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ActsparseError(
             f"{path} is not a fast-path table actsparse can read ({error}); fix: delete it or pass another file"
         ) from None
+
+
+def _row(data: dict) -> Tuned:
+    """A stored row (rows written before ``kernel`` was recorded timed the batched GEMV or cuSPARSELt)."""
+    fields = {f.name for f in dataclass_fields(Tuned)}
+    row = {k: v for k, v in data.items() if k in fields}
+    row.setdefault("kernel", "gemv" if row.get("phase") == "decode" else PREFILL_KERNEL)
+    return Tuned(**row)
 
 
 def write_table(path: str | Path, section: str, rows: list[Tuned]) -> None:
@@ -233,11 +246,17 @@ def write_table(path: str | Path, section: str, rows: list[Tuned]) -> None:
     )
 
 
-def _decode_times(clock: _Clock, gemv, fallback) -> tuple[float, float]:
-    """Per-call ms of the decode GEMV and of its fallback (sparsify + dense product), in graphs;
-    one call first makes the GEMV's weight copy and workspace outside the capture."""
-    gemv()
-    return clock(gemv, 20, GRAPH), clock(fallback, 20, GRAPH)
+def _decode_rows(clock: _Clock, rows: int, fallback, kernel_call, done) -> list[tuple[str, float, float]]:
+    """``(kernel, its ms, fallback ms)`` per call, in graphs, for each decode kernel that takes
+    ``rows`` and was not measured yet (``done(name)``); one call of each kernel first makes the
+    weight copy and workspace outside the capture."""
+    kernels = [kernel for kernel in DECODE_KERNELS.values() if rows <= kernel.max_rows and not done(kernel.name)]
+    if not kernels:
+        return []
+    for kernel in kernels:
+        kernel_call(kernel)()
+    fallback_ms = clock(fallback, 20, GRAPH)
+    return [(kernel.name, clock(kernel_call(kernel), 20, GRAPH), fallback_ms) for kernel in kernels]
 
 
 def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _Clock, generator, known) -> list[Tuned]:
@@ -247,32 +266,32 @@ def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _C
 
     dtype_name = str(dtype).removeprefix("torch.")
 
-    def measured(phase, mode, rows, sparse_ms, dense_ms):
-        results.append(Tuned(phase, mode, rows, k, o, str(layer.pattern), dtype_name, sparse_ms, dense_ms))
+    def measured(phase, mode, rows, kernel, sparse_ms, dense_ms):
+        results.append(Tuned(phase, mode, rows, k, o, str(layer.pattern), dtype_name, sparse_ms, dense_ms, 1, kernel))
 
-    def done(phase, mode, rows):
-        return (phase, mode, rows, k, o, str(layer.pattern), dtype_name, 1) in known
+    def done(phase, mode, rows, kernel):
+        return (phase, mode, rows, k, o, str(layer.pattern), dtype_name, 1, kernel) in known
 
     for rows in decode_rows:
-        if done("decode", GRAPH, rows):
-            continue
         x = torch.randn(rows, k, generator=generator).to(device=layer.weight.device, dtype=dtype)
         if not runs_here(x, layer.forced_backend):
             continue
-        measured(
-            "decode", GRAPH, rows, *_decode_times(clock, partial(gemv_forward, layer, x), partial(sparsify_forward, layer, x))
-        )
+        times = _decode_rows(clock, rows, partial(sparsify_forward, layer, x),
+                             partial(partial, gemv_forward, layer, x),
+                             partial(done, "decode", GRAPH, rows))  # fmt: skip
+        for kernel, sparse_ms, dense_ms in times:
+            measured("decode", GRAPH, rows, kernel, sparse_ms, dense_ms)
     for rows in prefill_rows:
         x = torch.randn(rows, k, generator=generator).to(device=layer.weight.device, dtype=dtype)
         if not cslt_applies(layer, x):
             continue
         sparsify_forward(layer, x, cslt=True)  # the cuSPARSELt algorithm search, outside the capture
         for mode in modes:
-            if done("prefill", mode, rows):
+            if done("prefill", mode, rows, PREFILL_KERNEL):
                 continue
             sparse = clock(partial(sparsify_forward, layer, x, cslt=True), 2, mode)
             dense = clock(partial(sparsify_forward, layer, x), 2, mode)
-            measured("prefill", mode, rows, sparse, dense)
+            measured("prefill", mode, rows, PREFILL_KERNEL, sparse, dense)
     return results
 
 
@@ -283,13 +302,18 @@ def _tune_group(group: SharedInput, decode_rows, clock: _Clock, generator, known
     k, o, dtype = group.in_features, group.out_features, lead.weight.dtype
     dtype_name = str(dtype).removeprefix("torch.")
     results = []
+    parts = len(group.layers)
     for rows in decode_rows:
-        parts = len(group.layers)
-        if ("decode", GRAPH, rows, k, o, str(lead.pattern), dtype_name, parts) in known:
-            continue
         x = torch.randn(rows, k, generator=generator).to(device=lead.weight.device, dtype=dtype)
         if not runs_here(x, lead.forced_backend):
             continue
-        times = _decode_times(clock, partial(shared_gemv, group, x), partial(shared_sparsify, group, x))
-        results.append(Tuned("decode", GRAPH, rows, k, o, str(lead.pattern), dtype_name, *times, parts))
+
+        def done(kernel, rows=rows):
+            return ("decode", GRAPH, rows, k, o, str(lead.pattern), dtype_name, parts, kernel) in known
+
+        times = _decode_rows(clock, rows, partial(shared_sparsify, group, x),
+                             partial(partial, shared_gemv, group, x), done)  # fmt: skip
+        for kernel, sparse_ms, dense_ms in times:
+            results.append(Tuned("decode", GRAPH, rows, k, o, str(lead.pattern), dtype_name, sparse_ms, dense_ms, parts,
+                                 kernel))  # fmt: skip
     return results

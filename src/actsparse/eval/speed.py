@@ -150,7 +150,10 @@ class BenchResult:
         lines += [f"skipped: {s}" for s in self.skipped]
         if self.tuning:
             wins = [t for t in self.tuning if t["sparse_wins"]]
-            picked = ", ".join(f"{t['phase']} {t['mode']} {t['rows']} {t['in_features']}->{t['out_features']}" for t in wins)
+            picked = ", ".join(
+                f"{t['phase']} {t['mode']} {t['rows']} {t['in_features']}->{t['out_features']} {t.get('kernel', '')}"
+                for t in wins
+            )
             lines.append(f"tuned {len(self.tuning)} choices; the fast path won {len(wins)}: {picked or 'none'}")
         return "\n".join(lines)
 

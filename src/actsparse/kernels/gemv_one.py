@@ -19,7 +19,15 @@ from typing import NamedTuple
 import torch
 
 from actsparse.kernels.launch import Launcher
-from actsparse.kernels.sparse_gemv import Workspace, _pow2, check_args
+from actsparse.kernels.sparse_gemv import (
+    MAX_ROWS,
+    Workspace,
+    _interpreting,
+    _pow2,
+    check_args,
+    sparse_gemv_reference,
+    untile_weight,
+)
 
 try:
     import triton
@@ -75,6 +83,13 @@ def one_plan(
     return OnePlan(sub, chunk, 4 if num_warps is None else num_warps, 3 if stages is None else stages)
 
 
+def one_workspace_sizes(k: int, o: int, block_o: int, plan: OnePlan) -> tuple[int, int, int, int, int]:
+    """Elements each :class:`~actsparse.kernels.sparse_gemv.Workspace` tensor needs for one plan (the
+    batched kernel's layout: partials and statistics per split; no compacted rows or values)."""
+    split, tiles = -(-k // plan.chunk), -(-o // block_o)
+    return split * MAX_ROWS * o, split * tiles * 4 * MAX_ROWS, tiles, 0, 0
+
+
 def sparse_gemv_one(
     x, wt, o, n, m, ws: Workspace, plan: OnePlan, *, vector=None, shift=None, var=False, bias=None, row_sum=None, out=None
 ) -> torch.Tensor:
@@ -87,9 +102,9 @@ def sparse_gemv_one(
         raise ValueError(f"sparse_gemv_one takes one token row, got {rows}")
     if shift is not None and row_sum is None:
         raise ValueError("a shift needs the weight's row sums (W 1) for its rank-1 term")
+    if any(t.numel() < need for t, need in zip(ws, one_workspace_sizes(k, o, block_o, plan))):
+        raise ValueError("the workspace is too small for this plan (one_workspace_sizes)")
     split = -(-k // plan.chunk)
-    if ws.partials.numel() < split * o * 4 or ws.counters.numel() < tiles or ws.stats.numel() < split * tiles * 16:
-        raise ValueError("the workspace is too small for this plan")
     x = x.contiguous()
     if out is None:
         out = torch.empty(1, o, dtype=x.dtype, device=x.device)
@@ -104,6 +119,33 @@ def sparse_gemv_one(
         PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native", num_warps=plan.num_warps,
     )  # fmt: skip
     return out
+
+
+# One op, ``torch.ops.actsparse.sparse_gemv_one``, as for the batched kernel: the Triton kernel on
+# CUDA (and under the interpreter), the PyTorch reference elsewhere; the workspace is scratch whose
+# counters the kernel leaves at zero.
+def sparse_gemv_one_auto(
+    x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, row_sum: torch.Tensor | None,
+    vector: torch.Tensor | None, shift: torch.Tensor | None, partials: torch.Tensor, stats: torch.Tensor,
+    counters: torch.Tensor, out_features: int, n: int, m: int, var: bool, sub: int, chunk: int, num_warps: int,
+    stages: int,
+) -> torch.Tensor:  # fmt: skip
+    if triton is not None and (x.is_cuda or _interpreting()):
+        empty = counters[:0]
+        return sparse_gemv_one(x, wt, out_features, n, m, Workspace(partials, stats, counters, empty, partials[:0]),
+                               OnePlan(sub, chunk, num_warps, stages), vector=vector, shift=shift, var=var, bias=bias,
+                               row_sum=row_sum)  # fmt: skip
+    return sparse_gemv_reference(x, untile_weight(wt, out_features), n, m, vector=vector, shift=shift, var=var,
+                                 bias=bias, row_sum=row_sum)  # fmt: skip
+
+
+_sparse_gemv_one_op = torch.library.custom_op("actsparse::sparse_gemv_one", sparse_gemv_one_auto, mutates_args=())
+
+
+@_sparse_gemv_one_op.register_fake
+def _(x, wt, bias, row_sum, vector, shift, partials, stats, counters, out_features, n, m, var, sub, chunk, num_warps,
+      stages):  # fmt: skip
+    return x.new_empty(x.shape[0], out_features)
 
 
 if triton is not None:

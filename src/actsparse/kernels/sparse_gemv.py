@@ -201,10 +201,16 @@ _GROWN = [0]  # how many times a shared workspace was replaced (a weight's cache
 
 def shared_workspace(k: int, o: int, plans, device) -> Workspace:
     """The device's one workspace, grown to fit ``plans`` if needed (warm up before graph capture)."""
-    return _shared(workspace_need(k, o, plans), device)
+    return shared_workspace_of(workspace_need(k, o, plans), device)
 
 
-def _shared(need: tuple[int, ...], device) -> Workspace:
+def workspace_generation() -> int:
+    """How many times a shared workspace was replaced: one fetched earlier is current while this is unchanged."""
+    return _GROWN[0]
+
+
+def shared_workspace_of(need: tuple[int, ...], device) -> Workspace:
+    """The device's one workspace, grown to at least ``need`` elements per tensor."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" are one device
@@ -494,55 +500,3 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-class GemvWeight:
-    """A layer's weight in :func:`tile_weight`'s layout for :func:`sparse_gemv`, with its plans and workspace.
-
-    ``weight`` ``[O, K]``; ``row_sum`` ``W 1`` (float32) when a shift is used. The column tile
-    width is fixed per weight (the default plan's); the workspace is made on first use and
-    reused: warm up once before CUDA-graph capture, and use one stream at a time per weight.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, row_sum: torch.Tensor | None = None,
-                 block_o: int | None = None):
-        self.out_features, self.in_features = weight.shape
-        self.block_o = block_o or gemv_plan(self.in_features, self.out_features, 1, 1, 1).block_o
-        self.tiled = tile_weight(weight, self.block_o)
-        self.bias = None if bias is None else bias.detach()
-        self.row_sum = None if row_sum is None else row_sum.detach().float()
-        self.plans: dict[tuple[int, int], GemvPlan] = {}
-        self._need: dict[int, tuple[int, ...]] = {}  # workspace sizes per M, for rows 1..MAX_ROWS
-        self._workspaces: dict[int, tuple[int, Workspace]] = {}  # per M: (_GROWN when fetched, the workspace)
-
-    @property
-    def device(self) -> torch.device:
-        return self.tiled.device
-
-    def plan(self, rows: int, m: int) -> GemvPlan:
-        key = (rows, m)
-        if key not in self.plans:
-            self.plans[key] = gemv_plan(self.in_features, self.out_features, m, rows, sm_count(self.device),
-                                        block_o=self.block_o)
-        return self.plans[key]
-
-    def workspace(self, m: int) -> Workspace:
-        """The shared workspace (sizes computed once); fetched again only after some weight grew it."""
-        cached = self._workspaces.get(m)
-        if cached is not None and cached[0] == _GROWN[0]:
-            return cached[1]
-        if m not in self._need:
-            plans = [self.plan(rows, m) for rows in range(1, MAX_ROWS + 1)]
-            self._need[m] = workspace_need(self.in_features, self.out_features, plans)
-        workspace = _shared(self._need[m], self.device)
-        self._workspaces[m] = (_GROWN[0], workspace)
-        return workspace
-
-    def __call__(self, x: torch.Tensor, n: int, m: int, *, vector=None, shift=None, var: bool = False) -> torch.Tensor:
-        ws, plan = self.workspace(m), self.plan(x.shape[0], m)
-        # the op while torch.compile traces; its body directly otherwise (the op's dispatch costs host time)
-        op = torch.ops.actsparse.sparse_gemv if torch.compiler.is_compiling() else sparse_gemv_auto
-        return op(
-            x.contiguous(), self.tiled, self.bias, self.row_sum, vector, shift, *ws, self.out_features, n, m, bool(var),
-            *plan
-        )
