@@ -8,6 +8,7 @@ against the PyTorch reference first.
 
     python benchmarks/bench_gemv_one.py                  # default plans
     python benchmarks/bench_gemv_one.py --sweep          # also chunk / tile / stage / warp choices (8:16)
+    python benchmarks/bench_gemv_one.py --narrow         # narrow column tiles with long chunks (few splits)
 """
 
 from __future__ import annotations
@@ -60,6 +61,20 @@ def plans_for(k, o, n, m, sweep):
     return sorted(plans)
 
 
+def narrow_plans(k, o, n, m):
+    """Column tiles of 64 to 256 with 2 to 16 splits of the input rows (long streams, a short finish)."""
+    from actsparse.kernels.gemv_one import one_plan
+    from actsparse.kernels.sparse_gemv import sm_count
+
+    sms = sm_count(torch.device("cuda"))
+    plans = set()
+    for bo, split, stages, sub_mult in itertools.product((64, 128, 256), (2, 4, 8, 16), (3, 5), (1, 2)):
+        sub = one_plan(k, o, n, m, bo, sms).sub * sub_mult
+        chunk = -(-k // (split * sub)) * sub
+        plans.add((bo, one_plan(k, o, n, m, bo, sms, sub=sub, chunk=chunk, stages=stages)))
+    return sorted(plans)
+
+
 def _compile(job):
     k, o, n, m, block_o, plan = job
     from actsparse.kernels.gemv_one import OnePlan, sparse_gemv_one
@@ -106,12 +121,17 @@ def bench_case(k, o, n, m, plans, inputs=4):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--narrow", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_gemv_one.py needs a CUDA GPU")
     cases = [(k, o, n, m) for (k, o) in SHAPES for (n, m) in PATTERNS]
-    plan_lists = {c: plans_for(*c, args.sweep and c[2:] == (8, 16) and c[:2] in LINKED) for c in cases}
+    if args.narrow:
+        cases = [(k, o, n, m) for (k, o) in SHAPES if (k, o) in LINKED for (n, m) in PATTERNS[:2]]
+        plan_lists = {c: narrow_plans(*c) for c in cases}
+    else:
+        plan_lists = {c: plans_for(*c, args.sweep and c[2:] == (8, 16) and c[:2] in LINKED) for c in cases}
     jobs = [(*c, bo, tuple(p)) for c in cases for bo, p in plan_lists[c]]
     start = time.time()
     with mp.get_context("spawn").Pool(12) as pool:
@@ -127,6 +147,9 @@ def main(argv=None):
         print(f"{k:>6} -> {o:<6} {n:>3}:{m:<2} {r['dense_us']:>9.1f} {r['batched_us']:>8.1f} {best['sparse_us']:>8.1f} "
               f"{r['dense_us'] / best['sparse_us']:>7.2f} {r['batched_us'] / best['sparse_us']:>9.2f}  "
               f"{best['block_o']} {tuple(best['plan'])}", flush=True)  # fmt: skip
+        if args.narrow:  # the five best
+            for other in sorted(r["all"], key=lambda x: x["sparse_us"])[:5]:
+                print(f"{'':>22} {other['sparse_us']:>8.1f}  {other['block_o']} {tuple(other['plan'])}", flush=True)
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(out, handle, indent=1)

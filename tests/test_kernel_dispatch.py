@@ -99,13 +99,13 @@ def test_decode_choice_default_rule_and_measured_entries():
 @pytest.mark.parametrize(
     "k, o, n, m, kernel",
     [
-        (4096, 28672, 2, 4, "gemv_one"),  # 2:4 gate+up side by side: the long stream
+        (4096, 28672, 2, 4, "gemv_one"),  # 2:4: the one-token kernel on every Llama shape
         (14336, 4096, 2, 4, "gemv_one"),
-        (14336, 4096, 8, 16, "gemv_one"),  # 8:16 down projection: inputs the wider side
-        (4096, 28672, 8, 16, "gemv"),  # 8:16 gate+up: the batched kernel measured faster
-        (4096, 6144, 2, 4, "gemv"),  # q/k/v: too short a stream
+        (4096, 6144, 2, 4, "gemv_one"),
+        (4096, 4096, 1, 4, "gemv_one"),  # M <= 4: its ranking in each step is cheap
+        (14336, 4096, 8, 16, "gemv"),  # 8:16: the batched kernel (the one-token one won nowhere by 2%)
+        (4096, 28672, 8, 16, "gemv"),
         (14336, 4096, 16, 32, "gemv"),
-        (14336, 4096, 1, 4, "gemv"),  # density below 1/2: unmeasured for the one-token kernel
     ],
 )
 def test_the_default_rule_names_the_kernel_the_h200_measured_faster(k, o, n, m, kernel):
@@ -113,9 +113,13 @@ def test_the_default_rule_names_the_kernel_the_h200_measured_faster(k, o, n, m, 
 
     choice = DecodeChoice()
     assert choice.kernel(k, o, 1, n, m, torch.bfloat16) is DECODE_KERNELS[kernel]
-    assert choice.kernel(k, o, 2, n, m, torch.bfloat16) is None  # one-token kernels never take two rows
+    assert choice.kernel(k, o, 2, n, m, torch.bfloat16) is None
+    assert choice.block_o(k, o, n, m) == DECODE_KERNELS[kernel].block_o(
+        k, o
+    )  # the weight copy's tiles: its kernel's  # one-token kernels never take two rows
     choice.measured[(k, o, 2, n, m, torch.bfloat16, 1)] = "gemv_one"  # an entry cannot send two rows there either
     assert choice.kernel(k, o, 2, n, m, torch.bfloat16) is None
+    assert choice.block_o(k, o, n, m) == DECODE_KERNELS[kernel].block_o(k, o)  # the weight copy's tiles: its kernel's
 
 
 def test_prefill_choice_reads_the_measured_table_and_defaults_to_dense():

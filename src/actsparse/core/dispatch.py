@@ -42,7 +42,8 @@ from actsparse.core.scoring import ABS_TIMES_VECTOR, CRITERIA, Criterion, get_cr
 from actsparse.errors import ActsparseError
 from actsparse.kernels import cslt24  # also registers torch.ops.actsparse.sparsify_compress24
 from actsparse.kernels import sparsify as sparsify_kernels  # also registers torch.ops.actsparse.nm_sparsify*
-from actsparse.kernels.sparse_gemv import MAX_ROWS
+from actsparse.kernels.gemv_one import one_block_o
+from actsparse.kernels.sparse_gemv import MAX_ROWS, gemv_plan
 
 if TYPE_CHECKING:
     from actsparse.core.shared_input import SharedInput
@@ -144,6 +145,7 @@ class DecodeKernel:
     name: str
     max_rows: int
     launch: Callable[..., torch.Tensor]
+    block_o: Callable[[int, int], int]  # (K, O) -> the column tile width of the weight copy it reads best
 
 
 def _batched(gemv_weight: GemvWeight, x: torch.Tensor, n: int, m: int, **options) -> torch.Tensor:
@@ -154,8 +156,12 @@ def _one_token(gemv_weight: GemvWeight, x: torch.Tensor, n: int, m: int, **optio
     return gemv_weight.one(x, n, m, **options)
 
 
-BATCHED = DecodeKernel("gemv", MAX_ROWS, _batched)  # kernels.sparse_gemv: 1 to MAX_ROWS rows
-ONE_TOKEN = DecodeKernel("gemv_one", 1, _one_token)  # kernels.gemv_one: selection in each step, one row
+def _batched_block_o(k: int, o: int) -> int:
+    return gemv_plan(k, o, 1, 1, 1).block_o
+
+
+BATCHED = DecodeKernel("gemv", MAX_ROWS, _batched, _batched_block_o)  # kernels.sparse_gemv: 1 to MAX_ROWS rows
+ONE_TOKEN = DecodeKernel("gemv_one", 1, _one_token, lambda k, o: one_block_o(o))  # kernels.gemv_one: one row
 DECODE_KERNELS = {kernel.name: kernel for kernel in (BATCHED, ONE_TOKEN)}
 
 
@@ -176,15 +182,20 @@ class DecodeChoice:
 
     @staticmethod
     def default(k: int, o: int, rows: int, n: int, m: int) -> str | None:
-        """One token, at density <= 1/2, on layers of at least 2048 outputs (H200: 1.1-1.4x there;
-        two or more tokens and the narrow k/v projections lose); of those, the one-token kernel at
-        density 1/2 where its long weight stream measured faster than the batched one: 2:4 from
-        4096 x 14336 on, 8:16 where the inputs are the wider side (the MLP's down projection)."""
+        """One token, at density <= 1/2, on layers of at least 2048 outputs (H200: 1.1-1.5x there;
+        two or more tokens and the narrow k/v projections lose); of those, the one-token kernel
+        where M <= 4 (its ranking in each step is cheap there: at 2:4 it beat the batched kernel on
+        every Llama shape, at 8:16 on none by more than 2%)."""
         if not (rows == 1 and 2 * n <= m and o >= 2048):
             return None
-        if 2 * n == m and k * o >= 4096 * 14336 and (m == 4 or (m <= 16 and k > o)):
-            return ONE_TOKEN.name
-        return BATCHED.name
+        return ONE_TOKEN.name if m <= 4 else BATCHED.name
+
+    def block_o(self, k: int, o: int, n: int, m: int) -> int:
+        """The column tile width of a weight copy for the decode GEMVs: the one the kernel that the
+        rule names for one token reads best (the batched kernel's where none is named). Fixed when
+        the copy is made; ``tune_`` then times both kernels on it."""
+        name = self.default(k, o, 1, n, m)
+        return DECODE_KERNELS[name or BATCHED.name].block_o(k, o)
 
     def kernel(self, k: int, o: int, rows: int, n: int, m: int, dtype: torch.dtype, layers: int = 1) -> DecodeKernel | None:
         """The GEMV to run, or None for sparsify + dense product."""

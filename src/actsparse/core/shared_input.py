@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from actsparse.core.dispatch import DECODE_CHOICE
 from actsparse.kernels.gemv_weight import GemvWeight
 
 if TYPE_CHECKING:
@@ -101,7 +102,9 @@ class SharedInput:
                 ])  # fmt: skip
             sums = [getattr(member, "weight_row_sum", None) for member in self.layers]
             row_sum = None if any(s is None for s in sums) else torch.cat(sums).to(weight.device)
-            self._gemv = GemvWeight(weight, bias, row_sum)
+            pattern = self.lead.pattern
+            block_o = DECODE_CHOICE.block_o(self.in_features, self.out_features, pattern.n, pattern.m)
+            self._gemv = GemvWeight(weight, bias, row_sum, block_o)
         return self._gemv
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actsparse.core.dispatch import choose_backend, runs_here, triton_forward
+from actsparse.core.dispatch import DECODE_CHOICE, choose_backend, runs_here, triton_forward
 from actsparse.core.masks import keep_mask
 from actsparse.core.mitigation import Mitigation
 from actsparse.core.mitigation_state import FEATURE_VECTOR, MitigationState
@@ -163,7 +163,9 @@ class SparseLinear(nn.Module):
         weight = self.dense_weight()
         if self._gemv_weight is None or self._gemv_weight.device != weight.device:
             row_sum = getattr(self, "weight_row_sum", None)
-            self._gemv_weight = GemvWeight(weight, self.bias, None if row_sum is None else row_sum.to(weight.device))
+            block_o = DECODE_CHOICE.block_o(self.in_features, self.out_features, self.pattern.n, self.pattern.m)
+            self._gemv_weight = GemvWeight(weight, self.bias, None if row_sum is None else row_sum.to(weight.device),
+                                           block_o)  # fmt: skip
         return self._gemv_weight
 
     def cslt_linear(self):

@@ -38,7 +38,9 @@ except ImportError:  # the module imports without Triton; the kernel then cannot
     triton = None
     tl = None
 
-SLOTS = 32  # kept rows per step (the product's inner size; at least 16 for a tensor-core step)
+SLOTS = 64  # kept rows per step (the product's inner size; at least 16 for a tensor-core step)
+BLOCK_O = 256  # output columns per program (H200: 256 with few splits beat 512 on every Llama shape at 2:4)
+PROGRAMS_PER_SM = 2
 
 
 class OnePlan(NamedTuple):
@@ -48,6 +50,11 @@ class OnePlan(NamedTuple):
     chunk: int
     num_warps: int
     stages: int
+
+
+def one_block_o(o: int) -> int:
+    """The column tile width the one-token kernel wants for ``o`` outputs."""
+    return min(BLOCK_O, max(16, _pow2(o)))
 
 
 def one_plan(
@@ -63,8 +70,9 @@ def one_plan(
     num_warps: int | None = None,
     stages: int | None = None,
 ) -> OnePlan:
-    """The default plan (any argument given overrides it): ``SLOTS`` kept rows a step, chunks for
-    about two programs per multiprocessor."""
+    """The default plan (any argument given overrides it): ``SLOTS`` kept rows a step, and the input
+    rows split as few times as gives about ``PROGRAMS_PER_SM`` programs per multiprocessor (a long
+    stream per program and a short finish: H200, BENCHMARKS.md §5)."""
     slots_per_group = _pow2(n)
     if sub is None:  # groups per step: a power of two with about SLOTS slots, at least 16
         groups = max(1, _pow2(-(-SLOTS // slots_per_group)))
@@ -76,8 +84,8 @@ def one_plan(
         raise ValueError(f"sub {sub} must be M={m} times a power of two with at least 16 slots")
     tiles = -(-o // block_o)
     if chunk is None:
-        steps = max(1, k * tiles // (2 * sm_count * sub))
-        chunk = sub * (1 << (steps.bit_length() - 1))
+        split = max(1, PROGRAMS_PER_SM * sm_count // tiles)
+        chunk = -(-k // (split * sub)) * sub
     if chunk % sub:
         raise ValueError(f"chunk {chunk} must be a multiple of sub {sub}")
     return OnePlan(sub, chunk, 4 if num_warps is None else num_warps, 3 if stages is None else stages)
