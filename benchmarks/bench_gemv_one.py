@@ -40,11 +40,11 @@ def one_workspace(k, o, block_o, plan):
 
 
 def plans_for(k, o, n, m, sweep):
-    from actsparse.kernels.gemv_one import one_plan
-    from actsparse.kernels.sparse_gemv import gemv_plan, sm_count
+    from actsparse.kernels.gemv_one import one_block_o, one_plan
+    from actsparse.kernels.sparse_gemv import sm_count
 
     sms = sm_count(torch.device("cuda"))
-    block_o = gemv_plan(k, o, m, 1, sms).block_o
+    block_o = one_block_o(o)
     default = (block_o, one_plan(k, o, n, m, block_o, sms))
     if not sweep:
         return [default]
