@@ -9,6 +9,7 @@ against the PyTorch reference first.
     python benchmarks/bench_gemv_one.py                  # default plans
     python benchmarks/bench_gemv_one.py --sweep          # also chunk / tile / stage / warp choices (8:16)
     python benchmarks/bench_gemv_one.py --narrow         # narrow column tiles with long chunks (few splits)
+    python benchmarks/bench_gemv_one.py --predicated     # kept rows in slots against loads under the keep flags
 """
 
 from __future__ import annotations
@@ -75,6 +76,25 @@ def narrow_plans(k, o, n, m):
     return sorted(plans)
 
 
+def predicated_plans(k, o, n, m):
+    """The default tile and chunk rule, with kept rows placed in slots or loaded under their flags."""
+    from actsparse.kernels.gemv_one import one_block_o, one_plan
+    from actsparse.kernels.sparse_gemv import sm_count
+
+    sms, bo = sm_count(torch.device("cuda")), one_block_o(o)
+    plans = set()
+    for sub, halve, stages, compact in itertools.product((32, 64, 128), (False, True), (3, 4), (True, False)):
+        sub = max(sub, m)
+        chunk = one_plan(k, o, n, m, bo, sms, sub=sub).chunk
+        if halve and chunk >= 2 * sub:
+            chunk = chunk // (2 * sub) * sub
+        try:
+            plans.add((bo, one_plan(k, o, n, m, bo, sms, sub=sub, chunk=chunk, stages=stages, compact=compact)))
+        except ValueError:
+            continue
+    return sorted(plans)
+
+
 def _compile(job):
     k, o, n, m, block_o, plan = job
     from actsparse.kernels.gemv_one import OnePlan, sparse_gemv_one
@@ -122,14 +142,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--narrow", action="store_true")
+    parser.add_argument("--predicated", action="store_true", help="slots against predicated loads (2:4, 8:16)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_gemv_one.py needs a CUDA GPU")
     cases = [(k, o, n, m) for (k, o) in SHAPES for (n, m) in PATTERNS]
-    if args.narrow:
+    if args.narrow or args.predicated:
         cases = [(k, o, n, m) for (k, o) in SHAPES if (k, o) in LINKED for (n, m) in PATTERNS[:2]]
-        plan_lists = {c: narrow_plans(*c) for c in cases}
+        plan_lists = {c: (narrow_plans if args.narrow else predicated_plans)(*c) for c in cases}
     else:
         plan_lists = {c: plans_for(*c, args.sweep and c[2:] == (8, 16) and c[:2] in LINKED) for c in cases}
     jobs = [(*c, bo, tuple(p)) for c in cases for bo, p in plan_lists[c]]
@@ -147,7 +168,7 @@ def main(argv=None):
         print(f"{k:>6} -> {o:<6} {n:>3}:{m:<2} {r['dense_us']:>9.1f} {r['batched_us']:>8.1f} {best['sparse_us']:>8.1f} "
               f"{r['dense_us'] / best['sparse_us']:>7.2f} {r['batched_us'] / best['sparse_us']:>9.2f}  "
               f"{best['block_o']} {tuple(best['plan'])}", flush=True)  # fmt: skip
-        if args.narrow:  # the five best
+        if args.narrow or args.predicated:  # the five best
             for other in sorted(r["all"], key=lambda x: x["sparse_us"])[:5]:
                 print(f"{'':>22} {other['sparse_us']:>8.1f}  {other['block_o']} {tuple(other['plan'])}", flush=True)
         if args.json:

@@ -37,7 +37,8 @@ def _workspace(k, o, block_o, plan):
 @pytest.mark.parametrize("n, m", [(2, 4), (8, 16), (16, 32), (3, 8), (5, 6)])
 @pytest.mark.parametrize("options", ["plain", "vector_bias", "var", "shift_var"])
 @pytest.mark.parametrize("whole", [False, True])
-def test_one_token_gemv_equals_the_reference_and_the_batched_kernel(n, m, options, whole):
+@pytest.mark.parametrize("compact", [True, False])
+def test_one_token_gemv_equals_the_reference_and_the_batched_kernel(n, m, options, whole, compact):
     k, o, block_o = 384, 200, 64
     g = torch.Generator().manual_seed(n * 100 + m)
     x = torch.randn(1, k, generator=g).to(DEVICE)
@@ -50,7 +51,7 @@ def test_one_token_gemv_equals_the_reference_and_the_batched_kernel(n, m, option
     if options == "shift_var":
         kw.update(shift=torch.randn(1, generator=g).to(DEVICE), row_sum=weight.sum(1))
     wt = tile_weight(weight, block_o)
-    plan = one_plan(k, o, n, m, block_o, 4)
+    plan = one_plan(k, o, n, m, block_o, 4, compact=compact)
     if whole:  # one program over all rows: no split finish
         plan = plan._replace(chunk=-(-k // plan.sub) * plan.sub)
     ws = _workspace(k, o, block_o, plan)

@@ -44,12 +44,15 @@ PROGRAMS_PER_SM = 2
 
 
 class OnePlan(NamedTuple):
-    """Launch choices: input rows per step, input rows per program, warps, pipeline stages."""
+    """Launch choices: input rows per step, input rows per program, warps, pipeline stages, and
+    whether the kept rows are placed in slots (``compact``) or every row of the step is loaded
+    under its keep flag (a load predicated off moves no bytes; no placement, twice the product)."""
 
     sub: int
     chunk: int
     num_warps: int
     stages: int
+    compact: bool = True
 
 
 def one_block_o(o: int) -> int:
@@ -69,6 +72,7 @@ def one_plan(
     chunk: int | None = None,
     num_warps: int | None = None,
     stages: int | None = None,
+    compact: bool = True,
 ) -> OnePlan:
     """The default plan (any argument given overrides it): ``SLOTS`` kept rows a step, and the input
     rows split as few times as gives about ``PROGRAMS_PER_SM`` programs per multiprocessor (a long
@@ -88,7 +92,7 @@ def one_plan(
         chunk = -(-k // (split * sub)) * sub
     if chunk % sub:
         raise ValueError(f"chunk {chunk} must be a multiple of sub {sub}")
-    return OnePlan(sub, chunk, 4 if num_warps is None else num_warps, 3 if stages is None else stages)
+    return OnePlan(sub, chunk, 4 if num_warps is None else num_warps, 3 if stages is None else stages, bool(compact))
 
 
 def one_workspace_sizes(k: int, o: int, block_o: int, plan: OnePlan) -> tuple[int, int, int, int, int]:
@@ -122,7 +126,7 @@ def sparse_gemv_one(
         dummy if bias is None else bias, dummy if row_sum is None else row_sum, out, ws.partials, ws.stats,
         ws.counters, k, o,
         N=n, M=m, M_P2=_pow2(m), N_P2=_pow2(n), SUB=plan.sub, STEPS=plan.chunk // plan.sub, SPLIT=split,
-        BLOCK_O=block_o, STAGES=plan.stages, HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None,
+        BLOCK_O=block_o, STAGES=plan.stages, COMPACT=plan.compact, HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None,
         HAS_BIAS=bias is not None, VAR=bool(var),
         PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native", num_warps=plan.num_warps,
     )  # fmt: skip
@@ -136,12 +140,12 @@ def sparse_gemv_one_auto(
     x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, row_sum: torch.Tensor | None,
     vector: torch.Tensor | None, shift: torch.Tensor | None, partials: torch.Tensor, stats: torch.Tensor,
     counters: torch.Tensor, out_features: int, n: int, m: int, var: bool, sub: int, chunk: int, num_warps: int,
-    stages: int,
+    stages: int, compact: bool,
 ) -> torch.Tensor:  # fmt: skip
     if triton is not None and (x.is_cuda or _interpreting()):
         empty = counters[:0]
         return sparse_gemv_one(x, wt, out_features, n, m, Workspace(partials, stats, counters, empty, partials[:0]),
-                               OnePlan(sub, chunk, num_warps, stages), vector=vector, shift=shift, var=var, bias=bias,
+                               OnePlan(sub, chunk, num_warps, stages, compact), vector=vector, shift=shift, var=var, bias=bias,
                                row_sum=row_sum)  # fmt: skip
     return sparse_gemv_reference(x, untile_weight(wt, out_features), n, m, vector=vector, shift=shift, var=var,
                                  bias=bias, row_sum=row_sum)  # fmt: skip
@@ -152,7 +156,7 @@ _sparse_gemv_one_op = torch.library.custom_op("actsparse::sparse_gemv_one", spar
 
 @_sparse_gemv_one_op.register_fake
 def _(x, wt, bias, row_sum, vector, shift, partials, stats, counters, out_features, n, m, var, sub, chunk, num_warps,
-      stages):  # fmt: skip
+      stages, compact):  # fmt: skip
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -162,7 +166,7 @@ if triton is not None:
     def _gemv_one_kernel(
         x_ptr, v_ptr, shift_ptr, wt_ptr, bias_ptr, rowsum_ptr, y_ptr, part_ptr, stats_ptr, count_ptr, K, O,
         N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, N_P2: tl.constexpr, SUB: tl.constexpr,
-        STEPS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr,
+        STEPS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr, COMPACT: tl.constexpr,
         HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, VAR: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
@@ -197,15 +201,20 @@ if triton is not None:
             if HAS_VECTOR:
                 v = tl.load(v_ptr + cols_k, mask=ok, other=0.0)
             dense, pruned, keep = _select(x_ptr, v, shift_ptr, 0, cols_k, ok, 1, K, N, M_P2, HAS_VECTOR, HAS_SHIFT)
-            flags = keep.to(tl.int32)
-            before = tl.cumsum(flags, axis=1) - flags  # kept inputs before this one in its group
-            hit = keep[:, None, :] & (before[:, None, :] == ns[None, :, None])  # [G, N_P2, M_P2]: slot n <- lane
-            index = tl.sum(tl.where(hit, cols_k[:, None, :], 0), axis=2)  # [G, N_P2]
-            value = tl.sum(tl.where(hit, pruned[:, None, :], 0.0), axis=2)
-            slot_ok = (ns < N)[None, :] & group_ok[:, None]
-            index = tl.reshape(index, (S,))
-            value = tl.reshape(value, (S,))
-            slot_ok = tl.reshape(slot_ok, (S,))
+            if COMPACT:
+                flags = keep.to(tl.int32)
+                before = tl.cumsum(flags, axis=1) - flags  # kept inputs before this one in its group
+                hit = keep[:, None, :] & (before[:, None, :] == ns[None, :, None])  # [G, N_P2, M_P2]: slot n <- lane
+                index = tl.sum(tl.where(hit, cols_k[:, None, :], 0), axis=2)  # [G, N_P2]
+                value = tl.sum(tl.where(hit, pruned[:, None, :], 0.0), axis=2)
+                slot_ok = (ns < N)[None, :] & group_ok[:, None]
+                index = tl.reshape(index, (S,))
+                value = tl.reshape(value, (S,))
+                slot_ok = tl.reshape(slot_ok, (S,))
+            else:  # every row of the step, loaded under its keep flag
+                index = tl.reshape(cols_k, (G * M_P2,))
+                value = tl.reshape(pruned, (G * M_P2,))
+                slot_ok = tl.reshape(keep, (G * M_P2,))
             w = tl.load(tile_ptr + index.to(tl.int64)[:, None] * BLOCK_O + local[None, :], mask=slot_ok[:, None], other=0.0)
             xv = tl.where(rows16[:, None] == 0, value[None, :], 0.0)
             if PRECISION == "ieee":
