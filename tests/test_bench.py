@@ -163,3 +163,21 @@ def test_compile_mode_decodes_the_same_tokens_as_eager_and_is_benched():
     got = {(m.phase, m.mode, m.size) for m in result.measurements}
     assert got == {("prefill", "compile", 8), ("decode", "compile", 1)} and not result.skipped
     assert not any(type(m).__name__ == "SparseLinear" for m in model.modules())
+
+
+def test_the_bench_summary_names_the_kernel_tune_chose_per_shape():
+    from actsparse.core.tuning import Tuned
+    from actsparse.eval.speed import chosen_paths
+
+    shape = ("decode", "graph", 1, 4096, 28672, "2:4", "bfloat16")
+    rows = [
+        Tuned(*shape, 0.0523, 0.0718, layers=2),
+        Tuned(*shape, 0.0432, 0.0718, layers=2, kernel="gemv_one"),
+        Tuned("decode", "graph", 1, 4096, 1024, "2:4", "bfloat16", 0.0120, 0.0103),  # loses: the fallback
+        Tuned("prefill", "eager", 8192, 4096, 14336, "2:4", "bfloat16", 1.5, 1.7, kernel="cslt24"),
+    ]
+    assert chosen_paths([r.to_dict() for r in rows]) == {
+        "decode graph 1 4096->28672 x2": "gemv_one",
+        "decode graph 1 4096->1024": None,
+        "prefill eager 8192 4096->14336": "cslt24",
+    }

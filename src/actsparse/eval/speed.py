@@ -149,13 +149,23 @@ class BenchResult:
             )
         lines += [f"skipped: {s}" for s in self.skipped]
         if self.tuning:
-            wins = [t for t in self.tuning if t["sparse_wins"]]
-            picked = ", ".join(
-                f"{t['phase']} {t['mode']} {t['rows']} {t['in_features']}->{t['out_features']} {t.get('kernel', '')}"
-                for t in wins
-            )
-            lines.append(f"tuned {len(self.tuning)} choices; the fast path won {len(wins)}: {picked or 'none'}")
+            shapes = chosen_paths(self.tuning)
+            picked = ", ".join(f"{shape}: {kernel}" for shape, kernel in shapes.items() if kernel is not None)
+            wins = sum(kernel is not None for kernel in shapes.values())
+            lines.append(f"tuned {len(shapes)} shapes; a fast path won {wins}: {picked or 'none'}")
         return "\n".join(lines)
+
+
+def chosen_paths(tuning: list[dict]) -> dict[str, str | None]:
+    """Per tuned shape (phase, mode, rows, K -> O, linked layers), the fast path that ``tune_``
+    recorded: the fastest kernel timed there when it beats the fallback, else None."""
+    best: dict[str, dict] = {}
+    for row in tuning:
+        linked = f" x{row['layers']}" if row.get("layers", 1) > 1 else ""
+        shape = f"{row['phase']} {row['mode']} {row['rows']} {row['in_features']}->{row['out_features']}{linked}"
+        if shape not in best or row["sparse_ms"] < best[shape]["sparse_ms"]:
+            best[shape] = row
+    return {shape: row.get("kernel", "") if row["sparse_wins"] else None for shape, row in best.items()}
 
 
 def preset_model(name: str, dtype: torch.dtype, device: torch.device, layers: int | None = None, seed: int = 0):
