@@ -117,3 +117,43 @@ def test_the_op_takes_the_reference_where_triton_cannot_run(monkeypatch):
     y = sparse_gemv_one_auto(x, gw.tiled, None, None, None, None, ws.partials, ws.stats, ws.counters, o, 2, 4, False,
                              *plan)  # fmt: skip
     torch.testing.assert_close(y, sparse_gemv_reference(x, weight, 2, 4), atol=1e-5, rtol=1e-5)
+
+
+GPU = DEVICE == "cuda"
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (8, 16)])
+def test_the_split_finish_gives_bit_identical_outputs_under_stress(n, m):
+    """Many splits (so many programs race to finish each column tile): every call equals the first
+    (3 calls under the interpreter, 2000 back to back on the GPU)."""
+    k, o = (4096, 1024) if GPU else (512, 64)
+    g = torch.Generator().manual_seed(17)
+    dtype = torch.bfloat16
+    weight = (torch.randn(o, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+    vector = (torch.rand(k, generator=g) + 0.5).to(DEVICE)
+    gw = GemvWeight(weight, torch.randn(o, generator=g).to(DEVICE, dtype), block_o=64)
+    plan = gw.one_plan(n, m)._replace(chunk=gw.one_plan(n, m).sub)  # one step per program: the most splits
+    gw.one_plans[(n, m)] = plan
+    assert -(-k // plan.chunk) >= 4
+    first = gw.one(x, n, m, vector=vector, var=True)
+    ref = sparse_gemv_reference(x, weight, n, m, vector=vector, var=True, bias=gw.bias)
+    torch.testing.assert_close(first.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    for _ in range(3 if not GPU else 2000):
+        assert torch.equal(gw.one(x, n, m, vector=vector, var=True), first)
+
+
+def test_a_layer_copy_takes_the_tile_width_of_the_kernel_the_rule_names():
+    from actsparse import SparsityConfig
+    from actsparse.core.dispatch import DECODE_CHOICE
+    from actsparse.core.sparse_linear import SparseLinear
+    from actsparse.kernels.gemv_one import one_block_o
+    from actsparse.kernels.sparse_gemv import gemv_plan
+
+    for pattern, expected in (("2:4", one_block_o(2048)), ("8:16", gemv_plan(64, 2048, 16, 1, 1).block_o)):
+        config = SparsityConfig(pattern=pattern, backend="triton")
+        layer = SparseLinear(torch.nn.Linear(64, 2048), config.pattern_obj, config.criterion_obj,
+                             config.mitigation_obj, backend="triton")  # fmt: skip
+        assert DECODE_CHOICE.block_o(64, 2048, layer.pattern.n, layer.pattern.m) == expected
+        assert layer.gemv_weight().block_o == expected
+    assert one_block_o(2048) != gemv_plan(64, 2048, 16, 1, 1).block_o  # the two kernels' tiles differ here
