@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from actsparse._version import __version__
 from actsparse.artifacts import write_json_atomic
@@ -143,13 +144,15 @@ def tune_(
     repeats: int = 7,
     seed: int = 0,
     table: str | Path | None = None,
+    progress: bool = True,
 ) -> list[Tuned]:
     """Time the fast paths of ``model``'s sparse layers once and record the winners (see the module
     docstring); returns every measurement. Layers that do not run the Triton path on CUDA are skipped.
 
     ``table``: a JSON file keeping the measurements across processes, one section per GPU and
     software versions. Choices found there for this GPU and these versions are used without
-    timing; the others are measured and added (the file is rewritten atomically)."""
+    timing; the others are measured and added (the file is rewritten atomically). ``progress``:
+    a progress bar over the layer shapes and groups."""
     for rows in (*decode_rows, *prefill_rows):
         if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
             raise ActsparseError(f"rows to tune must be positive integers, got {rows!r}")
@@ -171,12 +174,16 @@ def tune_(
     known = {row.key for row in stored}
     generator = torch.Generator().manual_seed(seed)
     results: list[Tuned] = []
+    bar = tqdm(total=len(layers) + len(groups), desc="tune fast paths", unit="shape", disable=not progress)
     for layer in layers:
         clock = _Clock(layer.weight.device, repeats)
         results += _tune_layer(layer, decode_rows, prefill_rows, modes, clock, generator, known)
+        bar.update()
     for group in groups:
         clock = _Clock(group.lead.weight.device, repeats)
         results += _tune_group(group, decode_rows, clock, generator, known)
+        bar.update()
+    bar.close()
     record(stored + results)
     if table is not None and results:
         write_table(table, section, stored + results)
