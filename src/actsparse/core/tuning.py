@@ -170,7 +170,6 @@ def tune_(
     groups = distinct_groups(model)
     section = table_section(layers[0].weight.device)
     stored = read_table(table).get(section, []) if table is not None else []
-    record(stored)
     known = {row.key for row in stored}
     generator = torch.Generator().manual_seed(seed)
     results: list[Tuned] = []
@@ -190,20 +189,26 @@ def tune_(
     return stored + results
 
 
+def fastest(rows) -> dict[tuple, Tuned]:
+    """Per measured shape (a row's key without its kernel), the row of the fastest fast path timed there."""
+    best: dict[tuple, Tuned] = {}
+    for row in rows:
+        shape = row.key[:-1]
+        if shape not in best or row.sparse_ms < best[shape].sparse_ms:
+            best[shape] = row
+    return best
+
+
 def record(rows: list[Tuned]) -> None:
     """Put measurements into the dispatch tables: per decode shape the fastest kernel timed there
     when it beats the fallback (else None), per prefill shape and mode whether cuSPARSELt wins."""
-    best: dict[tuple, Tuned] = {}
-    for row in rows:
+    for row in fastest(r for r in rows if r.phase != "decode" or r.kernel in DECODE_KERNELS).values():
         if row.phase == "decode":
             n, m = (int(part) for part in row.pattern.split(":"))
             key = (row.in_features, row.out_features, row.rows, n, m, getattr(torch, row.dtype), row.layers)
-            if row.kernel in DECODE_KERNELS and (key not in best or row.sparse_ms < best[key].sparse_ms):
-                best[key] = row
+            DECODE_CHOICE.measured[key] = row.kernel if row.sparse_wins else None
         else:
             PREFILL_CHOICE.measured[(row.mode, row.rows, row.in_features, row.out_features)] = row.sparse_wins
-    for key, row in best.items():
-        DECODE_CHOICE.measured[key] = row.kernel if row.sparse_wins else None
 
 
 def table_section(device: torch.device) -> str:
@@ -229,14 +234,14 @@ def read_table(path: str | Path) -> dict[str, list[Tuned]]:
         data = json.loads(path.read_text())
         if data.get("format") != TABLE_FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {TABLE_FORMAT}")
-        return {section: [_row(row) for row in rows] for section, rows in data["sections"].items()}
+        return {section: [tuned_from_dict(row) for row in rows] for section, rows in data["sections"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ActsparseError(
             f"{path} is not a fast-path table actsparse can read ({error}); fix: delete it or pass another file"
         ) from None
 
 
-def _row(data: dict) -> Tuned:
+def tuned_from_dict(data: dict) -> Tuned:
     """A stored row (rows written before ``kernel`` was recorded timed the batched GEMV or cuSPARSELt)."""
     fields = {f.name for f in dataclass_fields(Tuned)}
     row = {k: v for k, v in data.items() if k in fields}

@@ -34,7 +34,7 @@ from actsparse._version import __version__
 from actsparse.config import SparsityConfig
 from actsparse.core.dispatch import GRAPH
 from actsparse.core.shared_input import unlink_shared_input
-from actsparse.core.tuning import tune_
+from actsparse.core.tuning import fastest, tune_, tuned_from_dict
 from actsparse.errors import ActsparseError
 from actsparse.kernels.sparse_gemv import MAX_ROWS
 from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
@@ -159,13 +159,12 @@ class BenchResult:
 def chosen_paths(tuning: list[dict]) -> dict[str, str | None]:
     """Per tuned shape (phase, mode, rows, K -> O, linked layers), the fast path that ``tune_``
     recorded: the fastest kernel timed there when it beats the fallback, else None."""
-    best: dict[str, dict] = {}
-    for row in tuning:
-        linked = f" x{row['layers']}" if row.get("layers", 1) > 1 else ""
-        shape = f"{row['phase']} {row['mode']} {row['rows']} {row['in_features']}->{row['out_features']}{linked}"
-        if shape not in best or row["sparse_ms"] < best[shape]["sparse_ms"]:
-            best[shape] = row
-    return {shape: row.get("kernel", "") if row["sparse_wins"] else None for shape, row in best.items()}
+    chosen = {}
+    for row in fastest(tuned_from_dict(entry) for entry in tuning).values():
+        linked = f" x{row.layers}" if row.layers > 1 else ""
+        shape = f"{row.phase} {row.mode} {row.rows} {row.in_features}->{row.out_features}{linked}"
+        chosen[shape] = row.kernel if row.sparse_wins else None
+    return chosen
 
 
 def preset_model(name: str, dtype: torch.dtype, device: torch.device, layers: int | None = None, seed: int = 0):

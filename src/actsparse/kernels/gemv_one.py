@@ -143,8 +143,8 @@ def sparse_gemv_one_auto(
     stages: int, compact: bool,
 ) -> torch.Tensor:  # fmt: skip
     if triton is not None and (x.is_cuda or _interpreting()):
-        empty = counters[:0]
-        return sparse_gemv_one(x, wt, out_features, n, m, Workspace(partials, stats, counters, empty, partials[:0]),
+        # the kernel reads no compacted rows or values: those workspace fields need no elements
+        return sparse_gemv_one(x, wt, out_features, n, m, Workspace(partials, stats, counters, counters, partials),
                                OnePlan(sub, chunk, num_warps, stages, compact), vector=vector, shift=shift, var=var, bias=bias,
                                row_sum=row_sum)  # fmt: skip
     return sparse_gemv_reference(x, untile_weight(wt, out_features), n, m, vector=vector, shift=shift, var=var,
