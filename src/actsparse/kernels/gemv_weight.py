@@ -30,7 +30,7 @@ class GemvWeight:
     """A layer's weight in :func:`tile_weight`'s layout for the decode GEMVs, with its plans and workspace.
 
     ``weight`` ``[O, K]``; ``row_sum`` ``W 1`` (float32) when a shift is used. The column tile
-    width is fixed per weight (the default plan's); the workspace is made on first use and
+    width is fixed per weight (``block_o``, else the batched kernel's default); the workspace is made on first use and
     reused: warm up once before CUDA-graph capture, and use one stream at a time per weight.
     """
 
