@@ -10,6 +10,7 @@ against the PyTorch reference first.
     python benchmarks/bench_gemv_one.py --sweep          # also chunk / tile / stage / warp choices (8:16)
     python benchmarks/bench_gemv_one.py --narrow         # narrow column tiles with long chunks (few splits)
     python benchmarks/bench_gemv_one.py --predicated     # kept rows in slots against loads under the keep flags
+    python benchmarks/bench_gemv_one.py --variants       # the default plan with one choice changed at a time
 """
 
 from __future__ import annotations
@@ -95,6 +96,21 @@ def predicated_plans(k, o, n, m):
     return sorted(plans)
 
 
+def variant_plans(k, o, n, m):
+    """The default plan, and the same with one choice changed: loads ahead, integer keys, PDL,
+    pipeline stages, warps, step size."""
+    from actsparse.kernels.gemv_one import one_block_o, one_plan
+    from actsparse.kernels.sparse_gemv import sm_count
+
+    bo = one_block_o(o)
+    base = one_plan(k, o, n, m, bo, sm_count(torch.device("cuda")))
+    plans = [base, base._replace(ahead=not base.ahead), base._replace(keyed=not base.keyed),
+             base._replace(pdl=not base.pdl), base._replace(stages=5), base._replace(num_warps=8)]  # fmt: skip
+    if base.chunk % (2 * base.sub) == 0:
+        plans.append(base._replace(sub=2 * base.sub))
+    return [(bo, p) for p in dict.fromkeys(plans)]
+
+
 def _compile(job):
     k, o, n, m, block_o, plan = job
     from actsparse.kernels.gemv_one import OnePlan, sparse_gemv_one
@@ -143,12 +159,16 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--narrow", action="store_true")
     parser.add_argument("--predicated", action="store_true", help="slots against predicated loads (2:4, 8:16)")
+    parser.add_argument("--variants", action="store_true", help="one choice of the default plan changed at a time")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_gemv_one.py needs a CUDA GPU")
     cases = [(k, o, n, m) for (k, o) in SHAPES for (n, m) in PATTERNS]
-    if args.narrow or args.predicated:
+    if args.variants:
+        cases = [(k, o, n, m) for (k, o) in SHAPES if (k, o) in LINKED for (n, m) in PATTERNS[:2]]
+        plan_lists = {c: variant_plans(*c) for c in cases}
+    elif args.narrow or args.predicated:
         cases = [(k, o, n, m) for (k, o) in SHAPES if (k, o) in LINKED for (n, m) in PATTERNS[:2]]
         plan_lists = {c: (narrow_plans if args.narrow else predicated_plans)(*c) for c in cases}
     else:
@@ -168,7 +188,10 @@ def main(argv=None):
         print(f"{k:>6} -> {o:<6} {n:>3}:{m:<2} {r['dense_us']:>9.1f} {r['batched_us']:>8.1f} {best['sparse_us']:>8.1f} "
               f"{r['dense_us'] / best['sparse_us']:>7.2f} {r['batched_us'] / best['sparse_us']:>9.2f}  "
               f"{best['block_o']} {tuple(best['plan'])}", flush=True)  # fmt: skip
-        if args.narrow or args.predicated:  # the five best
+        if args.variants:  # every variant, in plan order (the first is the default)
+            for other in r["all"]:
+                print(f"{'':>22} {other['sparse_us']:>8.1f}  {other['block_o']} {tuple(other['plan'])}", flush=True)
+        elif args.narrow or args.predicated:  # the five best
             for other in sorted(r["all"], key=lambda x: x["sparse_us"])[:5]:
                 print(f"{'':>22} {other['sparse_us']:>8.1f}  {other['block_o']} {tuple(other['plan'])}", flush=True)
         if args.json:

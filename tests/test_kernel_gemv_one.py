@@ -9,7 +9,13 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from actsparse.kernels.gemv_one import one_plan, one_workspace_sizes, sparse_gemv_one, sparse_gemv_one_auto  # noqa: E402
+from actsparse.kernels.gemv_one import (  # noqa: E402
+    AHEAD_STAGES,
+    one_plan,
+    one_workspace_sizes,
+    sparse_gemv_one,
+    sparse_gemv_one_auto,
+)
 from actsparse.kernels.gemv_weight import GemvWeight  # noqa: E402
 from actsparse.kernels.sparse_gemv import (  # noqa: E402
     Workspace,
@@ -65,10 +71,71 @@ def test_one_token_gemv_equals_the_reference_and_the_batched_kernel(n, m, option
     assert torch.equal(sparse_gemv_one(x, wt, o, n, m, ws, plan, **kw), y)  # the same inputs, the same bits
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, m", [(2, 4), (8, 16), (3, 8)])
+@pytest.mark.parametrize("shift", [False, True])
+def test_integer_keys_and_loads_ahead_choose_exactly_what_the_rule_chooses(dtype, n, m, shift):
+    """16-bit inputs full of ties, zeros and the largest finite values, through an identity weight
+    (so each output is its own input, kept or not): ranking by integer keys and loading each step's
+    inputs one step early keep exactly the inputs the reference keeps."""
+    k, block_o = 256, 64
+    g = torch.Generator().manual_seed(n * 31 + m)
+    x = torch.randint(-3, 4, (1, k), generator=g).to(dtype) * 0.5  # few distinct magnitudes: ties everywhere
+    x[0, 9], x[0, 17], x[0, 40] = 0.0, torch.finfo(dtype).max, -torch.finfo(dtype).max
+    weight = torch.eye(k, dtype=dtype)
+    kw = dict(shift=torch.tensor([0.5]), row_sum=weight.float().sum(1)) if shift else {}
+    kw = {key: value.to(DEVICE) for key, value in kw.items()}
+    wt = tile_weight(weight.to(DEVICE), block_o)
+    ref = sparse_gemv_reference(x.to(DEVICE), weight.to(DEVICE), n, m, **kw)
+    base = one_plan(k, k, n, m, block_o, 4)
+    for keyed in (False, True):
+        for ahead in (False, True):
+            plan = base._replace(keyed=keyed, ahead=ahead)
+            y = sparse_gemv_one(x.to(DEVICE), wt, k, n, m, _workspace(k, k, block_o, plan), plan, **kw)
+            assert torch.equal(y, ref), (keyed, ahead)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_integer_keys_rank_nan_first(dtype):
+    """A NaN input outranks every other input of its group (and then spreads to every output, as
+    in the reference); with it out of the input every output is finite."""
+    k, o, block_o, n, m = 128, 32, 32, 2, 4
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, k, generator=g).to(dtype)
+    x[0, 4:8] = torch.tensor([100.0, 200.0, 300.0, 400.0]).to(dtype)
+    weight = (torch.randn(o, k, generator=g) / k**0.5).to(dtype)
+    wt = tile_weight(weight.to(DEVICE), block_o)
+    plan = one_plan(k, o, n, m, block_o, 4)
+    assert plan.keyed
+    run = lambda x: sparse_gemv_one(x.to(DEVICE), wt, o, n, m, _workspace(k, o, block_o, plan), plan)  # noqa: E731
+    assert bool(run(x).isfinite().all())
+    x[0, 4] = float("nan")  # the smallest of its group: kept only because NaN ranks first
+    assert bool(sparse_gemv_reference(x.to(DEVICE), weight.to(DEVICE), n, m).isnan().all())
+    assert bool(run(x).isnan().all())
+
+
+def test_integer_keys_keep_the_lower_index_among_equal_inputs():
+    """Every input equal: the first N of each group are kept, so only their weight rows count."""
+    k, o, block_o, n, m = 64, 16, 16, 2, 4
+    x = torch.ones(1, k, dtype=torch.bfloat16, device=DEVICE)
+    weight = torch.zeros(o, k, dtype=torch.bfloat16)
+    weight[:, 0::4] = 1.0  # lane 0 of each group: kept under ties to the lower index
+    weight[:, 3::4] = 100.0  # lane 3: dropped
+    plan = one_plan(k, o, n, m, block_o, 4)
+    assert plan.keyed
+    y = sparse_gemv_one(x, tile_weight(weight.to(DEVICE), block_o), o, n, m, _workspace(k, o, block_o, plan), plan)
+    assert torch.equal(y.float().cpu(), torch.full((1, o), k / m))
+
+
 def test_one_token_gemv_refuses_more_rows_and_bad_plans():
     k, o = 128, 64
     wt = tile_weight(torch.randn(o, k, device=DEVICE), 64)
     plan = one_plan(k, o, 2, 4, 64, 4)
+    assert plan.ahead and not one_plan(k, o, 2, 4, 64, 4, stages=4).ahead  # the default follows the depth
+    with pytest.raises(ValueError, match="AHEAD_STAGES"):
+        one_plan(k, o, 2, 4, 64, 4, stages=4, ahead=True)
+    with pytest.raises(ValueError, match="AHEAD_STAGES"):  # a plan made by hand is refused at launch
+        sparse_gemv_one(torch.randn(1, k, device=DEVICE), wt, o, 2, 4, _workspace(k, o, 64, plan), plan._replace(stages=4))
     with pytest.raises(ValueError, match="one token row"):
         sparse_gemv_one(torch.randn(2, k, device=DEVICE), wt, o, 2, 4, _workspace(k, o, 64, plan), plan)
     with pytest.raises(ValueError, match="power of two"):
@@ -157,3 +224,28 @@ def test_a_layer_copy_takes_the_tile_width_of_the_kernel_the_rule_names():
         assert DECODE_CHOICE.block_o(64, 2048, layer.pattern.n, layer.pattern.m) == expected
         assert layer.gemv_weight().block_o == expected
     assert one_block_o(2048) != gemv_plan(64, 2048, 16, 1, 1).block_o  # the two kernels' tiles differ here
+
+
+@pytest.mark.skipif(not GPU, reason="compiled plans (the interpreter does not pipeline)")
+@pytest.mark.parametrize("k, o", [(4096, 28672), (14336, 4096), (4096, 4096), (4096, 6144), (4096, 14336)])
+@pytest.mark.parametrize("n, m", [(2, 4), (8, 16)])
+@pytest.mark.parametrize("stages", [2, 3, 4, 5])
+@pytest.mark.parametrize("ahead", [False, True])
+def test_compiled_plans_on_the_llama_shapes_equal_the_reference(k, o, n, m, stages, ahead):
+    """The software pipeline at every depth, with and without the loads ahead, on the real shapes."""
+    from actsparse.kernels.gemv_one import one_block_o
+    from actsparse.kernels.sparse_gemv import sm_count
+
+    g = torch.Generator().manual_seed(k + o + m)
+    weight = (torch.randn(o, k, generator=g) / k**0.5).to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
+    block_o = one_block_o(o)
+    if ahead and stages not in AHEAD_STAGES:  # miscompiled at some of these depths: refused
+        with pytest.raises(ValueError, match="AHEAD_STAGES"):
+            one_plan(k, o, n, m, block_o, sm_count(torch.device(DEVICE)), stages=stages, ahead=ahead)
+        return
+    plan = one_plan(k, o, n, m, block_o, sm_count(torch.device(DEVICE)), stages=stages, ahead=ahead)
+    y = sparse_gemv_one(x, tile_weight(weight, block_o), o, n, m, _workspace(k, o, block_o, plan), plan)
+    ref = sparse_gemv_reference(x, weight, n, m)
+    err = float((y.float() - ref.float()).norm() / ref.float().norm())
+    assert err < 1e-2, f"{plan}: relative error {err:.3g}"

@@ -33,7 +33,7 @@ try:
     import triton
     import triton.language as tl
 
-    from actsparse.kernels.sparse_gemv import _finish, _select
+    from actsparse.kernels.sparse_gemv import _choose, _finish
 except ImportError:  # the module imports without Triton; the kernel then cannot run
     triton = None
     tl = None
@@ -41,18 +41,35 @@ except ImportError:  # the module imports without Triton; the kernel then cannot
 SLOTS = 64  # kept rows per step (the product's inner size; at least 16 for a tensor-core step)
 BLOCK_O = 256  # output columns per program (H200: 256 with few splits beat 512 on every Llama shape at 2:4)
 PROGRAMS_PER_SM = 2
+AHEAD = True  # load each step's inputs one step early
+# Pipeline depths whose code with the loads ahead was compiled and checked on the H200 (Triton 3.6):
+# at 4 stages the 2:4 plans of 4096 -> 14336 and 4096 -> 28672 came out wrong (relative error
+# ~0.8; tests/test_kernel_gemv_one.py, the compiled-plans test), so other depths load in the step.
+AHEAD_STAGES = (3, 5)
+KEYED = True  # rank 16-bit inputs without a score vector by integer keys
+PDL = False  # programmatic dependent launch where the GPU has it
 
 
 class OnePlan(NamedTuple):
     """Launch choices: input rows per step, input rows per program, warps, pipeline stages, and
     whether the kept rows are placed in slots (``compact``) or every row of the step is loaded
-    under its keep flag (a load predicated off moves no bytes; no placement, twice the product)."""
+    under its keep flag (a load predicated off moves no bytes; no placement, twice the product).
+
+    ``ahead``: each step's inputs are loaded one step before they are ranked, so the ranking
+    never waits on that load. ``keyed``: rank 16-bit inputs without a score vector by integer
+    keys (see ``sparse_gemv._choose``; the same choice, fewer instructions). ``pdl``: launch as a
+    programmatic dependent launch (Hopper and later): the programs start while the previous kernel
+    in the stream finishes and wait for it before their first memory access.
+    """
 
     sub: int
     chunk: int
     num_warps: int
     stages: int
     compact: bool = True
+    ahead: bool = True
+    keyed: bool = True
+    pdl: bool = False
 
 
 def one_block_o(o: int) -> int:
@@ -73,6 +90,9 @@ def one_plan(
     num_warps: int | None = None,
     stages: int | None = None,
     compact: bool = True,
+    ahead: bool | None = None,
+    keyed: bool | None = None,
+    pdl: bool | None = None,
 ) -> OnePlan:
     """The default plan (any argument given overrides it): ``SLOTS`` kept rows a step, and the input
     rows split as few times as gives about ``PROGRAMS_PER_SM`` programs per multiprocessor (a long
@@ -92,7 +112,19 @@ def one_plan(
         chunk = -(-k // (split * sub)) * sub
     if chunk % sub:
         raise ValueError(f"chunk {chunk} must be a multiple of sub {sub}")
-    return OnePlan(sub, chunk, 4 if num_warps is None else num_warps, 3 if stages is None else stages, bool(compact))
+    stages = 3 if stages is None else stages
+    if ahead:
+        _check_ahead(stages)
+    if ahead is None:
+        ahead = AHEAD and stages in AHEAD_STAGES
+    return OnePlan(sub, chunk, 4 if num_warps is None else num_warps, stages, bool(compact), bool(ahead),
+                   KEYED if keyed is None else bool(keyed), PDL if pdl is None else bool(pdl))  # fmt: skip
+
+
+def _check_ahead(stages: int) -> None:
+    if stages not in AHEAD_STAGES:
+        raise ValueError(f"loads ahead run only at {AHEAD_STAGES} pipeline stages (AHEAD_STAGES), got {stages}: "
+                         "pass ahead=False or one of those depths")  # fmt: skip
 
 
 def one_workspace_sizes(k: int, o: int, block_o: int, plan: OnePlan) -> tuple[int, int, int, int, int]:
@@ -114,6 +146,8 @@ def sparse_gemv_one(
         raise ValueError(f"sparse_gemv_one takes one token row, got {rows}")
     if shift is not None and row_sum is None:
         raise ValueError("a shift needs the weight's row sums (W 1) for its rank-1 term")
+    if plan.ahead:
+        _check_ahead(plan.stages)
     if any(t.numel() < need for t, need in zip(ws, one_workspace_sizes(k, o, block_o, plan))):
         raise ValueError("the workspace is too small for this plan (one_workspace_sizes)")
     split = -(-k // plan.chunk)
@@ -121,14 +155,17 @@ def sparse_gemv_one(
     if out is None:
         out = torch.empty(1, o, dtype=x.dtype, device=x.device)
     dummy = ws.partials
+    keyed = plan.keyed and vector is None and x.dtype in (torch.bfloat16, torch.float16)
+    pdl = plan.pdl and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    options = {"launch_pdl": True} if pdl else {}
     _ONE_LAUNCH(
         (tiles, split), x, dummy if vector is None else vector, dummy if shift is None else shift, wt,
         dummy if bias is None else bias, dummy if row_sum is None else row_sum, out, ws.partials, ws.stats,
         ws.counters, k, o,
         N=n, M=m, M_P2=_pow2(m), N_P2=_pow2(n), SUB=plan.sub, STEPS=plan.chunk // plan.sub, SPLIT=split,
-        BLOCK_O=block_o, STAGES=plan.stages, COMPACT=plan.compact, HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None,
-        HAS_BIAS=bias is not None, VAR=bool(var),
-        PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native", num_warps=plan.num_warps,
+        BLOCK_O=block_o, STAGES=plan.stages, COMPACT=plan.compact, AHEAD=plan.ahead, KEYED=keyed, PDL=pdl,
+        HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None, HAS_BIAS=bias is not None, VAR=bool(var),
+        PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native", num_warps=plan.num_warps, **options,
     )  # fmt: skip
     return out
 
@@ -140,12 +177,12 @@ def sparse_gemv_one_auto(
     x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, row_sum: torch.Tensor | None,
     vector: torch.Tensor | None, shift: torch.Tensor | None, partials: torch.Tensor, stats: torch.Tensor,
     counters: torch.Tensor, out_features: int, n: int, m: int, var: bool, sub: int, chunk: int, num_warps: int,
-    stages: int, compact: bool,
+    stages: int, compact: bool, ahead: bool, keyed: bool, pdl: bool,
 ) -> torch.Tensor:  # fmt: skip
     if triton is not None and (x.is_cuda or _interpreting()):
         # the kernel reads no compacted rows or values: those workspace fields need no elements
         return sparse_gemv_one(x, wt, out_features, n, m, Workspace(partials, stats, counters, counters, partials),
-                               OnePlan(sub, chunk, num_warps, stages, compact), vector=vector, shift=shift, var=var, bias=bias,
+                               OnePlan(sub, chunk, num_warps, stages, compact, ahead, keyed, pdl), vector=vector, shift=shift, var=var, bias=bias,
                                row_sum=row_sum)  # fmt: skip
     return sparse_gemv_reference(x, untile_weight(wt, out_features), n, m, vector=vector, shift=shift, var=var,
                                  bias=bias, row_sum=row_sum)  # fmt: skip
@@ -156,7 +193,7 @@ _sparse_gemv_one_op = torch.library.custom_op("actsparse::sparse_gemv_one", spar
 
 @_sparse_gemv_one_op.register_fake
 def _(x, wt, bias, row_sum, vector, shift, partials, stats, counters, out_features, n, m, var, sub, chunk, num_warps,
-      stages, compact):  # fmt: skip
+      stages, compact, ahead, keyed, pdl):  # fmt: skip
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -167,8 +204,8 @@ if triton is not None:
         x_ptr, v_ptr, shift_ptr, wt_ptr, bias_ptr, rowsum_ptr, y_ptr, part_ptr, stats_ptr, count_ptr, K, O,
         N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, N_P2: tl.constexpr, SUB: tl.constexpr,
         STEPS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr, COMPACT: tl.constexpr,
-        HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, VAR: tl.constexpr,
-        PRECISION: tl.constexpr,
+        AHEAD: tl.constexpr, KEYED: tl.constexpr, PDL: tl.constexpr, HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        HAS_BIAS: tl.constexpr, VAR: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         G: tl.constexpr = SUB // M  # groups per step
         S: tl.constexpr = G * N_P2  # slots per step
@@ -192,15 +229,36 @@ if triton is not None:
         sums_xx = tl.zeros((1,), dtype=tl.float32)
         sums_p = tl.zeros((1,), dtype=tl.float32)
         sums_pp = tl.zeros((1,), dtype=tl.float32)
+        if PDL:  # nothing is read or written before the previous kernel in the stream has finished
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        group_ok = lo + gs * M < K
+        ok = (lanes < M)[None, :] & group_ok[:, None]
+        cols_k = lo + gs[:, None] * M + lanes[None, :]  # [G, M_P2]
+        raw_next = tl.zeros((G, M_P2), dtype=x_ptr.dtype.element_ty)
+        v_next = tl.zeros((G, M_P2), dtype=v_ptr.dtype.element_ty)
+        if AHEAD:  # the first step's inputs; each step then loads the next one's
+            raw_next = tl.load(x_ptr + cols_k, mask=ok, other=0.0)
+            if HAS_VECTOR:
+                v_next = tl.load(v_ptr + cols_k, mask=ok, other=0.0)
         for step in tl.range(0, STEPS, num_stages=STAGES):
             first = lo + step * SUB
             cols_k = first + gs[:, None] * M + lanes[None, :]  # [G, M_P2]
             group_ok = first + gs * M < K
             ok = (lanes < M)[None, :] & group_ok[:, None]
-            v = 0.0
-            if HAS_VECTOR:
-                v = tl.load(v_ptr + cols_k, mask=ok, other=0.0)
-            dense, pruned, keep = _select(x_ptr, v, shift_ptr, 0, cols_k, ok, 1, K, N, M_P2, HAS_VECTOR, HAS_SHIFT)
+            if AHEAD:
+                raw = raw_next
+                v = v_next
+                ok_next = (lanes < M)[None, :] & ((first + SUB + gs * M < K) & (step + 1 < STEPS))[:, None]
+                raw_next = tl.load(x_ptr + cols_k + SUB, mask=ok_next, other=0.0)
+                if HAS_VECTOR:
+                    v_next = tl.load(v_ptr + cols_k + SUB, mask=ok_next, other=0.0)
+            else:
+                raw = tl.load(x_ptr + cols_k, mask=ok, other=0.0)
+                v = v_next
+                if HAS_VECTOR:
+                    v = tl.load(v_ptr + cols_k, mask=ok, other=0.0)
+            dense, pruned, keep = _choose(raw, v, shift_ptr, 0, ok, ok, 1, N, M_P2, HAS_VECTOR, HAS_SHIFT, KEYED)
             if COMPACT:
                 flags = keep.to(tl.int32)
                 before = tl.cumsum(flags, axis=1) - flags  # kept inputs before this one in its group

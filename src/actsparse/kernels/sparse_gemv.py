@@ -306,6 +306,19 @@ if triton is not None:
         """Token ``b``'s dense values, pruned values and keep flags on the tile ``cols`` ``[G, M_P2]``."""
         live = ok & (b < B)
         raw = tl.load(x_ptr + b * K + cols, mask=live, other=0.0)
+        return _choose(raw, v, shift_ptr, b, ok, live, B, N, M_P2, HAS_VECTOR, HAS_SHIFT, False)
+
+    @triton.jit
+    def _choose(raw, v, shift_ptr, b, ok, live, B, N: tl.constexpr, M_P2: tl.constexpr, HAS_VECTOR: tl.constexpr,
+                HAS_SHIFT: tl.constexpr, KEYED: tl.constexpr):
+        """Rank the loaded inputs ``raw`` ``[G, M_P2]`` of token ``b`` in their groups (``kernels.ranking``'s rule:
+        largest score first, NaN above all, ties to the lower index) and keep ``N`` of each.
+
+        ``KEYED`` (only for 16-bit inputs without a score vector, whose float32 scores end in at least
+        13 zero bits): each score's bits with the lane's reversed index in its low bits make one
+        integer key per input, unique in its group and ordered as the rule orders the inputs, so the
+        rank is one integer comparison per pair instead of the rule's NaN and tie tests.
+        """
         dense = raw.to(tl.float32)
         xs = dense
         if HAS_SHIFT:
@@ -315,15 +328,20 @@ if triton is not None:
         if HAS_VECTOR:
             score = score * v
         nan = score != score
-        score = tl.where(nan | ~ok, -1.0, score)
         lanes = tl.arange(0, M_P2)
-        mine = score[:, :, None]
-        other = score[:, None, :]
-        mine_nan = nan[:, :, None]
-        other_nan = nan[:, None, :]
-        lower = lanes[None, None, :] < lanes[None, :, None]
-        beats = (other_nan & ~mine_nan) | ((other_nan == mine_nan) & ((other > mine) | ((other == mine) & lower)))
-        rank = tl.sum(beats.to(tl.int32), axis=2)
+        if KEYED:
+            bits = tl.where(nan, 0x7FC00000, score.to(tl.int32, bitcast=True))
+            key = tl.where(ok, bits | (M_P2 - 1 - lanes)[None, :], -1)
+            rank = tl.sum((key[:, None, :] > key[:, :, None]).to(tl.int32), axis=2)
+        else:
+            score = tl.where(nan | ~ok, -1.0, score)
+            mine = score[:, :, None]
+            other = score[:, None, :]
+            mine_nan = nan[:, :, None]
+            other_nan = nan[:, None, :]
+            lower = lanes[None, None, :] < lanes[None, :, None]
+            beats = (other_nan & ~mine_nan) | ((other_nan == mine_nan) & ((other > mine) | ((other == mine) & lower)))
+            rank = tl.sum(beats.to(tl.int32), axis=2)
         keep = (rank < N) & live
         return dense, tl.where(keep, xs, 0.0), keep
 
