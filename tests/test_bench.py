@@ -45,6 +45,7 @@ def test_bench_command_writes_every_measurement(tmp_path, capsys):
     assert record["config"]["pattern"] == "8:16" and record["versions"]["torch"] == torch.__version__
     assert record["skipped"] == ["graph mode: needs CUDA"]
     assert record["checks"]["sparse_flop_fraction"] > 0.9
+    assert record["options"]["steps"] == 2 and record["options"]["prefill"] == [8, 16] and record["options"]["pdl"] is False
     table = capsys.readouterr().out
     assert "decode" in table and "speedup" in table
 
@@ -104,6 +105,28 @@ def test_fast_path_check_compares_the_kernels_with_the_reference(monkeypatch):
     checks = check_fast_path(model, config, torch.Generator().manual_seed(0))
     assert checks["layers_checked"] >= 3 and set(checks["layer_rel_err"]) == {1, 2, 16}
     assert max(checks["layer_rel_err"].values()) < 1e-4
+
+
+def test_pdl_is_set_for_the_run_only_and_recorded(monkeypatch):
+    """bench --pdl: inductor's and the one-token GEMV's programmatic dependent launch are on during the
+    run (and new one-token plans take it), then back as they were."""
+    from torch._inductor import config as inductor_config
+
+    from actsparse.eval import speed
+    from actsparse.kernels import gemv_one
+
+    seen = {}
+
+    def fake_run(model, name, config, options):
+        seen["flags"] = (inductor_config.triton.enable_pdl, gemv_one.PDL, gemv_one.one_plan(64, 64, 2, 4, 64, 4).pdl)
+        return speed.BenchResult(model=name, config={}, device="cpu", versions={}, options={"pdl": options.pdl})
+
+    monkeypatch.setattr(speed, "_run_bench", fake_run)
+    before = (inductor_config.triton.enable_pdl, gemv_one.PDL)
+    rc = main(["bench", "--model", "tiny-llama", "--device", "cpu", "--prefill", "8", "--batch", "none", "--pdl"])
+    assert rc == 0
+    assert seen["flags"] == (True, True, True)
+    assert (inductor_config.triton.enable_pdl, gemv_one.PDL) == before == (False, False)
 
 
 def test_run_bench_leaves_the_model_dense():

@@ -98,6 +98,12 @@ def add_bench_command(commands) -> None:
         help="every sparse layer selects its own inputs, also q/k/v and gate/up that read one input and keep the same "
         "features (by default those select once: one launch per group); for comparison",
     )
+    be.add_argument(
+        "--pdl",
+        action="store_true",
+        help="programmatic dependent launch (Hopper and later) for torch.compile's kernels and the one-token GEMV, "
+        "dense and sparse alike: each kernel starts while the one before it finishes",
+    )
     be.set_defaults(func=cmd_bench)
 
 
@@ -126,6 +132,7 @@ def cmd_bench(args) -> None:
         tune=args.tune,
         tune_table=args.tune_table,
         share_selection=args.share_selection,
+        pdl=args.pdl,
     )
     if args.model in PRESETS:
         model = preset_model(args.model, DTYPES[args.dtype], device, layers=args.num_layers, seed=args.seed)

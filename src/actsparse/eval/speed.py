@@ -26,6 +26,7 @@ fresh random token ids per repeat.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ from actsparse.core.dispatch import GRAPH
 from actsparse.core.shared_input import unlink_shared_input
 from actsparse.core.tuning import fastest, tune_, tuned_from_dict
 from actsparse.errors import ActsparseError
+from actsparse.kernels import gemv_one
 from actsparse.kernels.sparse_gemv import MAX_ROWS
 from actsparse.sparsify import sparse_layers, sparsify_, unsparsify_
 from actsparse.timing import Timer, capture_graph  # noqa: F401  (capture_graph: also imported from here)
@@ -91,6 +93,10 @@ class BenchOptions:
     tune_table: str | None = None  # a tune_ table file: measurements kept across runs (per GPU and versions)
     share_selection: bool = True  # linked q/k/v and gate/up select once (core.shared_input); False: each layer alone
     compile_backend: str = "inductor"  # compile mode's torch.compile backend
+    # programmatic dependent launch (Hopper and later), dense and sparse alike: inductor's kernels
+    # (torch._inductor.config.triton.enable_pdl) and the one-token GEMV start while the kernel before
+    # them finishes
+    pdl: bool = False
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in MODES]
@@ -129,6 +135,7 @@ class BenchResult:
     measurements: list[Measurement] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     tuning: list[dict] = field(default_factory=list)  # tune_'s measurements (sparse_ms, dense_ms per shape)
+    options: dict = field(default_factory=dict)  # the BenchOptions of the run
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -302,8 +309,26 @@ def _groups(model) -> list:
     return [layer.shared_input for layer in sparse_layers(model).values() if layer.shared_input is not None]
 
 
+@contextmanager
+def _launches(pdl: bool):
+    """Inductor's and the one-token GEMV's programmatic dependent launch set to ``pdl`` for a run, then restored."""
+    from torch._inductor import config as inductor_config
+
+    before = inductor_config.triton.enable_pdl, gemv_one.PDL
+    inductor_config.triton.enable_pdl, gemv_one.PDL = pdl, pdl
+    try:
+        yield
+    finally:
+        inductor_config.triton.enable_pdl, gemv_one.PDL = before
+
+
 def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -> BenchResult:
     """Dense, then sparse (``sparsify_`` with ``config``), prefill and decode in every mode; model left dense."""
+    with _launches(options.pdl):
+        return _run_bench(model, name, config, options)
+
+
+def _run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -> BenchResult:
     import transformers
 
     device = next(model.parameters()).device
@@ -317,6 +342,7 @@ def run_bench(model, name: str, config: SparsityConfig, options: BenchOptions) -
             "transformers": transformers.__version__,
             "dtype": str(next(model.parameters()).dtype),
         },
+        options=asdict(options),
     )
     modes = list(options.modes)
     if device.type != "cuda" and "graph" in modes:
