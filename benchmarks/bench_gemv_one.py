@@ -97,15 +97,16 @@ def predicated_plans(k, o, n, m):
 
 
 def variant_plans(k, o, n, m):
-    """The default plan, and the same with one choice changed: loads ahead, integer keys, PDL,
-    pipeline stages, warps, step size."""
+    """The default plan, and the same with one choice changed: loads ahead, integer keys, PDL, top-N
+    keys, pipeline stages, warps, step size."""
     from actsparse.kernels.gemv_one import one_block_o, one_plan
     from actsparse.kernels.sparse_gemv import sm_count
 
     bo = one_block_o(o)
     base = one_plan(k, o, n, m, bo, sm_count(torch.device("cuda")))
     plans = [base, base._replace(ahead=not base.ahead), base._replace(keyed=not base.keyed),
-             base._replace(pdl=not base.pdl), base._replace(stages=5), base._replace(num_warps=8)]  # fmt: skip
+             base._replace(pdl=not base.pdl), base._replace(topk=not base.topk), base._replace(stages=5),
+             base._replace(num_warps=8)]  # fmt: skip
     if base.chunk % (2 * base.sub) == 0:
         plans.append(base._replace(sub=2 * base.sub))
     return [(bo, p) for p in dict.fromkeys(plans)]

@@ -31,6 +31,7 @@ if not triton_available():
     pytest.skip("triton cannot run here: no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+GPU = DEVICE == "cuda"
 
 
 def _workspace(k, o, block_o, plan):
@@ -76,8 +77,9 @@ def test_one_token_gemv_equals_the_reference_and_the_batched_kernel(n, m, option
 @pytest.mark.parametrize("shift", [False, True])
 def test_integer_keys_and_loads_ahead_choose_exactly_what_the_rule_chooses(dtype, n, m, shift):
     """16-bit inputs full of ties, zeros and the largest finite values, through an identity weight
-    (so each output is its own input, kept or not): ranking by integer keys and loading each step's
-    inputs one step early keep exactly the inputs the reference keeps."""
+    (so each output is its own input, kept or not): ranking by integer keys, taking the top N keys
+    (N and M powers of two; others fall back to the ranking) and loading each step's inputs one
+    step early keep exactly the inputs the reference keeps, with their exact values."""
     k, block_o = 256, 64
     g = torch.Generator().manual_seed(n * 31 + m)
     x = torch.randint(-3, 4, (1, k), generator=g).to(dtype) * 0.5  # few distinct magnitudes: ties everywhere
@@ -88,11 +90,11 @@ def test_integer_keys_and_loads_ahead_choose_exactly_what_the_rule_chooses(dtype
     wt = tile_weight(weight.to(DEVICE), block_o)
     ref = sparse_gemv_reference(x.to(DEVICE), weight.to(DEVICE), n, m, **kw)
     base = one_plan(k, k, n, m, block_o, 4)
-    for keyed in (False, True):
+    for keyed, topk in ((False, False), (True, False), (True, True)):
         for ahead in (False, True):
-            plan = base._replace(keyed=keyed, ahead=ahead)
+            plan = base._replace(keyed=keyed, ahead=ahead, topk=topk)
             y = sparse_gemv_one(x.to(DEVICE), wt, k, n, m, _workspace(k, k, block_o, plan), plan, **kw)
-            assert torch.equal(y, ref), (keyed, ahead)
+            assert torch.equal(y, ref), (keyed, ahead, topk)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -105,13 +107,46 @@ def test_integer_keys_rank_nan_first(dtype):
     x[0, 4:8] = torch.tensor([100.0, 200.0, 300.0, 400.0]).to(dtype)
     weight = (torch.randn(o, k, generator=g) / k**0.5).to(dtype)
     wt = tile_weight(weight.to(DEVICE), block_o)
-    plan = one_plan(k, o, n, m, block_o, 4)
-    assert plan.keyed
-    run = lambda x: sparse_gemv_one(x.to(DEVICE), wt, o, n, m, _workspace(k, o, block_o, plan), plan)  # noqa: E731
-    assert bool(run(x).isfinite().all())
-    x[0, 4] = float("nan")  # the smallest of its group: kept only because NaN ranks first
-    assert bool(sparse_gemv_reference(x.to(DEVICE), weight.to(DEVICE), n, m).isnan().all())
-    assert bool(run(x).isnan().all())
+    for topk in (False, True):
+        plan = one_plan(k, o, n, m, block_o, 4, topk=topk)
+        assert plan.keyed
+        run = lambda x, plan=plan: sparse_gemv_one(x.to(DEVICE), wt, o, n, m, _workspace(k, o, block_o, plan), plan)  # noqa: E731
+        x[0, 4] = 100.0
+        assert bool(run(x).isfinite().all())
+        x[0, 4] = float("nan")  # the smallest of its group: kept only because NaN ranks first
+        assert bool(sparse_gemv_reference(x.to(DEVICE), weight.to(DEVICE), n, m).isnan().all())
+        assert bool(run(x).isnan().all())
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (8, 16), (4, 16)])
+@pytest.mark.parametrize("options", ["plain", "bias", "var", "shift_var"])
+def test_top_keys_equal_the_reference_on_16_bit_inputs(n, m, options):
+    """topk plans on bf16 inputs (the slots in key order) against the reference and the ranked plan,
+    with the split finish, VAR and the shift; the same inputs give the same bits."""
+    k, o, block_o = 512, 96, 32
+    # the interpreter rounds float32 to bf16 toward zero (the GPU: to nearest), so the shifted
+    # input, rounded to x's dtype, matches the reference there only in fp16
+    dtype = torch.float16 if options == "shift_var" and not GPU else torch.bfloat16
+    g = torch.Generator().manual_seed(n + m * 7)
+    x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+    weight = (torch.randn(o, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    kw = {}
+    if options == "bias":
+        kw["bias"] = torch.randn(o, generator=g).to(DEVICE, dtype)
+    if "var" in options:
+        kw["var"] = True
+    if options == "shift_var":
+        kw.update(shift=torch.randn(1, generator=g).to(DEVICE), row_sum=weight.float().sum(1))
+    wt = tile_weight(weight, block_o)
+    plan = one_plan(k, o, n, m, block_o, 4, topk=True)
+    assert -(-k // plan.chunk) > 1  # split over the input rows
+    ws = _workspace(k, o, block_o, plan)
+    y = sparse_gemv_one(x, wt, o, n, m, ws, plan, **kw)
+    ranked = sparse_gemv_one(x, wt, o, n, m, _workspace(k, o, block_o, plan), plan._replace(topk=False), **kw)
+    ref = sparse_gemv_reference(x, weight, n, m, **kw)
+    torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(y.float(), ranked.float(), atol=1e-2, rtol=1e-2)
+    assert torch.equal(sparse_gemv_one(x, wt, o, n, m, ws, plan, **kw), y)
 
 
 def test_integer_keys_keep_the_lower_index_among_equal_inputs():
@@ -186,9 +221,6 @@ def test_the_op_takes_the_reference_where_triton_cannot_run(monkeypatch):
     torch.testing.assert_close(y, sparse_gemv_reference(x, weight, 2, 4), atol=1e-5, rtol=1e-5)
 
 
-GPU = DEVICE == "cuda"
-
-
 @pytest.mark.parametrize("n, m", [(2, 4), (8, 16)])
 def test_the_split_finish_gives_bit_identical_outputs_under_stress(n, m):
     """Many splits (so many programs race to finish each column tile): every call equals the first
@@ -249,3 +281,23 @@ def test_compiled_plans_on_the_llama_shapes_equal_the_reference(k, o, n, m, stag
     ref = sparse_gemv_reference(x, weight, n, m)
     err = float((y.float() - ref.float()).norm() / ref.float().norm())
     assert err < 1e-2, f"{plan}: relative error {err:.3g}"
+
+
+@pytest.mark.skipif(not GPU, reason="compiled plans (the interpreter does not pipeline)")
+@pytest.mark.parametrize("k, o", [(4096, 28672), (14336, 4096), (4096, 4096), (4096, 6144), (4096, 14336)])
+@pytest.mark.parametrize("n, m", [(2, 4), (8, 16)])
+def test_compiled_top_key_plans_on_the_llama_shapes_equal_the_reference(k, o, n, m):
+    from actsparse.kernels.gemv_one import one_block_o
+    from actsparse.kernels.sparse_gemv import sm_count
+
+    g = torch.Generator().manual_seed(k * 3 + o + m)
+    weight = (torch.randn(o, k, generator=g) / k**0.5).to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
+    block_o = one_block_o(o)
+    plan = one_plan(k, o, n, m, block_o, sm_count(torch.device(DEVICE)), topk=True)
+    ws = _workspace(k, o, block_o, plan)
+    y = sparse_gemv_one(x, tile_weight(weight, block_o), o, n, m, ws, plan)
+    ref = sparse_gemv_reference(x, weight, n, m)
+    err = float((y.float() - ref.float()).norm() / ref.float().norm())
+    assert err < 1e-2, f"{plan}: relative error {err:.3g}"
+    assert torch.equal(sparse_gemv_one(x, tile_weight(weight, block_o), o, n, m, ws, plan), y)

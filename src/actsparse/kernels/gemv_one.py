@@ -48,6 +48,7 @@ AHEAD = True  # load each step's inputs one step early
 AHEAD_STAGES = (3, 5)
 KEYED = True  # rank 16-bit inputs without a score vector by integer keys
 PDL = False  # programmatic dependent launch where the GPU has it
+TOPK = False  # kept inputs from a top-N of integer keys (checked; not yet timed on a GPU)
 
 
 class OnePlan(NamedTuple):
@@ -57,7 +58,10 @@ class OnePlan(NamedTuple):
 
     ``ahead``: each step's inputs are loaded one step before they are ranked, so the ranking
     never waits on that load. ``keyed``: rank 16-bit inputs without a score vector by integer
-    keys (see ``sparse_gemv._choose``; the same choice, fewer instructions). ``pdl``: launch as a
+    keys (see ``sparse_gemv._choose``; the same choice, fewer instructions). ``topk``: with such
+    inputs and N and M powers of two, take each group's kept inputs from a top-N of keys that also
+    carry the lane and the sign (``_top_slots``), instead of ranking all pairs and placing by
+    comparison. ``pdl``: launch as a
     programmatic dependent launch (Hopper and later): the programs start while the previous kernel
     in the stream finishes and wait for it before their first memory access.
     """
@@ -70,6 +74,7 @@ class OnePlan(NamedTuple):
     ahead: bool = True
     keyed: bool = True
     pdl: bool = False
+    topk: bool = False
 
 
 def one_block_o(o: int) -> int:
@@ -93,6 +98,7 @@ def one_plan(
     ahead: bool | None = None,
     keyed: bool | None = None,
     pdl: bool | None = None,
+    topk: bool | None = None,
 ) -> OnePlan:
     """The default plan (any argument given overrides it): ``SLOTS`` kept rows a step, and the input
     rows split as few times as gives about ``PROGRAMS_PER_SM`` programs per multiprocessor (a long
@@ -118,7 +124,8 @@ def one_plan(
     if ahead is None:
         ahead = AHEAD and stages in AHEAD_STAGES
     return OnePlan(sub, chunk, 4 if num_warps is None else num_warps, stages, bool(compact), bool(ahead),
-                   KEYED if keyed is None else bool(keyed), PDL if pdl is None else bool(pdl))  # fmt: skip
+                   KEYED if keyed is None else bool(keyed), PDL if pdl is None else bool(pdl),
+                   TOPK if topk is None else bool(topk))  # fmt: skip
 
 
 def _check_ahead(stages: int) -> None:
@@ -156,6 +163,7 @@ def sparse_gemv_one(
         out = torch.empty(1, o, dtype=x.dtype, device=x.device)
     dummy = ws.partials
     keyed = plan.keyed and vector is None and x.dtype in (torch.bfloat16, torch.float16)
+    topk = plan.topk and keyed and plan.compact and _pow2(n) == n and _pow2(m) == m
     pdl = plan.pdl and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
     options = {"launch_pdl": True} if pdl else {}
     _ONE_LAUNCH(
@@ -163,7 +171,7 @@ def sparse_gemv_one(
         dummy if bias is None else bias, dummy if row_sum is None else row_sum, out, ws.partials, ws.stats,
         ws.counters, k, o,
         N=n, M=m, M_P2=_pow2(m), N_P2=_pow2(n), SUB=plan.sub, STEPS=plan.chunk // plan.sub, SPLIT=split,
-        BLOCK_O=block_o, STAGES=plan.stages, COMPACT=plan.compact, AHEAD=plan.ahead, KEYED=keyed, PDL=pdl,
+        BLOCK_O=block_o, STAGES=plan.stages, COMPACT=plan.compact, AHEAD=plan.ahead, KEYED=keyed, TOPK=topk, PDL=pdl,
         HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None, HAS_BIAS=bias is not None, VAR=bool(var),
         PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native", num_warps=plan.num_warps, **options,
     )  # fmt: skip
@@ -177,12 +185,12 @@ def sparse_gemv_one_auto(
     x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, row_sum: torch.Tensor | None,
     vector: torch.Tensor | None, shift: torch.Tensor | None, partials: torch.Tensor, stats: torch.Tensor,
     counters: torch.Tensor, out_features: int, n: int, m: int, var: bool, sub: int, chunk: int, num_warps: int,
-    stages: int, compact: bool, ahead: bool, keyed: bool, pdl: bool,
+    stages: int, compact: bool, ahead: bool, keyed: bool, pdl: bool, topk: bool,
 ) -> torch.Tensor:  # fmt: skip
     if triton is not None and (x.is_cuda or _interpreting()):
         # the kernel reads no compacted rows or values: those workspace fields need no elements
         return sparse_gemv_one(x, wt, out_features, n, m, Workspace(partials, stats, counters, counters, partials),
-                               OnePlan(sub, chunk, num_warps, stages, compact, ahead, keyed, pdl), vector=vector, shift=shift, var=var, bias=bias,
+                               OnePlan(sub, chunk, num_warps, stages, compact, ahead, keyed, pdl, topk), vector=vector, shift=shift, var=var, bias=bias,
                                row_sum=row_sum)  # fmt: skip
     return sparse_gemv_reference(x, untile_weight(wt, out_features), n, m, vector=vector, shift=shift, var=var,
                                  bias=bias, row_sum=row_sum)  # fmt: skip
@@ -193,7 +201,7 @@ _sparse_gemv_one_op = torch.library.custom_op("actsparse::sparse_gemv_one", spar
 
 @_sparse_gemv_one_op.register_fake
 def _(x, wt, bias, row_sum, vector, shift, partials, stats, counters, out_features, n, m, var, sub, chunk, num_warps,
-      stages, compact, ahead, keyed, pdl):  # fmt: skip
+      stages, compact, ahead, keyed, pdl, topk):  # fmt: skip
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -204,7 +212,7 @@ if triton is not None:
         x_ptr, v_ptr, shift_ptr, wt_ptr, bias_ptr, rowsum_ptr, y_ptr, part_ptr, stats_ptr, count_ptr, K, O,
         N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, N_P2: tl.constexpr, SUB: tl.constexpr,
         STEPS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr, COMPACT: tl.constexpr,
-        AHEAD: tl.constexpr, KEYED: tl.constexpr, PDL: tl.constexpr, HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        AHEAD: tl.constexpr, KEYED: tl.constexpr, TOPK: tl.constexpr, PDL: tl.constexpr, HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr,
         HAS_BIAS: tl.constexpr, VAR: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         G: tl.constexpr = SUB // M  # groups per step
@@ -258,8 +266,15 @@ if triton is not None:
                 v = v_next
                 if HAS_VECTOR:
                     v = tl.load(v_ptr + cols_k, mask=ok, other=0.0)
-            dense, pruned, keep = _choose(raw, v, shift_ptr, 0, ok, ok, 1, N, M_P2, HAS_VECTOR, HAS_SHIFT, KEYED)
-            if COMPACT:
+            if TOPK:
+                dense, index, value, slot_ok = _top_slots(raw, shift_ptr, first, gs, lanes, ok, M, N, M_P2,
+                                                          HAS_SHIFT)  # fmt: skip
+                pruned = value
+                index = tl.reshape(index, (S,))
+                value = tl.reshape(value, (S,))
+                slot_ok = tl.reshape(slot_ok, (S,))
+            elif COMPACT:
+                dense, pruned, keep = _choose(raw, v, shift_ptr, 0, ok, ok, 1, N, M_P2, HAS_VECTOR, HAS_SHIFT, KEYED)
                 flags = keep.to(tl.int32)
                 before = tl.cumsum(flags, axis=1) - flags  # kept inputs before this one in its group
                 hit = keep[:, None, :] & (before[:, None, :] == ns[None, :, None])  # [G, N_P2, M_P2]: slot n <- lane
@@ -270,6 +285,7 @@ if triton is not None:
                 value = tl.reshape(value, (S,))
                 slot_ok = tl.reshape(slot_ok, (S,))
             else:  # every row of the step, loaded under its keep flag
+                dense, pruned, keep = _choose(raw, v, shift_ptr, 0, ok, ok, 1, N, M_P2, HAS_VECTOR, HAS_SHIFT, KEYED)
                 index = tl.reshape(cols_k, (G * M_P2,))
                 value = tl.reshape(pruned, (G * M_P2,))
                 slot_ok = tl.reshape(keep, (G * M_P2,))
@@ -288,6 +304,33 @@ if triton is not None:
         _finish(acc, sums_x, sums_xx, sums_p, sums_pp, toks, cols, col_ok, pid_o, pid_s, tiles, part_ptr, stats_ptr,
                 count_ptr, shift_ptr, rowsum_ptr, bias_ptr, y_ptr, 1, K, O, SPLIT, 1, BLOCK_O, MAXB, TOKP, HAS_SHIFT,
                 HAS_BIAS, VAR)  # fmt: skip
+
+    @triton.jit
+    def _top_slots(raw, shift_ptr, first, gs, lanes, ok, M: tl.constexpr, N: tl.constexpr,
+                   M_P2: tl.constexpr, HAS_SHIFT: tl.constexpr):  # fmt: skip
+        """The kept inputs of each group straight from a top-N of integer keys (``topk`` plans: 16-bit
+        inputs without a score vector, N and M powers of two): dense values ``[G, M]``, and per slot
+        ``[G, N]`` the input's index, its pruned value and whether it is in range.
+
+        Each key holds the score's bits (whose low 13 bits are zero), the lane's reversed index
+        above bit 0 and the value's sign in bit 0: unique in its group and ordered as the ranking
+        rule orders the inputs, so the N largest keys are the kept inputs, and each gives back its
+        lane and its exact value. Slots come in key order, not index order.
+        """
+        dense = raw.to(tl.float32)
+        xs = dense
+        if HAS_SHIFT:
+            eta = tl.load(shift_ptr)
+            xs = (dense - eta).to(raw.dtype).to(tl.float32)  # rounded to x's dtype, as the layer does
+        score = tl.abs(xs)
+        bits = tl.where(score != score, 0x7FC00000, score.to(tl.int32, bitcast=True))
+        key = bits | ((M_P2 - 1 - lanes) << 1)[None, :] | (xs < 0).to(tl.int32)
+        top = tl.topk(tl.where(ok, key, -1), N)  # [G, N], largest first
+        lane = M_P2 - 1 - ((top >> 1) & (M_P2 - 1))
+        magnitude = (top & -64).to(tl.float32, bitcast=True)
+        slot_ok = top >= 0  # an input in range (those out of range have the key -1)
+        value = tl.where(slot_ok, tl.where((top & 1) != 0, -magnitude, magnitude), 0.0)
+        return dense, first + gs[:, None] * M + lane, value, slot_ok
 
 
 _ONE_LAUNCH = Launcher(_gemv_one_kernel) if triton is not None else None
