@@ -233,7 +233,7 @@ def test_the_split_finish_gives_bit_identical_outputs_under_stress(n, m):
     vector = (torch.rand(k, generator=g) + 0.5).to(DEVICE)
     gw = GemvWeight(weight, torch.randn(o, generator=g).to(DEVICE, dtype), block_o=64)
     plan = gw.one_plan(n, m)._replace(chunk=gw.one_plan(n, m).sub)  # one step per program: the most splits
-    gw.one_plans[(n, m)] = plan
+    gw.one_plans[(n, m, None)] = plan
     assert -(-k // plan.chunk) >= 4
     first = gw.one(x, n, m, vector=vector, var=True)
     ref = sparse_gemv_reference(x, weight, n, m, vector=vector, var=True, bias=gw.bias)
@@ -301,3 +301,20 @@ def test_compiled_top_key_plans_on_the_llama_shapes_equal_the_reference(k, o, n,
     err = float((y.float() - ref.float()).norm() / ref.float().norm())
     assert err < 1e-2, f"{plan}: relative error {err:.3g}"
     assert torch.equal(sparse_gemv_one(x, tile_weight(weight, block_o), o, n, m, ws, plan), y)
+
+
+def test_the_top_keys_decode_kernel_runs_the_top_keys_plan():
+    """dispatch's gemv_one_topk entry (what tune_ may choose) launches the one-token kernel with
+    its top-N-keys selection, and gives the reference's result."""
+    from actsparse.core.dispatch import DECODE_KERNELS
+
+    k, o = 256, 64
+    g = torch.Generator().manual_seed(11)
+    weight = (torch.randn(o, k, generator=g) / k**0.5).to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
+    gw = GemvWeight(weight)
+    y = DECODE_KERNELS["gemv_one_topk"].launch(gw, x, 2, 4)
+    assert gw.one_plans[(2, 4, True)].topk
+    torch.testing.assert_close(y.float(), sparse_gemv_reference(x, weight, 2, 4).float(), atol=2e-2, rtol=2e-2)
+    DECODE_KERNELS["gemv_one"].launch(gw, x, 2, 4)
+    assert not gw.one_plans[(2, 4, None)].topk  # the plain entry keeps the module's default

@@ -63,15 +63,17 @@ def test_tune_fills_both_tables_on_cuda(monkeypatch, tmp_path):
     rows = tune_(model, decode_rows=(1, 2), prefill_rows=(128,), repeats=3)
     layers, groups = distinct_layers(model), distinct_groups(model)
     assert len(groups) == 2  # q/k/v and gate/up, side by side
-    # per layer: decode rows 1 (both kernels), 2 (graph) and prefill 128 in eager and graph; per group: decode 1, 2
-    assert len(rows) == len(layers) * (3 + 2) + len(groups) * 3
+    # per layer: decode rows 1 (every kernel), 2 (the batched one) and prefill 128 in eager and graph;
+    # per group: decode 1 (every kernel), 2
+    one_row = len(dispatch.DECODE_KERNELS)
+    assert len(rows) == len(layers) * (one_row + 1 + 2) + len(groups) * (one_row + 1)
     assert {(r.in_features, r.out_features) for r in rows} >= {(g.in_features, g.out_features) for g in groups}
     assert all(r.sparse_ms >= 0 and r.dense_ms > 0 for r in rows)
     table = tmp_path / "fast-paths.json"
     first = tune_(model, decode_rows=(1,), prefill_rows=(128,), repeats=3, table=table)
     again = tune_(model, decode_rows=(1,), prefill_rows=(128,), repeats=3, table=table)
     assert again == first  # read back, nothing timed twice
-    assert {r.kernel for r in rows if r.phase == "decode" and r.rows == 1} == {"gemv", "gemv_one"}
+    assert {r.kernel for r in rows if r.phase == "decode" and r.rows == 1} == set(dispatch.DECODE_KERNELS)
     assert {r.kernel for r in rows if r.phase == "decode" and r.rows == 2} == {"gemv"}  # one token only
     latest = {r.key: r for r in rows} | {r.key: r for r in again}  # the table's rows were measured again, and kept
     for r in latest.values():
@@ -152,3 +154,34 @@ def test_tuning_a_cpu_model_writes_no_table(tmp_path):
     model = tiny_model("llama")
     sparsify_(model, SparsityConfig(pattern="2:4"))
     assert tune_(model, table=tmp_path / "t.json") == [] and not (tmp_path / "t.json").exists()
+
+
+def test_a_decode_kernel_that_disagrees_with_the_fallback_is_never_timed(monkeypatch):
+    """tune_ checks each kernel's output on the shape first: a wrong one (a miscompile, say) is
+    left out with a warning, so it can never be recorded as the fastest."""
+    from actsparse.core import tuning
+
+    right = dispatch.DecodeKernel("right", 1, None, lambda k, o: 64)
+    wrong = dispatch.DecodeKernel("wrong", 1, None, lambda k, o: 64)
+    batched_only = dispatch.DecodeKernel("batched", 4, None, lambda k, o: 64)
+    monkeypatch.setattr(tuning, "DECODE_KERNELS", {k.name: k for k in (right, wrong, batched_only)})
+    expected = torch.randn(1, 96)
+    outputs = {"right": expected + 1e-4 * torch.randn(1, 96), "wrong": expected.flip(-1), "batched": expected.clone()}
+    timed = []
+
+    def clock(fn, calls, mode):
+        timed.append(fn)
+        return 0.01
+
+    def kernel_call(kernel):
+        return lambda: outputs[kernel.name]
+
+    with pytest.warns(RuntimeWarning, match="the wrong GEMV differs"):
+        times = tuning._decode_rows(clock, 1, lambda: expected, kernel_call, lambda name: False)
+    assert [name for name, _, _ in times] == ["right", "batched"]
+    assert len(timed) == 3  # the fallback and the two kernels that agree
+    # linked layers: lists of outputs, compared as one
+    with pytest.warns(RuntimeWarning, match="the wrong GEMV differs"):
+        group = tuning._decode_rows(clock, 1, lambda: [expected, expected], lambda k: lambda: [outputs[k.name]] * 2,
+                                    lambda name: name == "batched")  # fmt: skip
+    assert [name for name, _, _ in group] == ["right"]

@@ -12,8 +12,9 @@ The Triton path, per call with rows ``x [T, K]``:
 - ``T <= MAX_ROWS`` (decode) where :data:`DECODE_CHOICE` names a sparse GEMV for this shape and
   row count: one launch that selects N of every M inputs and reads only their weight rows, with
   VAR's scale and D-PTS's rank-1 term in its epilogue (keeps a tiled weight copy,
-  ``kernels.gemv_weight``). Two kernels (:data:`DECODE_KERNELS`): the batched one
-  (``kernels.sparse_gemv``, 1 to ``MAX_ROWS`` rows) and the one-token one (``kernels.gemv_one``).
+  ``kernels.gemv_weight``). The kernels (:data:`DECODE_KERNELS`): the batched one
+  (``kernels.sparse_gemv``, 1 to ``MAX_ROWS`` rows) and the one-token one (``kernels.gemv_one``),
+  also with its top-N-keys selection (chosen only where ``tune_`` measured it fastest).
   Where the union of kept rows over the tokens makes both lose, the rows take the fused
   sparsify + dense product instead.
 - 2:4 without mitigation, on CUDA, where :data:`PREFILL_CHOICE` says it wins for this mode
@@ -156,13 +157,19 @@ def _one_token(gemv_weight: GemvWeight, x: torch.Tensor, n: int, m: int, **optio
     return gemv_weight.one(x, n, m, **options)
 
 
+def _one_token_top_keys(gemv_weight: GemvWeight, x: torch.Tensor, n: int, m: int, **options) -> torch.Tensor:
+    return gemv_weight.one(x, n, m, topk=True, **options)
+
+
 def _batched_block_o(k: int, o: int) -> int:
     return gemv_plan(k, o, 1, 1, 1).block_o
 
 
 BATCHED = DecodeKernel("gemv", MAX_ROWS, _batched, _batched_block_o)  # kernels.sparse_gemv: 1 to MAX_ROWS rows
 ONE_TOKEN = DecodeKernel("gemv_one", 1, _one_token, lambda k, o: one_block_o(o))  # kernels.gemv_one: one row
-DECODE_KERNELS = {kernel.name: kernel for kernel in (BATCHED, ONE_TOKEN)}
+# the same with its top-N-keys selection (kernels.gemv_one.OnePlan.topk): only where tune_ measures it faster
+ONE_TOKEN_TOP_KEYS = DecodeKernel("gemv_one_topk", 1, _one_token_top_keys, lambda k, o: one_block_o(o))
+DECODE_KERNELS = {kernel.name: kernel for kernel in (BATCHED, ONE_TOKEN, ONE_TOKEN_TOP_KEYS)}
 
 
 class DecodeChoice:

@@ -5,7 +5,8 @@ and on each distinct group of linked layers that read one input (``core.shared_i
 
 - **decode** (rows 1 .. ``MAX_ROWS``): each sparse GEMV of ``DECODE_KERNELS`` that takes the rows
   against sparsify + dense product, inside CUDA graphs (the mode decoding runs in); the fastest
-  goes into ``DECODE_CHOICE``;
+  goes into ``DECODE_CHOICE``. Each kernel's output is first checked against the fallback's on
+  the same input: one that disagrees (``CHECK_TOLERANCE``) is not timed, so never chosen;
 - **prefill** (the given row counts, 2:4 layers without mitigation): the cuSPARSELt product
   against sparsify + dense product, in eager mode and inside CUDA graphs, into ``PREFILL_CHOICE``.
 
@@ -18,6 +19,7 @@ anything: without ``tune_`` the layers follow the defaults documented in ``core.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from dataclasses import fields as dataclass_fields
 from functools import partial
@@ -48,6 +50,7 @@ from actsparse.kernels.sparse_gemv import MAX_ROWS
 from actsparse.timing import Timer, capture_graph
 
 FLUSH_BYTES = 64 << 20  # more than the H100/H200 L2 (50 / 60 MiB)
+CHECK_TOLERANCE = 2e-2  # a decode kernel's output against sparsify + dense product (relative; bf16 differs ~4e-3)
 TABLE_FORMAT = 1
 PREFILL_KERNEL = "cslt24"  # the prefill fast path tune_ times
 
@@ -261,14 +264,34 @@ def write_table(path: str | Path, section: str, rows: list[Tuned]) -> None:
 def _decode_rows(clock: _Clock, rows: int, fallback, kernel_call, done) -> list[tuple[str, float, float]]:
     """``(kernel, its ms, fallback ms)`` per call, in graphs, for each decode kernel that takes
     ``rows`` and was not measured yet (``done(name)``); one call of each kernel first makes the
-    weight copy and workspace outside the capture."""
+    weight copy and workspace outside the capture, and its result is checked against the
+    fallback's (a kernel that disagrees is left out, with a warning)."""
     kernels = [kernel for kernel in DECODE_KERNELS.values() if rows <= kernel.max_rows and not done(kernel.name)]
     if not kernels:
         return []
-    for kernel in kernels:
-        kernel_call(kernel)()
+    outputs = {kernel.name: kernel_call(kernel)() for kernel in kernels}
+    expected = fallback()
+    agreeing = []
+    for kernel in kernels:  # a kernel whose result is wrong here is never timed, so never chosen
+        error = _relative_error(outputs[kernel.name], expected)
+        if error <= CHECK_TOLERANCE:
+            agreeing.append(kernel)
+        else:
+            warnings.warn(f"tune_: the {kernel.name} GEMV differs from sparsify + dense product by {error:.3g} "
+                          f"(relative) at {rows} row(s), {_flat(expected).numel()} outputs: not used for this shape; "
+                          "please report it with the GPU and versions", RuntimeWarning, stacklevel=3)  # fmt: skip
     fallback_ms = clock(fallback, 20, GRAPH)
-    return [(kernel.name, clock(kernel_call(kernel), 20, GRAPH), fallback_ms) for kernel in kernels]
+    return [(kernel.name, clock(kernel_call(kernel), 20, GRAPH), fallback_ms) for kernel in agreeing]
+
+
+def _flat(y) -> torch.Tensor:
+    """One float tensor of a layer's output or of a linked group's outputs (a list)."""
+    return torch.cat([t.float().flatten() for t in y]) if isinstance(y, (list, tuple)) else y.float().flatten()
+
+
+def _relative_error(y, expected) -> float:
+    y, expected = _flat(y), _flat(expected)
+    return float((y - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 def _tune_layer(layer: SparseLinear, decode_rows, prefill_rows, modes, clock: _Clock, generator, known) -> list[Tuned]:

@@ -42,7 +42,7 @@ class GemvWeight:
         self.bias = None if bias is None else bias.detach()
         self.row_sum = None if row_sum is None else row_sum.detach().float()
         self.plans: dict[tuple[int, int], GemvPlan] = {}
-        self.one_plans: dict[tuple[int, int], OnePlan] = {}
+        self.one_plans: dict[tuple[int, int, bool | None], OnePlan] = {}  # per (N, M, topk)
         self._need: dict[tuple[int, int], tuple[int, ...]] = {}  # workspace sizes per N:M, both kernels
         self._workspaces: dict[tuple[int, int], tuple[int, Workspace]] = {}  # per N:M: (generation, workspace)
 
@@ -58,11 +58,12 @@ class GemvWeight:
                                         block_o=self.block_o)  # fmt: skip
         return self.plans[key]
 
-    def one_plan(self, n: int, m: int) -> OnePlan:
-        """The one-token kernel's plan."""
-        key = (n, m)
+    def one_plan(self, n: int, m: int, topk: bool | None = None) -> OnePlan:
+        """The one-token kernel's plan (``topk``: its top-N-keys selection, None: the module's default)."""
+        key = (n, m, topk)
         if key not in self.one_plans:
-            self.one_plans[key] = one_plan(self.in_features, self.out_features, n, m, self.block_o, sm_count(self.device))
+            self.one_plans[key] = one_plan(self.in_features, self.out_features, n, m, self.block_o, sm_count(self.device),
+                                           topk=topk)  # fmt: skip
         return self.one_plans[key]
 
     def workspace(self, n: int, m: int) -> Workspace:
@@ -89,9 +90,11 @@ class GemvWeight:
             x.contiguous(), self.tiled, self.bias, self.row_sum, vector, shift, *ws, self.out_features, n, m, bool(var), *plan
         )
 
-    def one(self, x: torch.Tensor, n: int, m: int, *, vector=None, shift=None, var: bool = False) -> torch.Tensor:
-        """The one-token kernel on ``x`` ``[1, K]``."""
-        ws, plan = self.workspace(n, m), self.one_plan(n, m)
+    def one(
+        self, x: torch.Tensor, n: int, m: int, *, vector=None, shift=None, var: bool = False, topk: bool | None = None
+    ) -> torch.Tensor:
+        """The one-token kernel on ``x`` ``[1, K]`` (``topk`` as in :meth:`one_plan`)."""
+        ws, plan = self.workspace(n, m), self.one_plan(n, m, topk)
         op = torch.ops.actsparse.sparse_gemv_one if torch.compiler.is_compiling() else sparse_gemv_one_auto
         return op(
             x.contiguous(),
