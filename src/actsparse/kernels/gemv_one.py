@@ -10,6 +10,10 @@ those weight rows: no scratch, no barrier, and a trip count fixed at compile tim
 software pipeline can run the loads of later steps while earlier ones compute. The split over
 the input rows finishes as in the batched kernel (partials in chunk order, the last program of
 a column tile to arrive adds them: bit-identical results from call to call).
+
+How a step ranks and places is a plan choice (:class:`OnePlan`): integer keys for 16-bit inputs,
+the next step's inputs loaded one step early, and, for N and M powers of two, the kept inputs
+taken from a top-N of keys that carry each input's lane and sign (:func:`_top_slots`).
 """
 
 from __future__ import annotations
