@@ -104,11 +104,34 @@ def test_ties_go_to_the_lower_index_as_in_the_mask_code():
     assert torch.allclose(y, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_nan_is_kept_not_dropped():
-    """A NaN input counts as the largest score: it is kept, and its outputs are NaN."""
-    x, weight, _, _ = case(1, 32, 24, torch.float32, seed=5)
-    x[0, 5] = float("nan")
-    y, _ = run(x, weight, 2, 4, GemvPlan(32, 8, 16, 4, 1))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, m", [(2, 4), (8, 16), (3, 8)])
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_integer_keys_keep_exactly_what_the_reference_keeps(dtype, n, m, rows):
+    """16-bit inputs full of ties, zeros and the largest finite values through an identity weight
+    (each output is its own input, kept or not): the keyed ranking keeps exactly the reference's
+    inputs, for every token row, with and without the shift."""
+    k = m * 16
+    g = torch.Generator().manual_seed(rows * 7 + m)
+    x = (torch.randint(-3, 4, (rows, k), generator=g) * 0.5).to(dtype)
+    x[0, 3], x[-1, 9], x[0, 12] = 0.0, torch.finfo(dtype).max, -torch.finfo(dtype).max
+    x = x.to(DEVICE)
+    weight = torch.eye(k, dtype=dtype, device=DEVICE)
+    for options in ({}, {"shift": torch.full((rows,), 0.5, device=DEVICE), "row_sum": weight.float().sum(1)}):
+        for keyed in (False, True):
+            y, ref = run(x, weight, n, m, GemvPlan(32, m * 4, 16, 4, 1, keyed), **options)
+            assert torch.equal(y, ref), (keyed, options.keys())
+
+
+@pytest.mark.parametrize("dtype, keyed", [(torch.float32, False), (torch.bfloat16, True)])
+def test_nan_is_kept_not_dropped(dtype, keyed):
+    """A NaN input counts as the largest score: it is kept, and its outputs are NaN (also by keys)."""
+    x, weight, _, _ = case(1, 32, 24, dtype, seed=5)
+    x[0, 4:8] = torch.tensor([100.0, 200.0, 300.0, 400.0]).to(dtype)
+    y, _ = run(x, weight, 2, 4, GemvPlan(32, 8, 16, 4, 1, keyed))
+    assert torch.isfinite(y).all()
+    x[0, 4] = float("nan")  # the smallest of its group: kept only because NaN ranks first
+    y, _ = run(x, weight, 2, 4, GemvPlan(32, 8, 16, 4, 1, keyed))
     assert torch.isnan(y).all()
 
 
@@ -188,3 +211,16 @@ def test_layers_share_one_workspace_that_only_grows():
     assert shared.partials.numel() >= sg.workspace_sizes(256, 96, big.plan(1, 4))[0]
     assert torch.equal(small(x_small, 2, 4), first)
     assert int(shared.counters.abs().sum()) == 0
+
+
+def test_the_keyed_decode_kernel_runs_the_keyed_plan():
+    """dispatch's gemv_keyed entry (what tune_ may choose) launches the batched kernel with its
+    integer-key ranking, and gives the plain entry's bits."""
+    from actsparse.core.dispatch import DECODE_KERNELS
+
+    x, weight, bias, _ = case(3, 128, 64, torch.bfloat16, seed=21)
+    gw = GemvWeight(weight, bias)
+    y = DECODE_KERNELS["gemv_keyed"].launch(gw, x, 8, 16)
+    assert gw.plans[(3, 16, True)].keyed
+    assert torch.equal(y, DECODE_KERNELS["gemv"].launch(gw, x, 8, 16))
+    assert not gw.plans[(3, 16, False)].keyed

@@ -13,8 +13,9 @@ The Triton path, per call with rows ``x [T, K]``:
   row count: one launch that selects N of every M inputs and reads only their weight rows, with
   VAR's scale and D-PTS's rank-1 term in its epilogue (keeps a tiled weight copy,
   ``kernels.gemv_weight``). The kernels (:data:`DECODE_KERNELS`): the batched one
-  (``kernels.sparse_gemv``, 1 to ``MAX_ROWS`` rows) and the one-token one (``kernels.gemv_one``),
-  also with its top-N-keys selection (chosen only where ``tune_`` measured it fastest).
+  (``kernels.sparse_gemv``, 1 to ``MAX_ROWS`` rows; also with its integer-key ranking) and the
+  one-token one (``kernels.gemv_one``; also with its top-N-keys selection). The variants serve a
+  shape only where ``tune_`` measured them fastest.
   Where the union of kept rows over the tokens makes both lose, the rows take the fused
   sparsify + dense product instead.
 - 2:4 without mitigation, on CUDA, where :data:`PREFILL_CHOICE` says it wins for this mode
@@ -153,6 +154,10 @@ def _batched(gemv_weight: GemvWeight, x: torch.Tensor, n: int, m: int, **options
     return gemv_weight(x, n, m, **options)
 
 
+def _batched_keyed(gemv_weight: GemvWeight, x: torch.Tensor, n: int, m: int, **options) -> torch.Tensor:
+    return gemv_weight(x, n, m, keyed=True, **options)
+
+
 def _one_token(gemv_weight: GemvWeight, x: torch.Tensor, n: int, m: int, **options) -> torch.Tensor:
     return gemv_weight.one(x, n, m, **options)
 
@@ -166,10 +171,12 @@ def _batched_block_o(k: int, o: int) -> int:
 
 
 BATCHED = DecodeKernel("gemv", MAX_ROWS, _batched, _batched_block_o)  # kernels.sparse_gemv: 1 to MAX_ROWS rows
+# the same with its integer-key ranking (kernels.sparse_gemv.GemvPlan.keyed): only where tune_ measures it faster
+BATCHED_KEYED = DecodeKernel("gemv_keyed", MAX_ROWS, _batched_keyed, _batched_block_o)
 ONE_TOKEN = DecodeKernel("gemv_one", 1, _one_token, lambda k, o: one_block_o(o))  # kernels.gemv_one: one row
 # the same with its top-N-keys selection (kernels.gemv_one.OnePlan.topk): only where tune_ measures it faster
 ONE_TOKEN_TOP_KEYS = DecodeKernel("gemv_one_topk", 1, _one_token_top_keys, lambda k, o: one_block_o(o))
-DECODE_KERNELS = {kernel.name: kernel for kernel in (BATCHED, ONE_TOKEN, ONE_TOKEN_TOP_KEYS)}
+DECODE_KERNELS = {kernel.name: kernel for kernel in (BATCHED, BATCHED_KEYED, ONE_TOKEN, ONE_TOKEN_TOP_KEYS)}
 
 
 class DecodeChoice:

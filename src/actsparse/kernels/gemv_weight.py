@@ -41,7 +41,7 @@ class GemvWeight:
         self.tiled = tile_weight(weight, self.block_o)
         self.bias = None if bias is None else bias.detach()
         self.row_sum = None if row_sum is None else row_sum.detach().float()
-        self.plans: dict[tuple[int, int], GemvPlan] = {}
+        self.plans: dict[tuple[int, int, bool], GemvPlan] = {}  # per (rows, M, keyed)
         self.one_plans: dict[tuple[int, int, bool | None], OnePlan] = {}  # per (N, M, topk)
         self._need: dict[tuple[int, int], tuple[int, ...]] = {}  # workspace sizes per N:M, both kernels
         self._workspaces: dict[tuple[int, int], tuple[int, Workspace]] = {}  # per N:M: (generation, workspace)
@@ -50,12 +50,12 @@ class GemvWeight:
     def device(self) -> torch.device:
         return self.tiled.device
 
-    def plan(self, rows: int, m: int) -> GemvPlan:
-        """The batched kernel's plan for ``rows`` token rows."""
-        key = (rows, m)
+    def plan(self, rows: int, m: int, keyed: bool = False) -> GemvPlan:
+        """The batched kernel's plan for ``rows`` token rows (``keyed``: its integer-key ranking)."""
+        key = (rows, m, keyed)
         if key not in self.plans:
             self.plans[key] = gemv_plan(self.in_features, self.out_features, m, rows, sm_count(self.device),
-                                        block_o=self.block_o)  # fmt: skip
+                                        block_o=self.block_o, keyed=keyed)  # fmt: skip
         return self.plans[key]
 
     def one_plan(self, n: int, m: int, topk: bool | None = None) -> OnePlan:
@@ -81,9 +81,11 @@ class GemvWeight:
         self._workspaces[key] = (workspace_generation(), workspace)
         return workspace
 
-    def __call__(self, x: torch.Tensor, n: int, m: int, *, vector=None, shift=None, var: bool = False) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, n: int, m: int, *, vector=None, shift=None, var: bool = False, keyed: bool = False
+    ) -> torch.Tensor:
         """The batched kernel on ``x`` ``[rows, K]``, 1 to ``MAX_ROWS`` rows."""
-        ws, plan = self.workspace(n, m), self.plan(x.shape[0], m)
+        ws, plan = self.workspace(n, m), self.plan(x.shape[0], m, keyed)
         # the op while torch.compile traces; its body directly otherwise (the op's dispatch costs host time)
         op = torch.ops.actsparse.sparse_gemv if torch.compiler.is_compiling() else sparse_gemv_auto
         return op(

@@ -58,13 +58,16 @@ SELECT_ROWS = 256  # rows selected at a time (a power of two; every M <= 32 divi
 
 
 class GemvPlan(NamedTuple):
-    """Launch choices: output columns per program, input rows per program, rows per step, warps, pipeline stages."""
+    """Launch choices: output columns per program, input rows per program, rows per step, warps, pipeline
+    stages, and ``keyed``: rank 16-bit inputs without a score vector by integer keys (``_choose``; the
+    same choice, fewer instructions)."""
 
     block_o: int
     chunk: int
     block_k: int
     num_warps: int
     stages: int
+    keyed: bool = False
 
 
 def _pow2(value: int) -> int:
@@ -73,7 +76,7 @@ def _pow2(value: int) -> int:
 
 def gemv_plan(k: int, o: int, m: int, rows: int, sm_count: int, *, block_o: int | None = None,
               chunk: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-              stages: int | None = None) -> GemvPlan:
+              stages: int | None = None, keyed: bool = False) -> GemvPlan:
     """The default plan for a ``[rows, k] x [k, o]`` product (any argument given overrides it).
 
     From the H200 sweeps (BENCHMARKS.md): column tiles of 512 (256 below 2048 outputs), about
@@ -98,7 +101,7 @@ def gemv_plan(k: int, o: int, m: int, rows: int, sm_count: int, *, block_o: int 
         num_warps = 4
     if stages is None:
         stages = 3
-    return GemvPlan(block_o, chunk, block_k, num_warps, stages)
+    return GemvPlan(block_o, chunk, block_k, num_warps, stages, bool(keyed))
 
 
 def tile_weight(weight: torch.Tensor, block_o: int) -> torch.Tensor:
@@ -250,6 +253,7 @@ def sparse_gemv(x, wt, o, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, s
     if out is None:
         out = torch.empty(rows, o, dtype=x.dtype, device=x.device)
     dummy = ws.partials
+    keyed = plan.keyed and vector is None and x.dtype in (torch.bfloat16, torch.float16)
     LAST_LAUNCH["kernel"] = _GEMV_LAUNCH(
         (tiles, split), x, dummy if vector is None else vector, dummy if shift is None else shift, wt,
         dummy if bias is None else bias, dummy if row_sum is None else row_sum, out,
@@ -257,7 +261,7 @@ def sparse_gemv(x, wt, o, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, s
         rows, k, o, plan.chunk,
         N=n, M=m, M_P2=_pow2(m), CHUNK=plan.chunk, SPLIT=split, BLOCK_B=_pow2(rows), BLOCK_K=plan.block_k,
         BLOCK_O=plan.block_o, STAGES=plan.stages, HAS_VECTOR=vector is not None, HAS_SHIFT=shift is not None,
-        HAS_BIAS=bias is not None, VAR=bool(var), INTERPRET=not x.is_cuda,
+        HAS_BIAS=bias is not None, VAR=bool(var), KEYED=keyed, INTERPRET=not x.is_cuda,
         PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native", PHASES=phases,
         num_warps=plan.num_warps,
     )
@@ -275,11 +279,11 @@ def sparse_gemv_auto(
     x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, row_sum: torch.Tensor | None,
     vector: torch.Tensor | None, shift: torch.Tensor | None, partials: torch.Tensor, stats: torch.Tensor,
     counters: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, out_features: int, n: int, m: int, var: bool,
-    block_o: int, chunk: int, block_k: int, num_warps: int, stages: int,
+    block_o: int, chunk: int, block_k: int, num_warps: int, stages: int, keyed: bool,
 ) -> torch.Tensor:
     if triton is not None and (x.is_cuda or _interpreting()):
         return sparse_gemv(x, wt, out_features, n, m, Workspace(partials, stats, counters, rows, values),
-                           GemvPlan(block_o, chunk, block_k, num_warps, stages), vector=vector, shift=shift,
+                           GemvPlan(block_o, chunk, block_k, num_warps, stages, keyed), vector=vector, shift=shift,
                            var=var, bias=bias, row_sum=row_sum)
     return sparse_gemv_reference(x, untile_weight(wt, out_features), n, m, vector=vector, shift=shift, var=var,
                                  bias=bias, row_sum=row_sum)
@@ -290,7 +294,7 @@ _sparse_gemv_op = torch.library.custom_op("actsparse::sparse_gemv", sparse_gemv_
 
 @_sparse_gemv_op.register_fake
 def _(x, wt, bias, row_sum, vector, shift, partials, stats, counters, rows, values, out_features, n, m, var, block_o,
-      chunk, block_k, num_warps, stages):
+      chunk, block_k, num_warps, stages, keyed):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -302,11 +306,11 @@ if triton is not None:
 
     @triton.jit
     def _select(x_ptr, v, shift_ptr, b, cols, ok, B, K, N: tl.constexpr, M_P2: tl.constexpr,
-                HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr):
+                HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr, KEYED: tl.constexpr):
         """Token ``b``'s dense values, pruned values and keep flags on the tile ``cols`` ``[G, M_P2]``."""
         live = ok & (b < B)
         raw = tl.load(x_ptr + b * K + cols, mask=live, other=0.0)
-        return _choose(raw, v, shift_ptr, b, ok, live, B, N, M_P2, HAS_VECTOR, HAS_SHIFT, False)
+        return _choose(raw, v, shift_ptr, b, ok, live, B, N, M_P2, HAS_VECTOR, HAS_SHIFT, KEYED)
 
     @triton.jit
     def _choose(raw, v, shift_ptr, b, ok, live, B, N: tl.constexpr, M_P2: tl.constexpr, HAS_VECTOR: tl.constexpr,
@@ -377,7 +381,8 @@ if triton is not None:
         N: tl.constexpr, M: tl.constexpr, M_P2: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, STAGES: tl.constexpr,
         HAS_VECTOR: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, VAR: tl.constexpr,
-        INTERPRET: tl.constexpr, PRECISION: tl.constexpr, PHASES: tl.constexpr = 3, SELECT_ROWS: tl.constexpr = 256,
+        KEYED: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, PHASES: tl.constexpr = 3,
+        SELECT_ROWS: tl.constexpr = 256,
     ):
         SUB_G: tl.constexpr = SELECT_ROWS // M if CHUNK >= SELECT_ROWS else CHUNK // M  # groups selected at a time
         SUB: tl.constexpr = SUB_G * M
@@ -407,7 +412,8 @@ if triton is not None:
                 v = tl.load(v_ptr + cols_k, mask=ok, other=0.0)
             union = ok & False
             for b in tl.static_range(BLOCK_B):
-                dense, pruned, keep = _select(x_ptr, v, shift_ptr, b, cols_k, ok, B, K, N, M_P2, HAS_VECTOR, HAS_SHIFT)
+                dense, pruned, keep = _select(x_ptr, v, shift_ptr, b, cols_k, ok, B, K, N, M_P2, HAS_VECTOR, HAS_SHIFT,
+                                              KEYED)  # fmt: skip
                 union = union | (keep & (pruned != 0))
                 tl.store(vals_ptr + (prog * MAXB + b) * CHUNK_CAP + (cols_k - lo), pruned, mask=ok)
                 if VAR:
