@@ -29,6 +29,7 @@ from actsparse.kernels.sparse_gemv import (
     _interpreting,
     _pow2,
     check_args,
+    keys_apply,
     sparse_gemv_reference,
     untile_weight,
 )
@@ -37,7 +38,7 @@ try:
     import triton
     import triton.language as tl
 
-    from actsparse.kernels.sparse_gemv import _choose, _finish
+    from actsparse.kernels.sparse_gemv import _choose, _finish, _score_bits, _shifted
 except ImportError:  # the module imports without Triton; the kernel then cannot run
     triton = None
     tl = None
@@ -65,9 +66,9 @@ class OnePlan(NamedTuple):
     keys (see ``sparse_gemv._choose``; the same choice, fewer instructions). ``topk``: with such
     inputs and N and M powers of two, take each group's kept inputs from a top-N of keys that also
     carry the lane and the sign (``_top_slots``), instead of ranking all pairs and placing by
-    comparison. ``pdl``: launch as a
-    programmatic dependent launch (Hopper and later): the programs start while the previous kernel
-    in the stream finishes and wait for it before their first memory access.
+    comparison. ``pdl``: launch as a programmatic dependent launch (Hopper and later): the programs
+    start while the previous kernel in the stream finishes and wait for it before their first
+    memory access.
     """
 
     sub: int
@@ -166,7 +167,7 @@ def sparse_gemv_one(
     if out is None:
         out = torch.empty(1, o, dtype=x.dtype, device=x.device)
     dummy = ws.partials
-    keyed = plan.keyed and vector is None and x.dtype in (torch.bfloat16, torch.float16)
+    keyed = plan.keyed and keys_apply(x, vector)
     topk = plan.topk and keyed and plan.compact and _pow2(n) == n and _pow2(m) == m
     pdl = plan.pdl and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
     options = {"launch_pdl": True} if pdl else {}
@@ -321,14 +322,8 @@ if triton is not None:
         rule orders the inputs, so the N largest keys are the kept inputs, and each gives back its
         lane and its exact value. Slots come in key order, not index order.
         """
-        dense = raw.to(tl.float32)
-        xs = dense
-        if HAS_SHIFT:
-            eta = tl.load(shift_ptr)
-            xs = (dense - eta).to(raw.dtype).to(tl.float32)  # rounded to x's dtype, as the layer does
-        score = tl.abs(xs)
-        bits = tl.where(score != score, 0x7FC00000, score.to(tl.int32, bitcast=True))
-        key = bits | ((M_P2 - 1 - lanes) << 1)[None, :] | (xs < 0).to(tl.int32)
+        dense, xs = _shifted(raw, shift_ptr, 0, 1, HAS_SHIFT)
+        key = _score_bits(tl.abs(xs)) | ((M_P2 - 1 - lanes) << 1)[None, :] | (xs < 0).to(tl.int32)
         top = tl.topk(tl.where(ok, key, -1), N)  # [G, N], largest first
         lane = M_P2 - 1 - ((top >> 1) & (M_P2 - 1))
         magnitude = (top & -64).to(tl.float32, bitcast=True)

@@ -253,7 +253,7 @@ def sparse_gemv(x, wt, o, n, m, ws: Workspace, plan: GemvPlan, *, vector=None, s
     if out is None:
         out = torch.empty(rows, o, dtype=x.dtype, device=x.device)
     dummy = ws.partials
-    keyed = plan.keyed and vector is None and x.dtype in (torch.bfloat16, torch.float16)
+    keyed = plan.keyed and keys_apply(x, vector)
     LAST_LAUNCH["kernel"] = _GEMV_LAUNCH(
         (tiles, split), x, dummy if vector is None else vector, dummy if shift is None else shift, wt,
         dummy if bias is None else bias, dummy if row_sum is None else row_sum, out,
@@ -298,6 +298,11 @@ def _(x, wt, bias, row_sum, vector, shift, partials, stats, counters, rows, valu
     return x.new_empty(x.shape[0], out_features)
 
 
+def keys_apply(x: torch.Tensor, vector: torch.Tensor | None) -> bool:
+    """Whether inputs ``x`` can be ranked by integer keys (``_choose``): 16-bit, without a score vector."""
+    return vector is None and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -323,19 +328,14 @@ if triton is not None:
         integer key per input, unique in its group and ordered as the rule orders the inputs, so the
         rank is one integer comparison per pair instead of the rule's NaN and tie tests.
         """
-        dense = raw.to(tl.float32)
-        xs = dense
-        if HAS_SHIFT:
-            eta = tl.load(shift_ptr + b, mask=b < B, other=0.0)
-            xs = (dense - eta).to(raw.dtype).to(tl.float32)  # rounded to x's dtype, as the layer does
+        dense, xs = _shifted(raw, shift_ptr, b, B, HAS_SHIFT)
         score = tl.abs(xs)
         if HAS_VECTOR:
             score = score * v
         nan = score != score
         lanes = tl.arange(0, M_P2)
         if KEYED:
-            bits = tl.where(nan, 0x7FC00000, score.to(tl.int32, bitcast=True))
-            key = tl.where(ok, bits | (M_P2 - 1 - lanes)[None, :], -1)
+            key = tl.where(ok, _score_bits(score) | (M_P2 - 1 - lanes)[None, :], -1)
             rank = tl.sum((key[:, None, :] > key[:, :, None]).to(tl.int32), axis=2)
         else:
             score = tl.where(nan | ~ok, -1.0, score)
@@ -348,6 +348,21 @@ if triton is not None:
             rank = tl.sum(beats.to(tl.int32), axis=2)
         keep = (rank < N) & live
         return dense, tl.where(keep, xs, 0.0), keep
+
+    @triton.jit
+    def _shifted(raw, shift_ptr, b, B, HAS_SHIFT: tl.constexpr):
+        """Token ``b``'s inputs in float32, and the same minus its shift rounded to x's dtype, as the layer does."""
+        dense = raw.to(tl.float32)
+        xs = dense
+        if HAS_SHIFT:
+            eta = tl.load(shift_ptr + b, mask=b < B, other=0.0)
+            xs = (dense - eta).to(raw.dtype).to(tl.float32)
+        return dense, xs
+
+    @triton.jit
+    def _score_bits(score):
+        """A nonnegative float32 score's bits as an integer ordered like the score, every NaN above all."""
+        return tl.where(score != score, 0x7FC00000, score.to(tl.int32, bitcast=True))
 
     @triton.jit
     def _stream(acc, wt_ptr, rows_ptr, vals_ptr, prog, lo, steps_to, count, cols, col_ok, B, K, CHUNK_CAP,
