@@ -11,6 +11,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from actsparse.kernels.gemv_one import (  # noqa: E402
     AHEAD_STAGES,
+    one_block_o,
     one_plan,
     one_workspace_sizes,
     sparse_gemv_one,
@@ -20,6 +21,7 @@ from actsparse.kernels.gemv_weight import GemvWeight  # noqa: E402
 from actsparse.kernels.sparse_gemv import (  # noqa: E402
     Workspace,
     gemv_plan,
+    sm_count,
     sparse_gemv,
     sparse_gemv_reference,
     tile_weight,
@@ -246,8 +248,6 @@ def test_a_layer_copy_takes_the_tile_width_of_the_kernel_the_rule_names():
     from actsparse import SparsityConfig
     from actsparse.core.dispatch import DECODE_CHOICE
     from actsparse.core.sparse_linear import SparseLinear
-    from actsparse.kernels.gemv_one import one_block_o
-    from actsparse.kernels.sparse_gemv import gemv_plan
 
     for pattern, expected in (("2:4", one_block_o(2048)), ("8:16", gemv_plan(64, 2048, 16, 1, 1).block_o)):
         config = SparsityConfig(pattern=pattern, backend="triton")
@@ -258,49 +258,43 @@ def test_a_layer_copy_takes_the_tile_width_of_the_kernel_the_rule_names():
     assert one_block_o(2048) != gemv_plan(64, 2048, 16, 1, 1).block_o  # the two kernels' tiles differ here
 
 
+LLAMA_SHAPES = [(4096, 28672), (14336, 4096), (4096, 4096), (4096, 6144), (4096, 14336)]
+
+
+def _check_compiled_plan(k, o, n, m, seed, **choices):
+    """One compiled plan on a real shape: within bf16 error of the reference, and bit-identical when run again."""
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(o, k, generator=g) / k**0.5).to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
+    block_o = one_block_o(o)
+    plan = one_plan(k, o, n, m, block_o, sm_count(torch.device(DEVICE)), **choices)
+    wt, ws = tile_weight(weight, block_o), _workspace(k, o, block_o, plan)
+    y = sparse_gemv_one(x, wt, o, n, m, ws, plan)
+    ref = sparse_gemv_reference(x, weight, n, m)
+    err = float((y.float() - ref.float()).norm() / ref.float().norm())
+    assert err < 1e-2, f"{plan}: relative error {err:.3g}"
+    assert torch.equal(sparse_gemv_one(x, wt, o, n, m, ws, plan), y)
+
+
 @pytest.mark.skipif(not GPU, reason="compiled plans (the interpreter does not pipeline)")
-@pytest.mark.parametrize("k, o", [(4096, 28672), (14336, 4096), (4096, 4096), (4096, 6144), (4096, 14336)])
+@pytest.mark.parametrize("k, o", LLAMA_SHAPES)
 @pytest.mark.parametrize("n, m", [(2, 4), (8, 16)])
 @pytest.mark.parametrize("stages", [2, 3, 4, 5])
 @pytest.mark.parametrize("ahead", [False, True])
 def test_compiled_plans_on_the_llama_shapes_equal_the_reference(k, o, n, m, stages, ahead):
     """The software pipeline at every depth, with and without the loads ahead, on the real shapes."""
-    from actsparse.kernels.gemv_one import one_block_o
-    from actsparse.kernels.sparse_gemv import sm_count
-
-    g = torch.Generator().manual_seed(k + o + m)
-    weight = (torch.randn(o, k, generator=g) / k**0.5).to(DEVICE, torch.bfloat16)
-    x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
-    block_o = one_block_o(o)
     if ahead and stages not in AHEAD_STAGES:  # miscompiled at some of these depths: refused
         with pytest.raises(ValueError, match="AHEAD_STAGES"):
-            one_plan(k, o, n, m, block_o, sm_count(torch.device(DEVICE)), stages=stages, ahead=ahead)
+            one_plan(k, o, n, m, one_block_o(o), sm_count(torch.device(DEVICE)), stages=stages, ahead=ahead)
         return
-    plan = one_plan(k, o, n, m, block_o, sm_count(torch.device(DEVICE)), stages=stages, ahead=ahead)
-    y = sparse_gemv_one(x, tile_weight(weight, block_o), o, n, m, _workspace(k, o, block_o, plan), plan)
-    ref = sparse_gemv_reference(x, weight, n, m)
-    err = float((y.float() - ref.float()).norm() / ref.float().norm())
-    assert err < 1e-2, f"{plan}: relative error {err:.3g}"
+    _check_compiled_plan(k, o, n, m, k + o + m, stages=stages, ahead=ahead)
 
 
 @pytest.mark.skipif(not GPU, reason="compiled plans (the interpreter does not pipeline)")
-@pytest.mark.parametrize("k, o", [(4096, 28672), (14336, 4096), (4096, 4096), (4096, 6144), (4096, 14336)])
+@pytest.mark.parametrize("k, o", LLAMA_SHAPES)
 @pytest.mark.parametrize("n, m", [(2, 4), (8, 16)])
 def test_compiled_top_key_plans_on_the_llama_shapes_equal_the_reference(k, o, n, m):
-    from actsparse.kernels.gemv_one import one_block_o
-    from actsparse.kernels.sparse_gemv import sm_count
-
-    g = torch.Generator().manual_seed(k * 3 + o + m)
-    weight = (torch.randn(o, k, generator=g) / k**0.5).to(DEVICE, torch.bfloat16)
-    x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
-    block_o = one_block_o(o)
-    plan = one_plan(k, o, n, m, block_o, sm_count(torch.device(DEVICE)), topk=True)
-    ws = _workspace(k, o, block_o, plan)
-    y = sparse_gemv_one(x, tile_weight(weight, block_o), o, n, m, ws, plan)
-    ref = sparse_gemv_reference(x, weight, n, m)
-    err = float((y.float() - ref.float()).norm() / ref.float().norm())
-    assert err < 1e-2, f"{plan}: relative error {err:.3g}"
-    assert torch.equal(sparse_gemv_one(x, tile_weight(weight, block_o), o, n, m, ws, plan), y)
+    _check_compiled_plan(k, o, n, m, k * 3 + o + m, topk=True)
 
 
 def test_the_top_keys_decode_kernel_runs_the_top_keys_plan():
